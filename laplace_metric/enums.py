@@ -1,0 +1,64 @@
+"""Options of laplace-metric, as string enums in the style of ``laplace.utils.enums``."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class MetricLikelihood(str, Enum):
+    """Pairwise likelihoods added to ``laplace.Laplace`` by this package."""
+
+    CONTRASTIVE = "contrastive"
+    """Contrastive loss on (by default L2-normalised) embeddings (LAM)."""
+
+    BREGMAN = "bregman"
+    """Contrastive loss on a learned Bregman divergence."""
+
+
+class HessianMethod(str, Enum):
+    """How the indefinite pairwise Hessian is made positive semi-definite (LAM)."""
+
+    POSITIVES = "positives"
+    """Keep the positive pairs only: PSD by construction."""
+
+    FIXED = "fixed"
+    """Hessian w.r.t. the second embedding of each pair only, signed, then projected to PSD."""
+
+    FULL = "full"
+    """Exact signed pairwise GGN over both embeddings, then projected to PSD."""
+
+
+class UncertaintyScore(str, Enum):
+    """Scalar uncertainty scores computed from a predictive covariance."""
+
+    TRACE = "trace"
+    """Trace of the predictive covariance, ``sum_d Var[z_d]``."""
+
+    STD_SUM = "std_sum"
+    """Sum of the per-dimension predictive standard deviations."""
+
+    LOGDET = "logdet"
+    """Log-determinant of the predictive covariance plus a small jitter."""
+
+
+def parse_enum(enum_cls: type[Enum], value: object, name: str) -> Enum:
+    """Convert ``value`` to a member of ``enum_cls`` or raise a clear ``ValueError``.
+
+    Parameters
+    ----------
+    enum_cls : type[Enum]
+        The enum to convert to.
+    value : object
+        A member or its string value.
+    name : str
+        The argument name, used in the error message.
+
+    Returns
+    -------
+    member : Enum
+    """
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"Unknown {name} {value!r}; choose one of {choices}.") from None

@@ -1,0 +1,6 @@
+"""Pairwise likelihoods: the contrastive likelihood (LAM) and its shared interface."""
+
+from laplace_metric.likelihoods.base import PairLikelihood, PairTerms
+from laplace_metric.likelihoods.contrastive import ContrastiveLikelihood
+
+__all__ = ["PairLikelihood", "PairTerms", "ContrastiveLikelihood"]

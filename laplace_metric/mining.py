@@ -1,0 +1,157 @@
+"""Pairs from class labels: the default all-pairs miner and adapters for
+pytorch-metric-learning miners."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Mined pairs of one batch.
+
+    Attributes
+    ----------
+    first : torch.LongTensor
+        Index of the first sample of each pair, shape ``(M,)``.
+    second : torch.LongTensor
+        Index of the second sample of each pair, shape ``(M,)``.
+    positive : torch.BoolTensor
+        ``True`` where both samples share a label, shape ``(M,)``.
+    """
+
+    first: torch.Tensor
+    second: torch.Tensor
+    positive: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.first.numel())
+
+    @property
+    def n_positive(self) -> int:
+        """Number of positive pairs."""
+        return int(self.positive.sum())
+
+    @property
+    def n_negative(self) -> int:
+        """Number of negative pairs."""
+        return len(self) - self.n_positive
+
+
+def check_labels(labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Validate class labels of a batch and return them as a 1-D tensor.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        Integer class labels, shape ``(batch,)`` or ``(batch, 1)``.
+    batch_size : int
+        Number of embeddings in the batch.
+
+    Returns
+    -------
+    labels : torch.Tensor
+        Shape ``(batch,)``.
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of class ids, got {type(labels).__name__}.")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise ValueError(
+            f"labels must have shape (batch,), got {tuple(labels.shape)}; "
+            "pairwise likelihoods take one class id per sample."
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}.")
+    if labels.shape[0] != batch_size:
+        raise ValueError(
+            f"Got {labels.shape[0]} labels for {batch_size} embeddings; they must match."
+        )
+    return labels
+
+
+def all_pairs(labels: torch.Tensor) -> Pairs:
+    """Every unordered pair ``i < j`` of the batch, each once.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        Class labels, shape ``(batch,)``.
+
+    Returns
+    -------
+    pairs : Pairs
+    """
+    first, second = torch.triu_indices(len(labels), len(labels), offset=1, device=labels.device)
+    return Pairs(first, second, labels[first] == labels[second])
+
+
+def pairs_from_miner_output(indices: tuple[torch.Tensor, ...], labels: torch.Tensor) -> Pairs:
+    """Convert the output of a pytorch-metric-learning miner to :class:`Pairs`.
+
+    Pair miners return ``(a1, p, a2, n)``; triplet miners return ``(a, p, n)``, which become
+    the positive pairs ``(a, p)`` and the negative pairs ``(a, n)``.
+
+    Parameters
+    ----------
+    indices : tuple of torch.Tensor
+        The miner's output.
+    labels : torch.Tensor
+        Class labels of the batch, used to double-check the pairs' signs.
+
+    Returns
+    -------
+    pairs : Pairs
+    """
+    if len(indices) == 4:
+        a1, p, a2, n = indices
+    elif len(indices) == 3:
+        a1, p, n = indices
+        a2 = a1
+    else:
+        raise ValueError(
+            "A miner must return (anchor, positive, anchor, negative) pair indices or "
+            f"(anchor, positive, negative) triplet indices; got a tuple of {len(indices)}."
+        )
+    first = torch.cat([a1, a2]).long()
+    second = torch.cat([p, n]).long()
+    positive = torch.cat(
+        [torch.ones_like(a1, dtype=torch.bool), torch.zeros_like(a2, dtype=torch.bool)]
+    )
+    if not torch.equal(positive, labels[first] == labels[second]):
+        raise ValueError("The miner returned pairs whose labels disagree with their roles.")
+    return Pairs(first, second, positive)
+
+
+def mine_pairs(
+    labels: torch.Tensor,
+    embeddings: torch.Tensor | None = None,
+    miner: Any | None = None,
+) -> Pairs:
+    """Mine the pairs of one batch.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        Class labels, shape ``(batch,)``.
+    embeddings : torch.Tensor, optional
+        The (normalised) embeddings; required by pytorch-metric-learning miners.
+    miner : callable, optional
+        A pytorch-metric-learning miner (``miner(embeddings, labels)``). ``None`` uses all
+        pairs ``i < j``.
+
+    Returns
+    -------
+    pairs : Pairs
+    """
+    if miner is None:
+        return all_pairs(labels)
+    if embeddings is None:
+        raise ValueError("A miner needs the embeddings of the batch.")
+    with torch.no_grad():
+        indices = miner(embeddings.detach(), labels)
+    return pairs_from_miner_output(indices, labels)
