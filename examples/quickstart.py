@@ -46,7 +46,7 @@ encoder = torch.nn.Sequential(
 )
 likelihood = ContrastiveLikelihood(margin=1.0)
 optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
-for epoch in range(20):
+for _epoch in range(20):
     for xb, yb in train_loader:
         optimizer.zero_grad()
         likelihood.loss(encoder(xb), yb, reduction="mean").backward()
