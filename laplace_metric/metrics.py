@@ -17,14 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from pytorch_metric_learning.distances import BaseDistance, LpDistance
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-from pytorch_metric_learning.utils.inference import CustomKNN
 from torch import Tensor
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+if TYPE_CHECKING:  # pytorch-metric-learning is imported lazily: it pulls in scipy.stats
+    from pytorch_metric_learning.distances import BaseDistance
+    from pytorch_metric_learning.utils.inference import CustomKNN
 
 DistanceFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -131,11 +131,20 @@ class _CallableDistance:
         return mat
 
 
+def _is_pml_distance(distance: object) -> bool:
+    from pytorch_metric_learning.distances import BaseDistance
+
+    return isinstance(distance, BaseDistance)
+
+
 def _knn_func(distance: DistanceFn | BaseDistance | None) -> CustomKNN:
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
     if distance is None:
         # pml normalises by default; we measure distances between the embeddings as given.
         distance = LpDistance(normalize_embeddings=False, p=2, power=1)
-    elif not isinstance(distance, BaseDistance):
+    elif not _is_pml_distance(distance):
         if not callable(distance):
             raise TypeError(
                 f"distance must be a callable or a pml BaseDistance, got {type(distance).__name__}."
@@ -284,6 +293,9 @@ def _pml_accuracy(
     counts = (query_labels[:, None] == db_labels[None, :]).sum(1) - int(exclude_self)
     if not bool((counts > 0).any()):
         raise ValueError("No query has a same-class item in the database; the metric is undefined.")
+    # imported here: it pulls in scikit-learn's metrics (seconds of import time)
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
     calc = AccuracyCalculator(
         include=(metric,), k=k, knn_func=_knn_func(distance), device=query_emb.device
     )
@@ -401,7 +413,7 @@ def knn_distance_score(
     scores : Tensor
         ``(n,)``.
     """
-    if isinstance(distance, BaseDistance) and distance.is_inverted:
+    if _is_pml_distance(distance) and distance.is_inverted:
         raise ValueError("knn_distance_score needs a distance, not a similarity (is_inverted).")
     dist, _ = nearest_neighbours(query_emb, train_emb, k, exclude_self, distance)
     return dist[:, k - 1]
@@ -443,6 +455,8 @@ def ood_auroc(scores_in: Tensor, scores_out: Tensor) -> float:
     -------
     auroc : float
     """
+    from torchmetrics.functional.classification import binary_auroc  # slow import, done lazily
+
     scores, target = _ood_inputs(scores_in, scores_out)
     return binary_auroc(scores, target).item()
 
@@ -464,6 +478,8 @@ def ood_aupr(scores_in: Tensor, scores_out: Tensor) -> float:
     -------
     aupr : float
     """
+    from torchmetrics.functional.classification import binary_average_precision
+
     scores, target = _ood_inputs(scores_in, scores_out)
     return binary_average_precision(scores, target).item()
 
