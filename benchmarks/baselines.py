@@ -27,6 +27,7 @@ from laplace_metric.baselines import (  # noqa: E402
     KNNDistanceBaseline,
     MahalanobisBaseline,
     MCDropoutBaseline,
+    PFEBaseline,
     penultimate,
     train_encoder,
 )
@@ -103,6 +104,8 @@ def run_seed(
         rows[name] = evaluate(name, KNNDistanceBaseline(det, k=k).fit(x_tr))
     name = "Mahalanobis, penultimate"
     rows[name] = evaluate(name, MahalanobisBaseline(penultimate(det)).fit(x_tr, y_tr), False)
+    name = "PFE (variance head, frozen det.)"
+    rows[name] = evaluate(name, PFEBaseline(det).fit(x_tr, y_tr, seed=seed))
     torch.manual_seed(100 * seed + 50)
     drop = mlp(dropout=0.1)
     trainer(drop, 100 * seed + 50)

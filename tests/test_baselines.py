@@ -242,3 +242,36 @@ def test_ensemble_train_uses_seeds(one_thread) -> None:
         B.DeepEnsembleBaseline([small_mlp()])
     with pytest.raises(RuntimeError, match="fit"):
         B.DeepEnsembleBaseline([small_mlp(), small_mlp()]).score(x)
+
+
+# ---------------------------------------------------------------------------- PFE
+def test_pfe_mls_loss_hand_computed() -> None:
+    mu = torch.tensor([[0.0, 0.0], [1.0, 2.0], [5.0, 5.0]], dtype=torch.float64)
+    log_var = torch.zeros(3, 2, dtype=torch.float64)  # sigma^2 = 1, pair variance 2
+    labels = torch.tensor([0, 0, 1])
+    # one positive pair (0, 1): MLS = -1/2 [(1 / 2 + log 2) + (4 / 2 + log 2)]
+    expected = 0.5 * (0.5 + 2.0 + 2 * math.log(2.0))
+    assert B.PFEBaseline.mls_loss(mu, log_var, labels).item() == pytest.approx(expected)
+    assert B.PFEBaseline.mls_loss(mu, log_var, torch.tensor([0, 1, 2])).item() == 0.0
+
+
+def test_pfe_fit_and_score(one_thread) -> None:
+    x, y = blobs()
+    torch.manual_seed(0)
+    enc = small_mlp()
+    pfe = B.PFEBaseline(enc, hidden=8)
+    with pytest.raises(RuntimeError, match="fit"):
+        pfe.score(x)
+    with pytest.raises(ValueError, match="labels"):
+        pfe.fit(x)
+    pfe.fit(x, y, epochs=20, lr=1e-2)
+    mu = pfe.embed(x)
+    log_var = pfe.log_variance(x)
+    assert log_var.shape == (60, 3)
+    scores = pfe.score(x)
+    assert scores.shape == (60,) and (scores > 0).all()
+    expected = 1.0 / (1.0 / log_var.exp()).mean(-1)
+    assert torch.allclose(scores, expected)
+    # training lowered the loss relative to a constant unit variance
+    trained = B.PFEBaseline.mls_loss(mu, log_var, y)
+    assert trained < B.PFEBaseline.mls_loss(mu, torch.zeros_like(log_var), y)
