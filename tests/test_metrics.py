@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pytorch_metric_learning.distances import CosineSimilarity
 from torchmetrics.functional.classification import binary_calibration_error
 
@@ -317,3 +319,38 @@ def test_sparsification_errors() -> None:
         M.sparsification_curve(torch.tensor([math.nan]), torch.zeros(1))
     with pytest.raises(ValueError, match="n_steps"):
         M.sparsification_curve(torch.zeros(3), torch.zeros(3), n_steps=0)
+
+
+# ---------------------------------------------------------------------------- properties
+floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(floats, min_size=1, max_size=30), st.lists(floats, min_size=1, max_size=30))
+def test_auroc_is_antisymmetric(a: list[float], b: list[float]) -> None:
+    s_in, s_out = torch.tensor(a), torch.tensor(b)
+    assert M.ood_auroc(s_in, s_out) + M.ood_auroc(s_out, s_in) == pytest.approx(1.0, abs=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(floats, st.booleans()), min_size=1, max_size=60),
+    st.integers(1, 30),
+)
+def test_oracle_bounds_the_sparsification_curve(rows: list, n_steps: int) -> None:
+    unc = torch.tensor([r[0] for r in rows])
+    err = torch.tensor([float(r[1]) for r in rows])
+    curve = M.sparsification_curve(unc, err, n_steps)
+    assert (curve.oracle <= curve.error + 1e-12).all()
+    assert curve.error[0].item() == pytest.approx(err.mean().item())
+    assert curve.error_area >= -1e-12
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000))
+def test_recall_is_monotone_in_k(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(20, 3, generator=g)
+    y = torch.randint(0, 4, (20,), generator=g)
+    recalls = [M.recall_at_k(x, y, x, y, k, exclude_self=True) for k in (1, 2, 5, 19)]
+    assert recalls == sorted(recalls)
