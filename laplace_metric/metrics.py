@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pytorch-metric-learning is imported lazily: it pulls in sci
     from pytorch_metric_learning.utils.inference import CustomKNN
 
 DistanceFn = Callable[[Tensor, Tensor], Tensor]
+"""A distance ``distance(query (n, D), db (m, D)) -> (n, m)``; smaller = closer."""
 
 __all__ = [
     "DistanceFn",
@@ -542,6 +543,8 @@ def retrieval_confidence_from_samples(
     n_samples, batch, dim = samples_query.shape
     if n_samples == 0 or batch == 0:
         raise ValueError(f"samples_query is empty: shape {tuple(samples_query.shape)}.")
+    if not bool(torch.isfinite(samples_query).all()):
+        raise ValueError("samples_query contains NaN or inf values.")
     if mean_emb is None:
         mean_emb = samples_query.mean(0)
     elif tuple(mean_emb.shape) != (batch, dim):

@@ -232,6 +232,10 @@ def test_retrieval_confidence_errors() -> None:
     db = torch.eye(2)
     with pytest.raises(ValueError, match=r"\(S, B, D\)"):
         M.retrieval_confidence_from_samples(torch.zeros(3, 2), db, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="samples_query contains NaN"):
+        M.retrieval_confidence_from_samples(
+            torch.full((3, 2, 2), math.nan), db, torch.tensor([0, 1])
+        )
     with pytest.raises(ValueError, match="mean_emb"):
         M.retrieval_confidence_from_samples(
             torch.zeros(3, 2, 2), db, torch.tensor([0, 1]), mean_emb=torch.zeros(3, 2)
