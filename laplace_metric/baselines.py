@@ -132,7 +132,9 @@ def train_encoder(
             x, labels = x.to(device), labels.to(device)
             loss = loss_fn(encoder(x), labels)
             if not torch.isfinite(loss):
-                raise ValueError("The training loss became NaN or inf; lower the learning rate.")
+                raise ValueError(
+                    "The training loss became NaN or inf; check the inputs, loss_fn and lr."
+                )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -237,7 +237,7 @@ def plot_embedding_2d(
         raise ValueError("embeddings is empty.")
     if not np.isfinite(emb).all():
         raise ValueError("embeddings contains NaN or inf values.")
-    lab = _numpy(labels, "labels")
+    lab = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else _numpy(labels, "labels")
     unc = _finite_1d(uncertainty, "uncertainty")
     if lab.shape != (emb.shape[0],) or unc.shape != (emb.shape[0],):
         raise ValueError(
@@ -253,7 +253,7 @@ def plot_embedding_2d(
         scale = np.sqrt(2.0 / (1.0 + np.abs(emb[:, 2])))[:, None]
         flat = emb[:, :2] * scale
         panels = [("north (z >= 0)", flat, emb[:, 2] >= 0), ("south (z < 0)", flat, emb[:, 2] < 0)]
-    fig = _figure(figsize=(5 * len(panels) + 1, 5))
+    fig = _figure(figsize=(5 * len(panels) + 1.5, 5))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     classes = np.unique(lab)
     for ax, (title, pts, mask) in zip(axes, panels):
@@ -271,6 +271,12 @@ def plot_embedding_2d(
         ax.set_xlim(-1.1 * limit, 1.1 * limit)
         ax.set_ylim(-1.1 * limit, 1.1 * limit)
         ax.set_title(title)
-    axes[0].legend(title="class", fontsize="small", loc="upper right")
+    handles = {}  # one legend entry per class, whichever panel drew it
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(
+        handles.values(), handles.keys(), title="class", loc="center right", fontsize="small"
+    )
     fig.suptitle(f"marker size: uncertainty ({unc.min():.3g} to {unc.max():.3g})")
     return _save(fig, path)
