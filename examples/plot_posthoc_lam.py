@@ -1,0 +1,134 @@
+"""
+Post-hoc LAM on digits
+======================
+
+Train a small encoder on scikit-learn's 8x8 digits 0-5 with the contrastive likelihood, then fit
+a Laplace posterior over its weights *after* training (post-hoc LAM). The predictive covariance
+of the normalised embedding is an uncertainty score: we use it to separate the in-distribution
+test digits from two out-of-distribution (OOD) sets, the unseen digits 6-9 and uniform noise.
+
+We compare a last-layer posterior with a dense (``full``) covariance against an all-layer
+posterior with a diagonal one. The data need no download; the script runs in well under a minute
+on a CPU.
+"""
+
+# %%
+# Data and encoder
+# ----------------
+# :func:`laplace_metric.datasets.digits_open_set` gives the split of the design brief: classes
+# 0-5 are in-distribution (train / val / test), classes 6-9 and uniform noise are OOD.
+import time
+
+import matplotlib.pyplot as plt
+import torch
+from laplace import Laplace
+from torch.utils.data import DataLoader
+
+from laplace_metric import ContrastiveLikelihood
+from laplace_metric.datasets import digits_open_set
+from laplace_metric.metrics import ood_auroc, recall_at_k
+
+torch.manual_seed(0)
+split = digits_open_set(seed=0)
+x_train, y_train = split.train.tensors
+x_test, y_test = split.test.tensors
+x_digits = split.ood_classes.tensors[0]
+x_noise = split.ood_noise.tensors[0][:300]
+print(f"train {len(x_train)}, test {len(x_test)}, digits 6-9 {len(x_digits)}, noise {len(x_noise)}")
+
+train_loader = DataLoader(split.train, batch_size=64, shuffle=True)
+
+encoder = torch.nn.Sequential(
+    torch.nn.Linear(64, 32),
+    torch.nn.Tanh(),
+    torch.nn.Linear(32, 32),
+    torch.nn.Tanh(),
+    torch.nn.Linear(32, 8),
+)
+
+# %%
+# Training with the contrastive likelihood
+# ----------------------------------------
+# The encoder is trained on the same loss the Laplace approximation linearises: all pairs of a
+# batch, squared distance between L2-normalised embeddings, hinge margin ``m = 1`` on negatives.
+likelihood = ContrastiveLikelihood(margin=1.0)
+optimizer = torch.optim.Adam(encoder.parameters(), lr=3e-3)
+losses = []
+for _epoch in range(15):
+    total = 0.0
+    for xb, yb in train_loader:
+        optimizer.zero_grad()
+        loss = likelihood.loss(encoder(xb), yb, reduction="mean")
+        loss.backward()
+        optimizer.step()
+        total += float(loss)
+    losses.append(total / len(train_loader))
+print(f"training loss: first epoch {losses[0]:.4f}, last epoch {losses[-1]:.4f}")
+
+# %%
+# Two post-hoc posteriors
+# -----------------------
+# ``import laplace_metric`` (done above) registers ``likelihood="contrastive"`` with
+# ``laplace.Laplace``. A last-layer posterior keeps a dense covariance cheaply; an all-layer one
+# here uses the diagonal. The prior precision is tuned on the marginal likelihood.
+configs = {
+    "last-layer full": dict(subset_of_weights="last_layer", hessian_structure="full"),
+    "all-layer diag": dict(subset_of_weights="all", hessian_structure="diag"),
+}
+scores, rows = {}, []
+with torch.no_grad():
+    z_train = torch.nn.functional.normalize(encoder(x_train), dim=-1)
+    z_test = torch.nn.functional.normalize(encoder(x_test), dim=-1)
+recall = recall_at_k(z_test, y_test, z_train, y_train, k=1)
+for name, cfg in configs.items():
+    start = time.perf_counter()
+    la = Laplace(encoder, "contrastive", margin=1.0, hessian_method="positives", **cfg)
+    la.fit(DataLoader(split.train, batch_size=64))
+    la.optimize_prior_precision(method="marglik")
+    fit_s = time.perf_counter() - start
+    s = {
+        "test 0-5": la.predictive_uncertainty(x_test),
+        "digits 6-9": la.predictive_uncertainty(x_digits),
+        "noise": la.predictive_uncertainty(x_noise),
+    }
+    scores[name] = s
+    rows.append(
+        (
+            name,
+            la.n_params,
+            float(la.prior_precision.mean()),
+            ood_auroc(s["test 0-5"], s["digits 6-9"]),
+            ood_auroc(s["test 0-5"], s["noise"]),
+            fit_s,
+        )
+    )
+
+print(f"recall@1 (deterministic embedding): {recall:.3f}")
+print(f"{'posterior':<16} {'params':>6} {'prior':>8} {'AUROC 6-9':>9} {'AUROC noise':>11} {'fit s':>6}")
+for name, n, prior, a_dig, a_noise, sec in rows:
+    print(f"{name:<16} {n:>6d} {prior:>8.3g} {a_dig:>9.3f} {a_noise:>11.3f} {sec:>6.2f}")
+
+# %%
+# Uncertainty of the three input sets
+# -----------------------------------
+# Histograms of the score (trace of the linearised predictive covariance of the normalised
+# embedding). A good score puts the OOD sets to the right of the in-distribution test digits.
+fig, axes = plt.subplots(1, len(scores), figsize=(9, 3.2))
+for ax, (name, s) in zip(axes, scores.items()):
+    for label, values in s.items():
+        ax.hist(values.log10().numpy(), bins=30, alpha=0.5, density=True, label=label)
+    ax.set_title(name)
+    ax.set_xlabel("log10 trace of predictive covariance")
+axes[0].set_ylabel("density")
+axes[0].legend()
+fig.tight_layout()
+
+# %%
+# Training curve
+# --------------
+fig, ax = plt.subplots(figsize=(4.5, 3))
+ax.plot(range(1, len(losses) + 1), losses, marker="o")
+ax.set_xlabel("epoch")
+ax.set_ylabel("mean contrastive loss per pair")
+fig.tight_layout()
+plt.show()
