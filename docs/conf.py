@@ -16,8 +16,9 @@ sys.path.insert(0, str(ROOT))
 # sphinx-gallery runs examples in-process; make the repo importable for them too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-import laplace_metric  # noqa: E402
 import torch  # noqa: E402
+
+import laplace_metric  # noqa: E402
 
 # The examples run in-process on small models: one thread avoids oversubscribing shared CPUs
 # (tiny MLPs are much slower with several threads on a busy machine).

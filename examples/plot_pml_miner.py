@@ -88,7 +88,9 @@ for name, lik in likelihoods.items():
 # ``miner=`` is forwarded to the likelihood the estimator builds; ``None`` (the default) means
 # all pairs. A last-layer posterior with a dense covariance, prior precision by marginal
 # likelihood.
-print(f"{'training / fit pairs':<22} {'recall@1':>8} {'prior':>8} {'AUROC 6-9':>9} {'AUROC noise':>11}")
+print(
+    f"{'training / fit pairs':<22} {'recall@1':>8} {'prior':>8} {'AUROC 6-9':>9} {'AUROC noise':>11}"
+)
 scores = {}
 for name, encoder in encoders.items():
     la = Laplace(

@@ -104,7 +104,9 @@ for name, cfg in configs.items():
     )
 
 print(f"recall@1 (deterministic embedding): {recall:.3f}")
-print(f"{'posterior':<16} {'params':>6} {'prior':>8} {'AUROC 6-9':>9} {'AUROC noise':>11} {'fit s':>6}")
+print(
+    f"{'posterior':<16} {'params':>6} {'prior':>8} {'AUROC 6-9':>9} {'AUROC noise':>11} {'fit s':>6}"
+)
 for name, n, prior, a_dig, a_noise, sec in rows:
     print(f"{name:<16} {n:>6d} {prior:>8.3g} {a_dig:>9.3f} {a_noise:>11.3f} {sec:>6.2f}")
 
