@@ -35,8 +35,10 @@ from laplace_metric.curvature.projection import (
     project_psd_kron,
     project_psd_matrix,
 )
+from laplace_metric.distributed import curvature_tensors
 from laplace_metric.enums import HessianMethod, UncertaintyScore, parse_enum
 from laplace_metric.likelihoods import PairLikelihood, build_likelihood
+from laplace_metric.mining import check_labels
 from laplace_metric.sampling import gaussian_samples, project_to_sphere
 from laplace_metric.uncertainty import uncertainty_score
 from laplace_metric.validation import PositivePairGaussianNLL
@@ -200,11 +202,39 @@ class MetricLaplaceMixin:
         if not override and isinstance(self, LLLaplace):
             raise ValueError("Last-layer Laplace approximations do not support `override=False`.")
         accumulate = not override and self.H_signed is not None
-        batches = iter(train_loader)
+        try:
+            batches = iter(train_loader)
+        except TypeError:
+            raise TypeError(
+                "train_loader must be an iterable of (inputs, class_labels) batches, got "
+                f"{type(train_loader).__name__}."
+            ) from None
         try:
             first = next(batches)
         except StopIteration:
             raise ValueError("The training loader is empty; nothing to fit.") from None
+        param_dtype = next(self.model.parameters()).dtype
+
+        def checked(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = unpack_batch(batch)
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                raise TypeError(
+                    "Each batch must be a pair of tensors (inputs, class_labels), got "
+                    f"({type(x).__name__}, {type(y).__name__})."
+                )
+            if x.ndim == 0:
+                raise ValueError("Batch inputs need a batch dimension, got a 0-d tensor.")
+            x, y = x.to(self._device), y.to(self._device)
+            y = check_labels(y, x.shape[0])
+            if x.is_floating_point() and param_dtype.is_floating_point and x.dtype != param_dtype:
+                raise TypeError(
+                    f"The inputs have dtype {x.dtype} but the model's parameters have dtype "
+                    f"{param_dtype}; cast the data or the model so that they match."
+                )
+            check_inputs(x)
+            return x, y
+
+        first = checked(first)
         self.model.eval()
         self._prepare_last_layer(first)
 
@@ -215,12 +245,10 @@ class MetricLaplaceMixin:
 
         def all_batches():
             yield first
-            yield from batches
+            for batch in batches:
+                yield checked(batch)
 
-        for batch in tqdm.tqdm(all_batches(), disable=not progress_bar, desc="[Pairwise GGN]"):
-            x, y = unpack_batch(batch)
-            x, y = x.to(self._device), y.to(self._device)
-            check_inputs(x)
+        for x, y in tqdm.tqdm(all_batches(), disable=not progress_bar, desc="[Pairwise GGN]"):
             n_batches += 1
             n_data += len(y)
             if len(y) < 2:
@@ -255,15 +283,28 @@ class MetricLaplaceMixin:
                 stacklevel=2,
             )
 
-        # commit only now, so that a failed fit leaves a previous fit untouched
-        self.H_signed = total
-        self.n_pairs = n_pairs
-        self.loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
-        self.n_data = (self.n_data if accumulate else 0) + n_data
-        with torch.no_grad():
-            self.n_outputs = self.model(x[:1]).shape[-1]
-        self.mean = parameters_to_vector(self._posterior_parameters()).detach()
-        self._set_posterior_curvature()
+        if not all(bool(torch.isfinite(t).all()) for t in curvature_tensors(total)):
+            raise ValueError(
+                "The accumulated curvature contains NaN or inf (overflow of extreme inputs or "
+                "weights?); the fit was not updated. Rescale the inputs or fit in float64."
+            )
+
+        # commit only now, so that a failed fit leaves a previous fit untouched; roll back if
+        # deriving the posterior curvature fails
+        kept = ("H_signed", "n_pairs", "loss", "n_data", "n_outputs", "mean", "H", "H_facs")
+        previous = {k: self.__dict__[k] for k in (*kept, "_posterior_scale") if k in self.__dict__}
+        try:
+            self.H_signed = total
+            self.n_pairs = n_pairs
+            self.loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+            self.n_data = (self.n_data if accumulate else 0) + n_data
+            with torch.no_grad():
+                self.n_outputs = self.model(x[:1]).shape[-1]
+            self.mean = parameters_to_vector(self._posterior_parameters()).detach()
+            self._set_posterior_curvature()
+        except BaseException:
+            self.__dict__.update(previous)
+            raise
 
     def _set_signed_curvature(self, signed: torch.Tensor | Any, n_pairs: int) -> None:
         """Replace the signed curvature (and its pair count) and refresh the posterior."""
