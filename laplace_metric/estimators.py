@@ -35,7 +35,12 @@ from laplace_metric.curvature.projection import (
     project_psd_kron,
     project_psd_matrix,
 )
-from laplace_metric.distributed import curvature_tensors
+from laplace_metric.distributed import (
+    FitState,
+    curvature_tensors,
+    is_distributed,
+    reduce_fit_state,
+)
 from laplace_metric.enums import HessianMethod, UncertaintyScore, parse_enum
 from laplace_metric.likelihoods import PairLikelihood, build_likelihood
 from laplace_metric.mining import check_labels
@@ -177,6 +182,7 @@ class MetricLaplaceMixin:
         train_loader: DataLoader | Iterable,
         override: bool = True,
         progress_bar: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         """Fit the Laplace approximation at the current weights from mined pairs.
 
@@ -184,86 +190,107 @@ class MetricLaplaceMixin:
         ----------
         train_loader : torch.utils.data.DataLoader
             Batches ``(inputs, class_labels)``. Pairs are mined inside each batch, so batches
-            should mix classes (shuffle the loader).
+            should mix classes (shuffle the loader). Inputs are moved to the model's device.
         override : bool, default=True
             Start afresh. ``False`` adds the new data's curvature to the current fit (not for
             last-layer Laplace); the result equals one fit over both loaders.
         progress_bar : bool, default=False
             Show a tqdm progress bar over the batches.
+        distributed : bool, optional
+            Sum the curvature, loss and counts over all ``torch.distributed`` ranks, each
+            fitting its own shard, with one all-reduce (see :mod:`laplace_metric.distributed`).
+            ``None`` (default) does so when a process group with several ranks is
+            initialised; ``False`` fits this rank's data alone.
 
         Raises
         ------
         ValueError
             If the loader is empty, a batch is malformed or non-finite, or no pair
             contributes curvature. A failed fit leaves the estimator unchanged.
+        TypeError
+            If the loader is not iterable, a batch is not two tensors, the labels are not
+            integers, or the inputs' dtype differs from the model's.
         """
         import tqdm
 
         if not override and isinstance(self, LLLaplace):
             raise ValueError("Last-layer Laplace approximations do not support `override=False`.")
         accumulate = not override and self.H_signed is not None
+        reduce = is_distributed(distributed)
+        # this pass's (this rank's) contribution only; a previous fit is added after reducing
+        total, loss, n_pairs, n_data = None, 0.0, 0, 0
+        skipped, single_class, n_batches = 0, 0, 0
+        error: Exception | None = None
         try:
-            batches = iter(train_loader)
-        except TypeError:
-            raise TypeError(
-                "train_loader must be an iterable of (inputs, class_labels) batches, got "
-                f"{type(train_loader).__name__}."
-            ) from None
-        try:
-            first = next(batches)
-        except StopIteration:
-            raise ValueError("The training loader is empty; nothing to fit.") from None
-        param_dtype = next(self.model.parameters()).dtype
-
-        def checked(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y = unpack_batch(batch)
-            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            try:
+                batches = iter(train_loader)
+            except TypeError:
                 raise TypeError(
-                    "Each batch must be a pair of tensors (inputs, class_labels), got "
-                    f"({type(x).__name__}, {type(y).__name__})."
-                )
-            if x.ndim == 0:
-                raise ValueError("Batch inputs need a batch dimension, got a 0-d tensor.")
-            x, y = x.to(self._device), y.to(self._device)
-            y = check_labels(y, x.shape[0])
-            if x.is_floating_point() and param_dtype.is_floating_point and x.dtype != param_dtype:
-                raise TypeError(
-                    f"The inputs have dtype {x.dtype} but the model's parameters have dtype "
-                    f"{param_dtype}; cast the data or the model so that they match."
-                )
-            check_inputs(x)
-            return x, y
+                    "train_loader must be an iterable of (inputs, class_labels) batches, got "
+                    f"{type(train_loader).__name__}."
+                ) from None
+            try:
+                first = next(batches)
+            except StopIteration:
+                raise ValueError("The training loader is empty; nothing to fit.") from None
+            param_dtype = next(self.model.parameters()).dtype
 
-        first = checked(first)
-        self.model.eval()
-        self._prepare_last_layer(first)
+            def checked(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                x, y = unpack_batch(batch)
+                if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                    raise TypeError(
+                        "Each batch must be a pair of tensors (inputs, class_labels), got "
+                        f"({type(x).__name__}, {type(y).__name__})."
+                    )
+                if x.ndim == 0:
+                    raise ValueError("Batch inputs need a batch dimension, got a 0-d tensor.")
+                x, y = x.to(self._device), y.to(self._device)
+                y = check_labels(y, x.shape[0])
+                if (
+                    x.is_floating_point()
+                    and param_dtype.is_floating_point
+                    and x.dtype != param_dtype
+                ):
+                    raise TypeError(
+                        f"The inputs have dtype {x.dtype} but the model's parameters have dtype "
+                        f"{param_dtype}; cast the data or the model so that they match."
+                    )
+                check_inputs(x)
+                return x, y
 
-        total = self.H_signed if accumulate else None
-        loss = self.loss if accumulate else 0.0
-        n_pairs = self.n_pairs if accumulate else 0
-        n_data, skipped, single_class, n_batches = 0, 0, 0, 0
+            first = checked(first)
+            self.model.eval()
+            self._prepare_last_layer(first)
 
-        def all_batches():
-            yield first
-            for batch in batches:
-                yield checked(batch)
+            def all_batches():
+                yield first
+                for batch in batches:
+                    yield checked(batch)
 
-        for x, y in tqdm.tqdm(all_batches(), disable=not progress_bar, desc="[Pairwise GGN]"):
-            n_batches += 1
-            n_data += len(y)
-            if len(y) < 2:
-                skipped += 1
-                continue
-            if bool((y == y.reshape(-1)[0]).all()):
-                single_class += 1
-            self.model.zero_grad()
-            curvature = self._batch_curvature(x, y)
-            loss = loss + curvature.loss
-            if curvature.n_pairs == 0:
-                skipped += 1
-                continue
-            total = add_curvature(total, curvature.hessian)
-            n_pairs += curvature.n_pairs
+            for x, y in tqdm.tqdm(all_batches(), disable=not progress_bar, desc="[Pairwise GGN]"):
+                n_batches += 1
+                n_data += len(y)
+                if len(y) < 2:
+                    skipped += 1
+                    continue
+                if bool((y == y.reshape(-1)[0]).all()):
+                    single_class += 1
+                self.model.zero_grad()
+                curvature = self._batch_curvature(x, y)
+                loss = loss + curvature.loss
+                if curvature.n_pairs == 0:
+                    skipped += 1
+                    continue
+                total = add_curvature(total, curvature.hessian)
+                n_pairs += curvature.n_pairs
+        except Exception as err:
+            if not reduce:
+                raise
+            error = err  # join the all-reduce anyway, so that no rank waits forever
+        if reduce:
+            total, loss, n_pairs, n_data = reduce_fit_state(
+                self, FitState(total, loss, n_pairs, n_data), error
+            )
 
         if n_pairs == 0 or total is None:
             raise ValueError(
@@ -282,7 +309,11 @@ class MetricLaplaceMixin:
                 "shuffle the loader so batches mix classes.",
                 stacklevel=2,
             )
-
+        if accumulate:
+            total = add_curvature(self.H_signed, total)
+            loss = self.loss + loss
+            n_pairs += self.n_pairs
+            n_data += self.n_data
         if not all(bool(torch.isfinite(t).all()) for t in curvature_tensors(total)):
             raise ValueError(
                 "The accumulated curvature contains NaN or inf (overflow of extreme inputs or "
@@ -297,9 +328,9 @@ class MetricLaplaceMixin:
             self.H_signed = total
             self.n_pairs = n_pairs
             self.loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
-            self.n_data = (self.n_data if accumulate else 0) + n_data
+            self.n_data = n_data
             with torch.no_grad():
-                self.n_outputs = self.model(x[:1]).shape[-1]
+                self.n_outputs = self.model(first[0][:1]).shape[-1]
             self.mean = parameters_to_vector(self._posterior_parameters()).detach()
             self._set_posterior_curvature()
         except BaseException:
