@@ -217,8 +217,13 @@ class MetricLaplaceMixin:
             raise ValueError("Last-layer Laplace approximations do not support `override=False`.")
         accumulate = not override and self.H_signed is not None
         reduce = is_distributed(distributed)
-        # this pass's (this rank's) contribution only; a previous fit is added after reducing
-        total, loss, n_pairs, n_data = None, 0.0, 0, 0
+        # Single process: continue from a previous fit (override=False). Distributed: reduce
+        # this rank's contribution alone, and add the previous fit once, after reducing.
+        seed_previous = accumulate and not reduce
+        total = self.H_signed if seed_previous else None
+        loss = self.loss if seed_previous else 0.0
+        n_pairs = self.n_pairs if seed_previous else 0
+        n_data = self.n_data if seed_previous else 0
         skipped, single_class, n_batches = 0, 0, 0
         error: Exception | None = None
         try:
@@ -291,6 +296,11 @@ class MetricLaplaceMixin:
             total, loss, n_pairs, n_data = reduce_fit_state(
                 self, FitState(total, loss, n_pairs, n_data), error
             )
+            if accumulate:
+                total = self.H_signed if total is None else add_curvature(self.H_signed, total)
+                loss = self.loss + loss
+                n_pairs += self.n_pairs
+                n_data += self.n_data
 
         if n_pairs == 0 or total is None:
             raise ValueError(
@@ -309,11 +319,6 @@ class MetricLaplaceMixin:
                 "shuffle the loader so batches mix classes.",
                 stacklevel=2,
             )
-        if accumulate:
-            total = add_curvature(self.H_signed, total)
-            loss = self.loss + loss
-            n_pairs += self.n_pairs
-            n_data += self.n_data
         if not all(bool(torch.isfinite(t).all()) for t in curvature_tensors(total)):
             raise ValueError(
                 "The accumulated curvature contains NaN or inf (overflow of extreme inputs or "
