@@ -174,16 +174,19 @@ def reduce_fit_state(
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    reference = _reference_tensor(estimator)
+    try:
+        reference = _reference_tensor(estimator)
+        curvature = state.curvature
+        if curvature is None:
+            curvature = zero_curvature(estimator, reference.dtype, reference.device)
+    except Exception as err:
+        # Without the layout this rank cannot join with a buffer of the right size (a size
+        # mismatch aborts the peers in gloo): it raises now, the others at the group timeout.
+        raise RuntimeError(
+            f"Rank {rank} cannot take part in the distributed fit ({err}); the other ranks "
+            "will fail at the process-group timeout."
+        ) from (error or err)
     device = reference.device
-    curvature = state.curvature
-    if curvature is None:
-        try:
-            curvature = zero_curvature(estimator, reference.dtype, device)
-        except Exception as err:  # still join the collective below, then raise everywhere
-            if error is None:
-                error = err
-            curvature = None
     tensors = curvature_tensors(curvature)
     dtype = tensors[0].dtype if tensors else reference.dtype
     loss = state.loss.detach() if isinstance(state.loss, torch.Tensor) else state.loss
@@ -197,10 +200,6 @@ def reduce_fit_state(
     ranks[rank, 1:] = weight_fingerprint(list(estimator._posterior_parameters())).to(device)
     pieces = [t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]
     buffer = torch.cat([header, ranks.reshape(-1), *pieces])
-    if error is not None and not tensors:
-        # the layout is unknown here; send the header only, which fails the collective fast
-        # on the other ranks instead of a silent size mismatch
-        buffer = torch.cat([header, ranks.reshape(-1)])
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
 
     ranks = buffer[3 : 3 + 3 * world].reshape(world, 3)
