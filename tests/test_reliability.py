@@ -301,20 +301,22 @@ F32_TOL_H, F32_TOL_VAR = 2e-6, 2e-5
 
 
 @pytest.mark.parametrize("structure", ["diag", "kron"])
-def test_float32_fit_agrees_with_float64(structure):
+def test_float32_fit_agrees_with_float64(structure, device):
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(24, 64, generator=gen)
     y = torch.arange(24) % 4
     fits = {}
     for dtype in (torch.float32, torch.float64):
-        la = Laplace(encoder_64_128_128_16().to(dtype), "contrastive", "all", structure)
+        model = encoder_64_128_128_16().to(device=device, dtype=dtype)
+        la = Laplace(model, "contrastive", "all", structure)
         la.fit([(x.to(dtype), y)])
         h = la.H_facs.kfacs if structure == "kron" else [[la.H]]
-        fits[dtype] = (h, la(x[:6].to(dtype))[1], la.loss)
+        fits[dtype] = (h, la(x[:6].to(dtype))[1].cpu(), la.loss.cpu())
     (h32, v32, l32), (h64, v64, l64) = fits[torch.float32], fits[torch.float64]
     for f32s, f64s in zip(h32, h64):
         for a, b in zip(f32s, f64s):
             assert (a.double() - b).abs().max() <= F32_TOL_H * b.abs().max()
+            assert a.device.type == device.type
     assert (v32.double() - v64).abs().max() <= F32_TOL_VAR * v64.abs().max()
     assert abs(float(l32) - float(l64)) <= 1e-6 * abs(float(l64))
 
