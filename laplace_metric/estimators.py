@@ -653,6 +653,12 @@ class MetricLaplaceMixin:
         saved = state_dict.get("likelihood_config")
         if saved is None:
             raise ValueError("This state_dict was not written by a laplace-metric estimator.")
+        if state_dict.get("cls_name") != type(self).__name__:
+            raise ValueError(
+                f"This state_dict was saved from a {state_dict.get('cls_name')} and cannot be "
+                f"loaded into a {type(self).__name__}: use the same subset_of_weights and "
+                "hessian_structure."
+            )
         current = self.pair_likelihood.config()
         if saved != current:
             diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current)}

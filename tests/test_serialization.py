@@ -124,16 +124,10 @@ def test_loading_into_another_structure_is_refused(saved):
         build("all", "kron", "positives").load_state_dict(state)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="reported: all-weights state into a "
-    "last-layer estimator raises KeyError('_last_layer_name'), not a clear error",
-)
 def test_loading_all_weights_state_into_last_layer_is_refused_clearly(saved):
     folder, _, _ = saved
     state = torch.load(folder / "all-kron-full.la.pt", weights_only=True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="MetricKronLaplace"):
         build("last_layer", "kron", "full").load_state_dict(state)
 
 
