@@ -35,8 +35,15 @@ from laplace_metric.curvature.projection import (
     project_psd_kron,
     project_psd_matrix,
 )
+from laplace_metric.distributed import (
+    FitState,
+    curvature_tensors,
+    is_distributed,
+    reduce_fit_state,
+)
 from laplace_metric.enums import HessianMethod, UncertaintyScore, parse_enum
 from laplace_metric.likelihoods import PairLikelihood, build_likelihood
+from laplace_metric.mining import check_labels
 from laplace_metric.sampling import gaussian_samples, project_to_sphere
 from laplace_metric.uncertainty import uncertainty_score
 from laplace_metric.validation import PositivePairGaussianNLL
@@ -175,6 +182,7 @@ class MetricLaplaceMixin:
         train_loader: DataLoader | Iterable,
         override: bool = True,
         progress_bar: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         """Fit the Laplace approximation at the current weights from mined pairs.
 
@@ -182,60 +190,117 @@ class MetricLaplaceMixin:
         ----------
         train_loader : torch.utils.data.DataLoader
             Batches ``(inputs, class_labels)``. Pairs are mined inside each batch, so batches
-            should mix classes (shuffle the loader).
+            should mix classes (shuffle the loader). Inputs are moved to the model's device.
         override : bool, default=True
             Start afresh. ``False`` adds the new data's curvature to the current fit (not for
             last-layer Laplace); the result equals one fit over both loaders.
         progress_bar : bool, default=False
             Show a tqdm progress bar over the batches.
+        distributed : bool, optional
+            Sum the curvature, loss and counts over all ``torch.distributed`` ranks, each
+            fitting its own shard, with one all-reduce (see :mod:`laplace_metric.distributed`).
+            ``None`` (default) does so when a process group with several ranks is
+            initialised; ``False`` fits this rank's data alone.
 
         Raises
         ------
         ValueError
             If the loader is empty, a batch is malformed or non-finite, or no pair
             contributes curvature. A failed fit leaves the estimator unchanged.
+        TypeError
+            If the loader is not iterable, a batch is not two tensors, the labels are not
+            integers, or the inputs' dtype differs from the model's.
         """
         import tqdm
 
         if not override and isinstance(self, LLLaplace):
             raise ValueError("Last-layer Laplace approximations do not support `override=False`.")
         accumulate = not override and self.H_signed is not None
-        batches = iter(train_loader)
+        reduce = is_distributed(distributed)
+        # Single process: continue from a previous fit (override=False). Distributed: reduce
+        # this rank's contribution alone, and add the previous fit once, after reducing.
+        seed_previous = accumulate and not reduce
+        total = self.H_signed if seed_previous else None
+        loss = self.loss if seed_previous else 0.0
+        n_pairs = self.n_pairs if seed_previous else 0
+        n_data = self.n_data if seed_previous else 0
+        skipped, single_class, n_batches = 0, 0, 0
+        error: Exception | None = None
         try:
-            first = next(batches)
-        except StopIteration:
-            raise ValueError("The training loader is empty; nothing to fit.") from None
-        self.model.eval()
-        self._prepare_last_layer(first)
+            try:
+                batches = iter(train_loader)
+            except TypeError:
+                raise TypeError(
+                    "train_loader must be an iterable of (inputs, class_labels) batches, got "
+                    f"{type(train_loader).__name__}."
+                ) from None
+            try:
+                first = next(batches)
+            except StopIteration:
+                raise ValueError("The training loader is empty; nothing to fit.") from None
+            param_dtype = next(self.model.parameters()).dtype
 
-        total = self.H_signed if accumulate else None
-        loss = self.loss if accumulate else 0.0
-        n_pairs = self.n_pairs if accumulate else 0
-        n_data, skipped, single_class, n_batches = 0, 0, 0, 0
+            def checked(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                x, y = unpack_batch(batch)
+                if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                    raise TypeError(
+                        "Each batch must be a pair of tensors (inputs, class_labels), got "
+                        f"({type(x).__name__}, {type(y).__name__})."
+                    )
+                if x.ndim == 0:
+                    raise ValueError("Batch inputs need a batch dimension, got a 0-d tensor.")
+                x, y = x.to(self._device), y.to(self._device)
+                y = check_labels(y, x.shape[0])
+                if (
+                    x.is_floating_point()
+                    and param_dtype.is_floating_point
+                    and x.dtype != param_dtype
+                ):
+                    raise TypeError(
+                        f"The inputs have dtype {x.dtype} but the model's parameters have dtype "
+                        f"{param_dtype}; cast the data or the model so that they match."
+                    )
+                check_inputs(x)
+                return x, y
 
-        def all_batches():
-            yield first
-            yield from batches
+            first = checked(first)
+            self.model.eval()
+            self._prepare_last_layer(first)
 
-        for batch in tqdm.tqdm(all_batches(), disable=not progress_bar, desc="[Pairwise GGN]"):
-            x, y = unpack_batch(batch)
-            x, y = x.to(self._device), y.to(self._device)
-            check_inputs(x)
-            n_batches += 1
-            n_data += len(y)
-            if len(y) < 2:
-                skipped += 1
-                continue
-            if bool((y == y.reshape(-1)[0]).all()):
-                single_class += 1
-            self.model.zero_grad()
-            curvature = self._batch_curvature(x, y)
-            loss = loss + curvature.loss
-            if curvature.n_pairs == 0:
-                skipped += 1
-                continue
-            total = add_curvature(total, curvature.hessian)
-            n_pairs += curvature.n_pairs
+            def all_batches():
+                yield first
+                for batch in batches:
+                    yield checked(batch)
+
+            for x, y in tqdm.tqdm(all_batches(), disable=not progress_bar, desc="[Pairwise GGN]"):
+                n_batches += 1
+                n_data += len(y)
+                if len(y) < 2:
+                    skipped += 1
+                    continue
+                if bool((y == y.reshape(-1)[0]).all()):
+                    single_class += 1
+                self.model.zero_grad()
+                curvature = self._batch_curvature(x, y)
+                loss = loss + curvature.loss
+                if curvature.n_pairs == 0:
+                    skipped += 1
+                    continue
+                total = add_curvature(total, curvature.hessian)
+                n_pairs += curvature.n_pairs
+        except Exception as err:
+            if not reduce:
+                raise
+            error = err  # join the all-reduce anyway, so that no rank waits forever
+        if reduce:
+            total, loss, n_pairs, n_data = reduce_fit_state(
+                self, FitState(total, loss, n_pairs, n_data), error
+            )
+            if accumulate:
+                total = self.H_signed if total is None else add_curvature(self.H_signed, total)
+                loss = self.loss + loss
+                n_pairs += self.n_pairs
+                n_data += self.n_data
 
         if n_pairs == 0 or total is None:
             raise ValueError(
@@ -254,22 +319,49 @@ class MetricLaplaceMixin:
                 "shuffle the loader so batches mix classes.",
                 stacklevel=2,
             )
+        if not all(bool(torch.isfinite(t).all()) for t in curvature_tensors(total)):
+            raise ValueError(
+                "The accumulated curvature contains NaN or inf (overflow of extreme inputs or "
+                "weights?); the fit was not updated. Rescale the inputs or fit in float64."
+            )
 
-        # commit only now, so that a failed fit leaves a previous fit untouched
-        self.H_signed = total
-        self.n_pairs = n_pairs
-        self.loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
-        self.n_data = (self.n_data if accumulate else 0) + n_data
-        with torch.no_grad():
-            self.n_outputs = self.model(x[:1]).shape[-1]
-        self.mean = parameters_to_vector(self._posterior_parameters()).detach()
-        self._set_posterior_curvature()
+        # commit only now, so that a failed fit leaves a previous fit untouched; roll back if
+        # deriving the posterior curvature fails
+        kept = ("H_signed", "n_pairs", "loss", "n_data", "n_outputs", "mean", "H", "H_facs")
+        previous = {k: self.__dict__[k] for k in (*kept, "_posterior_scale") if k in self.__dict__}
+        try:
+            self.H_signed = total
+            self.n_pairs = n_pairs
+            self.loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+            self.n_data = n_data
+            with torch.no_grad():
+                self.n_outputs = self.model(first[0][:1]).shape[-1]
+            self.mean = parameters_to_vector(self._posterior_parameters()).detach()
+            self._set_posterior_curvature()
+        except BaseException:
+            self.__dict__.update(previous)
+            raise
 
     def _set_signed_curvature(self, signed: torch.Tensor | Any, n_pairs: int) -> None:
         """Replace the signed curvature (and its pair count) and refresh the posterior."""
         self.H_signed = signed
         self.n_pairs = n_pairs
         self._set_posterior_curvature()
+
+    @property
+    def log_det_posterior_precision(self) -> torch.Tensor:
+        """``log det P``; for a dense ``H`` and a scalar prior, from cached eigenvalues of ``H``.
+
+        This makes marginal-likelihood tuning of a scalar prior precision cost one
+        eigendecomposition instead of one log-determinant per optimisation step.
+        """
+        if self._structure != HessianStructure.FULL or self.prior_precision.numel() != 1:
+            return super().log_det_posterior_precision
+        cached = getattr(self, "_H_eigvals", None)
+        if cached is None or cached[0] is not self.H:
+            cached = (self.H, torch.linalg.eigvalsh(self.H))
+            self._H_eigvals = cached
+        return torch.log(self._H_factor * cached[1] + self.prior_precision).sum()
 
     def _set_posterior_curvature(self) -> None:
         """Derive the PSD curvature ``H`` used by laplace-torch from ``H_signed``."""
@@ -561,6 +653,12 @@ class MetricLaplaceMixin:
         saved = state_dict.get("likelihood_config")
         if saved is None:
             raise ValueError("This state_dict was not written by a laplace-metric estimator.")
+        if state_dict.get("cls_name") != type(self).__name__:
+            raise ValueError(
+                f"This state_dict was saved from a {state_dict.get('cls_name')} and cannot be "
+                f"loaded into a {type(self).__name__}: use the same subset_of_weights and "
+                "hessian_structure."
+            )
         current = self.pair_likelihood.config()
         if saved != current:
             diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current)}

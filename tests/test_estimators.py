@@ -153,3 +153,24 @@ def test_miner_is_used_in_fit():
     _, la_all = build("all", "diag", "cpu")
     la_all.fit(loader(x, y, 8))
     assert la.n_pairs != la_all.n_pairs
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_full_logdet_from_cached_eigenvalues(subset):
+    _, la = build(subset, "full", "cpu", hessian_method="full")
+    x, y = labelled_data(24, (5,))
+    la.fit(loader(x, y, 8))
+    prior = torch.tensor([0.37], dtype=torch.float64, requires_grad=True)
+    la.prior_precision = prior
+    expected = torch.logdet(la.H + 0.37 * torch.eye(la.H.shape[0], dtype=torch.float64))
+    got = la.log_det_posterior_precision
+    assert torch.allclose(got, expected, rtol=1e-10)
+    (grad,) = torch.autograd.grad(got, prior)
+    expected_grad = torch.linalg.inv(
+        la.H + 0.37 * torch.eye(la.H.shape[0], dtype=torch.float64)
+    ).trace()
+    assert torch.allclose(grad, expected_grad.reshape(1), rtol=1e-8)
+    la.prior_precision = torch.full(
+        (la.n_params,), 0.5, dtype=torch.float64
+    )  # diagonal prior: stock path
+    assert torch.allclose(la.log_det_posterior_precision, torch.logdet(la.posterior_precision))

@@ -28,7 +28,7 @@ def normalise_kron(kron: Kron, n_pairs: int) -> Kron:
     scale = 1.0 / max(n_pairs, 1)
     return Kron(
         [
-            [f.clone() if i == 0 else f * scale for i, f in enumerate(factors)]
+            [(f if i == 0 else f * scale).contiguous().clone() for i, f in enumerate(factors)]
             for factors in kron.kfacs
         ]
     )
