@@ -71,7 +71,9 @@ sphinx_gallery_conf = {
     "examples_dirs": str(ROOT / "examples"),
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",
-    "ignore_pattern": r"quickstart\.py",
+    # Only the plot_*.py tutorials are part of the gallery (quickstart.py and other scripts are
+    # run on their own).
+    "ignore_pattern": r"/(?!plot_)[^/]*\.py$",
     "abort_on_example_error": True,
     "download_all_examples": False,
     "remove_config_comments": True,
