@@ -73,7 +73,7 @@ sphinx_gallery_conf = {
     "filename_pattern": r"/plot_",
     # Only the plot_*.py tutorials are part of the gallery (quickstart.py and other scripts are
     # run on their own).
-    "ignore_pattern": r"/(?!plot_)[^/]*\.py$",
+    "ignore_pattern": r"^(?!plot_).*\.py$",
     "abort_on_example_error": True,
     "download_all_examples": False,
     "remove_config_comments": True,
