@@ -142,10 +142,11 @@ for ax, key, title in zip(axes, ["auroc_digits", "auroc_noise"], ["digits 6-9", 
         ]
         ax.bar([i + k * width for i in range(len(labels))], values, width, label=method)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0, 1.25)
     ax.set_xticks([i + width for i in range(len(labels))], labels, rotation=20)
     ax.set_title(f"OOD AUROC, {title}")
 axes[0].set_ylabel("AUROC")
-axes[0].legend(title="hessian_method", fontsize=8)
+axes[0].legend(title="hessian_method", fontsize=8, ncols=3, loc="upper left")
 fig.tight_layout()
 
 # %%
