@@ -119,7 +119,7 @@ for name, encoder in encoders.items():
 # ---------------------------
 # The miner keeps fewer pairs as the embedding improves, concentrating the loss (and the
 # curvature) on the hard ones. Note the first epoch: pytorch-metric-learning pair miners return
-# *ordered* pairs, so a mined pair usually appears as both ``(i, j)`` and ``(j, i)`` and counts
+# *ordered* pairs, so a mined pair can appear as both ``(i, j)`` and ``(j, i)`` and counts
 # twice in the loss and in the curvature, whereas the all-pairs default lists each unordered pair
 # once. Comparisons of pair counts (and of the likelihood's scale) across the two should take
 # this factor into account.
