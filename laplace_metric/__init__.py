@@ -1,3 +1,61 @@
-"""laplace-metric: Bayesian metric learning for laplace-torch."""
+"""laplace-metric: Bayesian metric learning for laplace-torch.
+
+Importing the package registers the pairwise likelihoods with ``laplace.Laplace``::
+
+    import laplace_metric  # noqa: F401
+    from laplace import Laplace
+
+    la = Laplace(encoder, likelihood="contrastive", subset_of_weights="all",
+                 hessian_structure="diag")
+"""
+
+from laplace_metric import registry as _registry
+from laplace_metric.curvature import PairCurvatureInterface, ReferencePairGGN
+from laplace_metric.enums import HessianMethod, MetricLikelihood, UncertaintyScore
+from laplace_metric.estimators import (
+    ESTIMATORS,
+    MetricDiagLaplace,
+    MetricDiagLLLaplace,
+    MetricDiagSubnetLaplace,
+    MetricFullLaplace,
+    MetricFullLLLaplace,
+    MetricFullSubnetLaplace,
+    MetricKronLaplace,
+    MetricKronLLLaplace,
+    MetricLaplaceMixin,
+)
+from laplace_metric.likelihoods import ContrastiveLikelihood, PairLikelihood, build_likelihood
+from laplace_metric.mining import Pairs, mine_pairs
+from laplace_metric.registry import metric_laplace
+from laplace_metric.uncertainty import uncertainty_score
+from laplace_metric.validation import PositivePairGaussianNLL
 
 __version__ = "0.1.0"
+
+_registry.install()
+
+__all__ = [
+    "ContrastiveLikelihood",
+    "ESTIMATORS",
+    "HessianMethod",
+    "MetricDiagLLLaplace",
+    "MetricDiagLaplace",
+    "MetricDiagSubnetLaplace",
+    "MetricFullLLLaplace",
+    "MetricFullLaplace",
+    "MetricFullSubnetLaplace",
+    "MetricKronLLLaplace",
+    "MetricKronLaplace",
+    "MetricLaplaceMixin",
+    "MetricLikelihood",
+    "PairCurvatureInterface",
+    "PairLikelihood",
+    "Pairs",
+    "PositivePairGaussianNLL",
+    "ReferencePairGGN",
+    "UncertaintyScore",
+    "build_likelihood",
+    "metric_laplace",
+    "mine_pairs",
+    "uncertainty_score",
+]

@@ -1,7 +1,49 @@
-"""Pairwise likelihoods: the contrastive likelihood (LAM) and its shared interface."""
+"""Pairwise likelihoods: the contrastive likelihood (LAM), the Bregman likelihood, and the
+factory that builds them from ``laplace.Laplace`` arguments."""
 
+from __future__ import annotations
+
+from typing import Any
+
+from laplace_metric.enums import MetricLikelihood, parse_enum
 from laplace_metric.likelihoods.base import PairLikelihood, PairTerms
 from laplace_metric.likelihoods.bregman import BregmanLikelihood as BregmanLikelihood
 from laplace_metric.likelihoods.contrastive import ContrastiveLikelihood
 
-__all__ = ["PairLikelihood", "PairTerms", "ContrastiveLikelihood"]
+
+def build_likelihood(
+    likelihood: str | MetricLikelihood | PairLikelihood,
+    divergence: Any | None = None,
+    **options: Any,
+) -> PairLikelihood:
+    """Build a pairwise likelihood from its name and options (or pass an instance through).
+
+    Parameters
+    ----------
+    likelihood : {'contrastive', 'bregman'} or PairLikelihood
+    divergence : BregmanDivergence or nn.Module, optional
+        Required for ``'bregman'``, rejected otherwise.
+    **options
+        ``margin``, ``normalize``, ``hessian_method``, ``miner``.
+
+    Returns
+    -------
+    likelihood : PairLikelihood
+    """
+    if isinstance(likelihood, PairLikelihood):
+        return likelihood
+    name = parse_enum(MetricLikelihood, likelihood, "likelihood")
+    if name == MetricLikelihood.CONTRASTIVE:
+        if divergence is not None:
+            raise ValueError("divergence= is only used with likelihood='bregman'.")
+        return ContrastiveLikelihood(**options)
+    from laplace_metric.likelihoods.bregman import BregmanLikelihood
+
+    if divergence is None:
+        raise ValueError(
+            "likelihood='bregman' needs divergence=<a BregmanDivergence or potential>."
+        )
+    return BregmanLikelihood(divergence, **options)
+
+
+__all__ = ["PairLikelihood", "PairTerms", "ContrastiveLikelihood", "build_likelihood"]

@@ -117,6 +117,15 @@ class PairLikelihood(ABC):
             "miner": None if self.miner is None else type(self.miner).__name__,
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors the likelihood needs to be restored (none for the contrastive likelihood)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}.")
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
         return f"{type(self).__name__}({args})"
@@ -167,9 +176,7 @@ class PairLikelihood(ABC):
         return root, -root
 
     # ------------------------------------------------------------------ loss
-    def pair_losses(
-        self, z: torch.Tensor, pairs: Pairs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_losses(self, z: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pair negative log-likelihood and whether each negative's hinge is active."""
         delta = self.dissimilarity(z[pairs.first], z[pairs.second])
         hinge = self.margin - delta
@@ -182,9 +189,7 @@ class PairLikelihood(ABC):
         labels = check_labels(labels, z.shape[0])
         return mine_pairs(labels, z, self.miner)
 
-    def loss(
-        self, g: torch.Tensor, labels: torch.Tensor, reduction: str = "sum"
-    ) -> torch.Tensor:
+    def loss(self, g: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         """Differentiable training loss: the negative log-likelihood of the mined pairs.
 
         Parameters

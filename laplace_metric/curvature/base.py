@@ -1,0 +1,221 @@
+"""The curvature-backend interface for pairwise likelihoods.
+
+A backend computes, for one batch, the signed sum over the contributing pairs of the pairwise
+GGN ``sum_m s_m V_m V_m^T`` with ``V_m = J_a^T S_a + J_b^T S_b`` (see
+:class:`laplace_metric.likelihoods.PairTerms`) in a diagonal, Kronecker-factored or dense
+structure, and the Jacobians of the embedding for the linearised predictive. Projection to
+PSD and the normalisation of Kronecker input factors happen in the estimator, after all batches
+are summed, so that ``fit`` over several loaders equals one fit over their union.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any, NamedTuple
+
+import torch
+from laplace.curvature import GGNInterface
+from laplace.utils import Kron
+from torch import nn
+
+from laplace_metric.likelihoods.base import PairLikelihood, PairTerms
+
+
+class BatchCurvature(NamedTuple):
+    """Curvature of one batch.
+
+    Attributes
+    ----------
+    loss : torch.Tensor
+        Batch-summed negative log-likelihood of all mined pairs.
+    hessian : torch.Tensor or laplace.utils.Kron
+        Signed pairwise GGN summed over the contributing pairs. For Kronecker structure, each
+        weight has factors ``[B, A]`` with ``B = sum_m s_m sum_t Q Q^T`` (output side) and the
+        *unnormalised* input factor ``A = sum_m sum_t e e^T / T``; each 1-D parameter has one
+        exact dense signed block.
+    n_pairs : int
+        Number of pairs with a non-zero sign (those that contribute curvature).
+    """
+
+    loss: torch.Tensor
+    hessian: torch.Tensor | Kron
+    n_pairs: int
+
+
+class PairCurvatureInterface(GGNInterface):
+    """Base class of the pairwise curvature backends.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The encoder (a ``laplace.utils.FeatureExtractor`` for last-layer Laplace).
+    likelihood : PairLikelihood
+        The pairwise likelihood that mines pairs and supplies the pair factors.
+    last_layer : bool, default=False
+        Only the parameters of ``model.last_layer``.
+    subnetwork_indices : torch.LongTensor, optional
+        Indices into the vectorised parameters of ``model`` (subnetwork Laplace).
+    """
+
+    #: Whether the batch forward pass must keep its autograd graph (BackPACK-style backends).
+    forward_needs_graph: bool = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: PairLikelihood,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(likelihood, PairLikelihood):
+            raise TypeError(
+                f"{type(self).__name__} needs a PairLikelihood (e.g. ContrastiveLikelihood), "
+                f"got {likelihood!r}; use it through laplace.Laplace(..., "
+                "likelihood='contrastive' | 'bregman')."
+            )
+        if kwargs:
+            raise TypeError(f"Unexpected backend arguments: {sorted(kwargs)}.")
+        self.model = model
+        self.likelihood = likelihood
+        self.last_layer = last_layer
+        self.subnetwork_indices = subnetwork_indices
+        self.dict_key_x = dict_key_x
+        self.dict_key_y = dict_key_y
+        self.factor = 1.0
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _model(self) -> nn.Module:
+        return self.model.last_layer if self.last_layer else self.model
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self._model.parameters() if p.requires_grad]
+
+    def _target(self, x: torch.Tensor | MutableMapping) -> tuple[nn.Module, Any]:
+        """The module whose parameters are inferred, and its input for batch ``x``."""
+        if self.last_layer:
+            with torch.no_grad():
+                _, features = self.model.forward_with_features(x)
+            return self.model.last_layer, features.detach()
+        return self.model, x
+
+    def _forward(self, module: nn.Module, inputs: Any) -> torch.Tensor:
+        if self.forward_needs_graph:
+            return module(inputs)
+        with torch.no_grad():
+            return module(inputs)
+
+    def _batch(
+        self, x: torch.Tensor | MutableMapping, y: torch.Tensor
+    ) -> tuple[nn.Module, Any, torch.Tensor, PairTerms]:
+        module, inputs = self._target(x)
+        g = self._forward(module, inputs)
+        terms = self.likelihood.pair_terms(g, y)
+        return module, inputs, g, terms
+
+    def _select(self, values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """Restrict parameter dimensions to the subnetwork, if any."""
+        if self.subnetwork_indices is None:
+            return values
+        for dim in dims:
+            values = values.index_select(dim, self.subnetwork_indices.to(values.device))
+        return values
+
+    def _n_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    # ------------------------------------------------------------------ public API
+    def diag(
+        self, x: torch.Tensor | MutableMapping, y: torch.Tensor, **kwargs: Any
+    ) -> BatchCurvature:
+        """Signed diagonal of the pairwise GGN of one batch."""
+        module, inputs, g, terms = self._batch(x, y)
+        terms = terms.contributing()
+        if terms.signs.numel() == 0:
+            zeros = torch.zeros(self._n_params(), dtype=g.dtype, device=g.device)
+            return BatchCurvature(terms.loss, self._select(zeros, (0,)), 0)
+        diag = self._diag(module, inputs, g, terms)
+        return BatchCurvature(terms.loss, self._select(diag, (0,)), len(terms.signs))
+
+    def full(
+        self, x: torch.Tensor | MutableMapping, y: torch.Tensor, **kwargs: Any
+    ) -> BatchCurvature:
+        """Signed dense pairwise GGN of one batch."""
+        module, inputs, g, terms = self._batch(x, y)
+        terms = terms.contributing()
+        if terms.signs.numel() == 0:
+            p = (
+                self._n_params()
+                if self.subnetwork_indices is None
+                else len(self.subnetwork_indices)
+            )
+            zeros = torch.zeros(p, p, dtype=g.dtype, device=g.device)
+            return BatchCurvature(terms.loss, zeros, 0)
+        full = self._full(module, inputs, g, terms)
+        return BatchCurvature(terms.loss, self._select(full, (0, 1)), len(terms.signs))
+
+    def kron(
+        self, x: torch.Tensor | MutableMapping, y: torch.Tensor, **kwargs: Any
+    ) -> BatchCurvature:
+        """Signed Kronecker factors of the pairwise GGN of one batch (see :class:`BatchCurvature`)."""
+        if self.subnetwork_indices is not None:
+            raise ValueError("Kronecker structure is not available for subnetwork Laplace.")
+        module, inputs, g, terms = self._batch(x, y)
+        terms = terms.contributing()
+        if terms.signs.numel() == 0:
+            return BatchCurvature(
+                terms.loss, Kron.init_from_model(self.params, g.device, g.dtype), 0
+            )
+        kron = self._kron(module, inputs, g, terms)
+        return BatchCurvature(terms.loss, kron, len(terms.signs))
+
+    def jacobians(
+        self, x: torch.Tensor | MutableMapping, enable_backprop: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians of the embedding (normalised if the likelihood normalises).
+
+        Returns
+        -------
+        Js : torch.Tensor
+            ``(batch, D, parameters)``.
+        z : torch.Tensor
+            Embeddings ``(batch, D)``.
+        """
+        module, inputs = self._target(x)
+        jac, g = self._raw_jacobians(module, inputs)
+        z = self.likelihood.embed(g)
+        if self.likelihood.normalize:
+            norms = g.norm(dim=-1)
+            jac = (jac - z[:, :, None] * torch.einsum("bd,bdp->bp", z, jac)[:, None, :]) / norms[
+                :, None, None
+            ]
+        jac = self._select(jac, (2,))
+        if not enable_backprop:
+            jac, z = jac.detach(), z.detach()
+        return jac, z
+
+    def functorch_jacobians(
+        self, x: torch.Tensor | MutableMapping, enable_backprop: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.jacobians(x, enable_backprop)
+
+    # ------------------------------------------------------------------ to implement
+    def _diag(
+        self, module: nn.Module, inputs: Any, g: torch.Tensor, terms: PairTerms
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not compute a diagonal GGN.")
+
+    def _full(
+        self, module: nn.Module, inputs: Any, g: torch.Tensor, terms: PairTerms
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not compute a dense GGN.")
+
+    def _kron(self, module: nn.Module, inputs: Any, g: torch.Tensor, terms: PairTerms) -> Kron:
+        raise NotImplementedError(f"{type(self).__name__} does not compute Kronecker factors.")
+
+    def _raw_jacobians(self, module: nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} does not compute Jacobians.")

@@ -1,0 +1,205 @@
+"""Exact reference curvature from explicit per-sample Jacobians (``torch.func``).
+
+Materialises the per-pair factors ``V_m`` of shape ``(M, P, R)``: use it for small networks,
+as the ground truth in tests, and as the fallback for layers the fast backends do not support.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from laplace.utils import Kron
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from laplace_metric.curvature.base import PairCurvatureInterface
+from laplace_metric.likelihoods.base import PairTerms
+
+KRON_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def pair_factors(jac: torch.Tensor, terms: PairTerms) -> torch.Tensor:
+    """``V_m = J_a^T S_a + J_b^T S_b`` for every pair, shape ``(M, P, R)``."""
+    first, second = terms.pairs.first, terms.pairs.second
+    return torch.einsum("mdp,mdr->mpr", jac[first], terms.first_factor) + torch.einsum(
+        "mdp,mdr->mpr", jac[second], terms.second_factor
+    )
+
+
+class ReferencePairGGN(PairCurvatureInterface):
+    """Exact pairwise GGN from ``torch.func`` Jacobians (diag, Kronecker, full).
+
+    The Kronecker factors use the difference-only factorisation at Linear and Conv weights:
+    with ``e = (x_a - x_b) / 2`` (layer inputs, per location ``t``) and ``Q = S'_a - S'_b``
+    (the pair's square-root columns back-propagated to the layer output),
+    ``B = sum_m s_m sum_{t, r} Q Q^T`` and ``A = sum_m sum_t e e^T / T``. For
+    ``hessian_method='fixed'`` the free sample alone is used (``Q = S'_b``, ``e = x_b``).
+    1-D parameters (biases, norm scales) get their exact dense block.
+    """
+
+    def _functional(self, module: nn.Module, inputs: Any):
+        params = {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
+        frozen = {k: v.detach() for k, v in module.named_parameters() if not v.requires_grad}
+        buffers = dict(module.named_buffers())
+
+        def forward(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            out = functional_call(module, ({**p, **frozen}, buffers), (inputs,))
+            return out, out
+
+        return forward, params
+
+    def _raw_jacobians(self, module: nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        forward, params = self._functional(module, inputs)
+        jac, g = jacrev(forward, has_aux=True)(params)
+        jac = torch.cat([j.flatten(start_dim=2) for j in jac.values()], dim=2)
+        return jac, g
+
+    def _factors(self, module: nn.Module, inputs: Any, terms: PairTerms) -> torch.Tensor:
+        jac, _ = self._raw_jacobians(module, inputs)
+        return pair_factors(jac, terms)
+
+    def _diag(self, module, inputs, g, terms):
+        factors = self._factors(module, inputs, terms)
+        return torch.einsum("m,mpr->p", terms.signs, factors.square())
+
+    def _full(self, module, inputs, g, terms):
+        factors = self._factors(module, inputs, terms)
+        return torch.einsum("m,mpr,mqr->pq", terms.signs, factors, factors)
+
+    def _kron(self, module, inputs, g, terms):
+        factors = self._factors(module, inputs, terms)
+        layer_inputs, sensitivities = layer_sensitivities(module, inputs)
+        kfacs, offset = [], 0
+        for name, sub in module.named_modules():
+            for pname, param in sub.named_parameters(recurse=False):
+                if not param.requires_grad:
+                    continue
+                size = param.numel()
+                if param.ndim == 1:
+                    block = factors[:, offset : offset + size]
+                    kfacs.append([torch.einsum("m,mpr,mqr->pq", terms.signs, block, block)])
+                elif isinstance(sub, KRON_LAYERS) and pname == "weight":
+                    kfacs.append(
+                        kron_weight_factors(sub, layer_inputs[name], sensitivities[name], terms)
+                    )
+                else:
+                    raise ValueError(
+                        f"Kronecker structure does not support the {param.ndim}-D parameter "
+                        f"'{name}.{pname}' of {type(sub).__name__}; supported: "
+                        "Linear/Conv1d/Conv2d weights and 1-D parameters. Use 'diag' or 'full'."
+                    )
+                offset += size
+        return Kron(kfacs)
+
+
+def layer_sensitivities(
+    module: nn.Module, inputs: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Inputs of every Linear/Conv layer and the per-sample Jacobian of the output w.r.t. it.
+
+    Returns
+    -------
+    layer_inputs : dict
+        ``name -> (batch, *in_shape)``.
+    sensitivities : dict
+        ``name -> (batch, D, *out_shape)``, ``d g_n / d out_n`` of the layer's output.
+    """
+    layers = {
+        name: sub
+        for name, sub in module.named_modules()
+        if isinstance(sub, KRON_LAYERS) and sub.weight.requires_grad
+    }
+    layer_inputs: dict[str, torch.Tensor] = {}
+    out_shapes: dict[str, torch.Size] = {}
+    probes: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(mod, args, out):
+            if name in probes:
+                return out + probes[name]
+            layer_inputs[name] = args[0].detach()
+            out_shapes[name] = out.shape
+            return None
+
+        return hook
+
+    handles = [sub.register_forward_hook(make_hook(n)) for n, sub in layers.items()]
+    try:
+        with torch.no_grad():
+            module(inputs)
+
+        def forward(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            probes.update(p)
+            return module(inputs)
+
+        zeros = {
+            n: torch.zeros(s, dtype=inputs.dtype, device=inputs.device)
+            for n, s in out_shapes.items()
+        }
+        with torch.no_grad():  # a function transform: differentiates w.r.t. the probes only
+            jac = jacrev(forward)(zeros)
+    finally:
+        probes.clear()
+        for handle in handles:
+            handle.remove()
+    batch = inputs.shape[0]
+    index = torch.arange(batch, device=inputs.device)
+    # jac[n]: (B, D, B, *out) -> per-sample diagonal (B, D, *out)
+    sensitivities = {n: j[index, :, index] for n, j in jac.items()}
+    return layer_inputs, sensitivities
+
+
+def unfold_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Layer input as ``(batch, T, fan_in)`` matching ``weight.flatten(1)``."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        raise ValueError(
+            f"Kronecker factors support {type(layer).__name__} with groups=1, zero numeric "
+            "padding only."
+        )
+    if isinstance(layer, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, stride = (1, layer.kernel_size[0]), (1, layer.stride[0])
+        padding, dilation = (0, layer.padding[0]), (1, layer.dilation[0])
+    else:
+        kernel, stride, padding, dilation = (
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+        )
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2)
+
+
+def output_columns(layer: nn.Module, sens: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Back-propagated square-root columns at the layer output, ``(M, T, out, R)``.
+
+    ``sens`` is ``(M, D, *out_shape)`` and ``factor`` is ``(M, D, R)``.
+    """
+    if isinstance(layer, nn.Linear):
+        sens = sens.reshape(sens.shape[0], sens.shape[1], -1, sens.shape[-1])  # (M, D, T, out)
+        return torch.einsum("mdto,mdr->mtor", sens, factor)
+    sens = sens.flatten(start_dim=3)  # (M, D, C_out, T)
+    return torch.einsum("mdot,mdr->mtor", sens, factor)
+
+
+def kron_weight_factors(
+    layer: nn.Module, layer_input: torch.Tensor, sens: torch.Tensor, terms: PairTerms
+) -> list[torch.Tensor]:
+    """``[B, A]`` of a Linear/Conv weight from the pairs' columns and inputs."""
+    cols = unfold_input(layer, layer_input)  # (B, T, fan_in)
+    first, second = terms.pairs.first, terms.pairs.second
+    q_b = output_columns(layer, sens[second], terms.second_factor)
+    if terms.one_sided:
+        q, e = q_b, cols[second]
+    else:
+        q = output_columns(layer, sens[first], terms.first_factor) - q_b
+        e = (cols[first] - cols[second]) / 2
+    n_locations = cols.shape[1]
+    b = torch.einsum("m,mtor,mtpr->op", terms.signs, q, q)
+    a = torch.einsum("mti,mtj->ij", e, e) / n_locations
+    return [b, a]

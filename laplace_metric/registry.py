@@ -1,0 +1,98 @@
+"""Routing ``laplace.Laplace(..., likelihood='contrastive' | 'bregman')`` to the plugin estimators.
+
+laplace-torch's factory only knows its own likelihoods. :func:`install` wraps it once (in
+``laplace`` and ``laplace.laplace``): the pairwise likelihoods go to
+:data:`laplace_metric.estimators.ESTIMATORS`; every other call is passed to the stock factory
+unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import laplace
+import laplace.laplace as laplace_module
+from laplace.utils.enums import HessianStructure, SubsetOfWeights
+from torch import nn
+
+from laplace_metric.enums import MetricLikelihood, parse_enum
+from laplace_metric.estimators import ESTIMATORS
+from laplace_metric.likelihoods import PairLikelihood
+
+_WRAPPED_FLAG = "_laplace_metric_wrapper"
+
+
+def is_metric_likelihood(likelihood: Any) -> bool:
+    """Whether ``likelihood`` names (or is) a pairwise likelihood of this package."""
+    if isinstance(likelihood, PairLikelihood):
+        return True
+    return isinstance(likelihood, str) and likelihood in {m.value for m in MetricLikelihood}
+
+
+def metric_laplace(
+    model: nn.Module,
+    likelihood: str | PairLikelihood,
+    subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.LAST_LAYER,
+    hessian_structure: HessianStructure | str = HessianStructure.KRON,
+    **kwargs: Any,
+) -> Any:
+    """Build the laplace-metric estimator for a pairwise likelihood.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The encoder.
+    likelihood : {'contrastive', 'bregman'} or PairLikelihood
+    subset_of_weights : {'all', 'last_layer', 'subnetwork'}, default='last_layer'
+    hessian_structure : {'diag', 'kron', 'full'}, default='kron'
+    **kwargs
+        Estimator options (see :class:`laplace_metric.estimators.MetricLaplaceMixin`).
+
+    Returns
+    -------
+    laplace : MetricLaplaceMixin
+    """
+    subset = parse_enum(SubsetOfWeights, subset_of_weights, "subset_of_weights")
+    structure = parse_enum(HessianStructure, hessian_structure, "hessian_structure")
+    try:
+        cls = ESTIMATORS[(subset, structure)]
+    except KeyError:
+        supported = ", ".join(f"({s.value!r}, {h.value!r})" for s, h in ESTIMATORS)
+        raise ValueError(
+            f"subset_of_weights={subset.value!r} with hessian_structure={structure.value!r} is "
+            f"not supported for pairwise likelihoods; supported: {supported}."
+        ) from None
+    return cls(model, likelihood, **kwargs)
+
+
+def install() -> None:
+    """Wrap ``laplace.Laplace`` so it routes pairwise likelihoods here (idempotent)."""
+    current = laplace_module.Laplace
+    if getattr(current, _WRAPPED_FLAG, False):
+        laplace.Laplace = current
+        return
+    stock = current
+
+    @functools.wraps(stock)
+    def Laplace(  # noqa: N802 - mirrors laplace.Laplace
+        model: nn.Module,
+        likelihood: Any,
+        subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.LAST_LAYER,
+        hessian_structure: HessianStructure | str = HessianStructure.KRON,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        if is_metric_likelihood(likelihood):
+            if args:
+                raise TypeError(
+                    "Pass estimator options by keyword for pairwise likelihoods, "
+                    f"got {len(args)} extra positional arguments."
+                )
+            return metric_laplace(model, likelihood, subset_of_weights, hessian_structure, **kwargs)
+        return stock(model, likelihood, subset_of_weights, hessian_structure, *args, **kwargs)
+
+    setattr(Laplace, _WRAPPED_FLAG, True)
+    Laplace.stock = stock
+    laplace_module.Laplace = Laplace
+    laplace.Laplace = Laplace
