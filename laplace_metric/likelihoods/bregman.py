@@ -158,6 +158,18 @@ class BregmanLikelihood(PairLikelihood):
         """Load a potential ``state_dict`` saved by :meth:`divergence_state` (strict)."""
         self.divergence.potential.load_state_dict(state)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The likelihood's tensors: the potential's parameters (see :meth:`divergence_state`).
+
+        Stored by the estimators' ``state_dict`` next to :meth:`config`; loadable with
+        ``torch.load(..., weights_only=True)``.
+        """
+        return self.divergence_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the potential's parameters from :meth:`state_dict`."""
+        self.load_divergence_state(state)
+
     def parameters(self) -> list[nn.Parameter]:
         """The potential's parameters (to train ``phi`` jointly with the encoder)."""
         return list(self.divergence.parameters())
