@@ -265,6 +265,12 @@ class MetricLaplaceMixin:
         self.mean = parameters_to_vector(self._posterior_parameters()).detach()
         self._set_posterior_curvature()
 
+    def _set_signed_curvature(self, signed: torch.Tensor | Any, n_pairs: int) -> None:
+        """Replace the signed curvature (and its pair count) and refresh the posterior."""
+        self.H_signed = signed
+        self.n_pairs = n_pairs
+        self._set_posterior_curvature()
+
     def _set_posterior_curvature(self) -> None:
         """Derive the PSD curvature ``H`` used by laplace-torch from ``H_signed``."""
         signed = self.H_signed

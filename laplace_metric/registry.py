@@ -4,6 +4,11 @@ laplace-torch's factory only knows its own likelihoods. :func:`install` wraps it
 ``laplace`` and ``laplace.laplace``): the pairwise likelihoods go to
 :data:`laplace_metric.estimators.ESTIMATORS`; every other call is passed to the stock factory
 unchanged.
+
+A ``from laplace import Laplace`` executed *before* ``import laplace_metric`` (as isort orders
+imports) keeps the stock function. So that it works too, ``BaseLaplace`` gets a ``__new__`` that
+swaps a stock class for its plugin twin when, and only when, the likelihood is a pairwise one
+(a call the stock class would reject); every other construction is untouched.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ from typing import Any
 
 import laplace
 import laplace.laplace as laplace_module
+from laplace.baselaplace import BaseLaplace
 from laplace.utils.enums import HessianStructure, SubsetOfWeights
 from torch import nn
 
 from laplace_metric.enums import MetricLikelihood, parse_enum
-from laplace_metric.estimators import ESTIMATORS
+from laplace_metric.estimators import ESTIMATORS, MetricLaplaceMixin
 from laplace_metric.likelihoods import PairLikelihood
 
 _WRAPPED_FLAG = "_laplace_metric_wrapper"
@@ -28,6 +34,31 @@ def is_metric_likelihood(likelihood: Any) -> bool:
     if isinstance(likelihood, PairLikelihood):
         return True
     return isinstance(likelihood, str) and likelihood in {m.value for m in MetricLikelihood}
+
+
+def _unsupported(subset: SubsetOfWeights | str, structure: HessianStructure | str) -> ValueError:
+    supported = ", ".join(f"({s.value!r}, {h.value!r})" for s, h in ESTIMATORS)
+    return ValueError(
+        f"subset_of_weights={getattr(subset, 'value', subset)!r} with hessian_structure="
+        f"{getattr(structure, 'value', structure)!r} is not supported for pairwise likelihoods; "
+        f"supported: {supported}."
+    )
+
+
+def plugin_class(stock_cls: type) -> type[MetricLaplaceMixin]:
+    """The plugin estimator with the same ``(subset_of_weights, hessian_structure)`` as ``stock_cls``."""
+    key = getattr(stock_cls, "_key", None)
+    for (subset, structure), cls in ESTIMATORS.items():
+        if key == (subset.value, structure.value):
+            return cls
+    raise _unsupported(*(key or ("?", "?")))
+
+
+def _routing_new(cls: type, *args: Any, **kwargs: Any) -> Any:
+    likelihood = args[1] if len(args) > 1 else kwargs.get("likelihood")
+    if is_metric_likelihood(likelihood) and not issubclass(cls, MetricLaplaceMixin):
+        cls = plugin_class(cls)
+    return object.__new__(cls)
 
 
 def metric_laplace(
@@ -58,16 +89,14 @@ def metric_laplace(
     try:
         cls = ESTIMATORS[(subset, structure)]
     except KeyError:
-        supported = ", ".join(f"({s.value!r}, {h.value!r})" for s, h in ESTIMATORS)
-        raise ValueError(
-            f"subset_of_weights={subset.value!r} with hessian_structure={structure.value!r} is "
-            f"not supported for pairwise likelihoods; supported: {supported}."
-        ) from None
+        raise _unsupported(subset, structure) from None
     return cls(model, likelihood, **kwargs)
 
 
 def install() -> None:
     """Wrap ``laplace.Laplace`` so it routes pairwise likelihoods here (idempotent)."""
+    if "__new__" not in BaseLaplace.__dict__:
+        BaseLaplace.__new__ = _routing_new
     current = laplace_module.Laplace
     if getattr(current, _WRAPPED_FLAG, False):
         laplace.Laplace = current

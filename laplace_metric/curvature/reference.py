@@ -79,7 +79,8 @@ class ReferencePairGGN(PairCurvatureInterface):
                 size = param.numel()
                 if param.ndim == 1:
                     block = factors[:, offset : offset + size]
-                    kfacs.append([torch.einsum("m,mpr,mqr->pq", terms.signs, block, block)])
+                    block = torch.einsum("m,mpr,mqr->pq", terms.signs, block, block)
+                    kfacs.append([block.contiguous()])
                 elif isinstance(sub, KRON_LAYERS) and pname == "weight":
                     kfacs.append(
                         kron_weight_factors(sub, layer_inputs[name], sensitivities[name], terms)
@@ -202,4 +203,4 @@ def kron_weight_factors(
     n_locations = cols.shape[1]
     b = torch.einsum("m,mtor,mtpr->op", terms.signs, q, q)
     a = torch.einsum("mti,mtj->ij", e, e) / n_locations
-    return [b, a]
+    return [b.contiguous(), a.contiguous()]

@@ -1,0 +1,124 @@
+"""Tests of laplace_metric.plots: each function writes a readable PNG and checks its input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+
+from laplace_metric import metrics as M
+from laplace_metric import plots as P
+
+
+def check_png(fig: Figure, path) -> np.ndarray:
+    assert isinstance(fig, Figure)
+    assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    # not a blank canvas
+    assert image[..., :3].std() > 0.01
+    return image
+
+
+def test_uncertainty_histograms(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = {
+        "ID test": torch.rand(100, generator=gen),
+        "digits 6-9": torch.rand(80, generator=gen) + 0.5,
+        "noise": np.random.default_rng(0).random(50) + 1.0,
+    }
+    path = tmp_path / "sub" / "hist.png"
+    fig = P.plot_uncertainty_histograms(scores, path)
+    check_png(fig, path)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["ID test (n=100)", "digits 6-9 (n=80)", "noise (n=50)"]
+
+
+def test_uncertainty_histograms_constant_scores(tmp_path) -> None:
+    fig = P.plot_uncertainty_histograms(
+        {"a": torch.ones(5), "b": torch.ones(3)}, tmp_path / "c.png"
+    )
+    check_png(fig, tmp_path / "c.png")
+
+
+def test_uncertainty_histograms_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        P.plot_uncertainty_histograms({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="NaN"):
+        P.plot_uncertainty_histograms({"a": torch.tensor([math.nan])}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="in_distribution"):
+        P.plot_uncertainty_histograms({"a": torch.ones(2)}, tmp_path / "x.png", in_distribution="b")
+    with pytest.raises(TypeError, match="Tensor"):
+        P.plot_uncertainty_histograms({"a": [1.0, 2.0]}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sparsification_plot(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    err = (torch.rand(200, generator=gen) < 0.2).float()
+    good = M.sparsification_curve(err + torch.rand(200, generator=gen), err)
+    bad = M.sparsification_curve(torch.rand(200, generator=gen), err)
+    path = tmp_path / "sparse.png"
+    fig = P.plot_sparsification({"good": good, "random": bad}, path)
+    check_png(fig, path)
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 5  # 2 curves + 2 oracles + legend proxy
+    assert np.allclose(ax.get_lines()[0].get_ydata(), good.error.numpy())
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts[0].startswith("good (AUSE") and texts[-1] == "oracle"
+    fig = P.plot_sparsification(good, tmp_path / "one.png")
+    check_png(fig, tmp_path / "one.png")
+    with pytest.raises(TypeError, match="SparsificationCurve"):
+        P.plot_sparsification({"x": err}, tmp_path / "bad.png")
+
+
+def test_reliability_plot(tmp_path) -> None:
+    conf = torch.tensor([0.1, 0.15, 0.5, 0.55, 0.9, 1.0])
+    correct = torch.tensor([0, 1, 0, 1, 1, 1])
+    bins = M.reliability_diagram_data(conf, correct, n_bins=5)
+    path = tmp_path / "rel.png"
+    fig = P.plot_reliability_diagram(bins, path)
+    check_png(fig, path)
+    assert fig.axes[0].get_title() == f"ECE = {bins.ece:.4f}"
+    # the count panel has one bar per bin, matching the counts
+    heights = [p.get_height() for p in fig.axes[1].patches]
+    assert heights == bins.count.tolist()
+    with pytest.raises(TypeError, match="ReliabilityBins"):
+        P.plot_reliability_diagram({"confidence": conf}, path)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_embedding_plot(tmp_path, dim: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(60, dim, generator=gen)
+    labels = torch.arange(60) % 4 - 1  # includes -1 (noise)
+    unc = torch.rand(60, generator=gen)
+    path = tmp_path / f"emb{dim}.png"
+    fig = P.plot_embedding_2d(emb, labels, unc, path)
+    check_png(fig, path)
+    assert len(fig.axes) == (1 if dim == 2 else 2)
+    # every point is drawn exactly once across the panels, inside the projected disc
+    offsets = np.concatenate(
+        [c.get_offsets() for ax in fig.axes for c in ax.collections if len(c.get_offsets())]
+    )
+    assert offsets.shape == (60, 2)
+    assert np.linalg.norm(offsets, axis=1).max() <= math.sqrt(2.0) + 1e-9
+    # marker sizes follow the uncertainty
+    sizes = np.concatenate([c.get_sizes() for ax in fig.axes for c in ax.collections])
+    assert sizes.min() == pytest.approx(5.0) and sizes.max() == pytest.approx(85.0)
+
+
+def test_embedding_plot_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"\(n, 2\) or \(n, 3\)"):
+        P.plot_embedding_2d(torch.zeros(5, 4), torch.zeros(5), torch.zeros(5), tmp_path / "e.png")
+    with pytest.raises(ValueError, match="must both have shape"):
+        P.plot_embedding_2d(torch.ones(5, 2), torch.zeros(4), torch.zeros(5), tmp_path / "e.png")
+    with pytest.raises(ValueError, match="NaN"):
+        P.plot_embedding_2d(
+            torch.ones(2, 2), torch.zeros(2), torch.tensor([0.0, math.nan]), tmp_path / "e.png"
+        )

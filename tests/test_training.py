@@ -1,0 +1,75 @@
+"""Online LAM."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from laplace import Laplace
+
+from laplace_metric.training import fit_online_lam
+from tests.conftest import labelled_data, loader, make_mlp
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_decay_zero_single_batch_equals_posthoc_fit(structure):
+    """With no averaging and one batch per epoch, the curvature is the post-hoc one."""
+    x, y = labelled_data(12, (5,))
+    data = loader(x, y, 12)
+    model = make_mlp()
+    la = fit_online_lam(
+        model,
+        data,
+        hessian_structure=structure,
+        epochs=2,
+        decay=0.0,
+        prior_update="fixed",
+        lr=1e-2,
+        hessian_method="full",
+        margin=1.5,
+    )
+    posthoc = Laplace(model, "contrastive", "all", structure, hessian_method="full", margin=1.5)
+    posthoc.fit(data)
+    if structure == "kron":
+        for f1, f2 in zip(la.H_facs.kfacs, posthoc.H_facs.kfacs):
+            for a, b in zip(f1, f2):
+                assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    else:
+        assert torch.allclose(la.H, posthoc.H, rtol=1e-9, atol=1e-12)
+    assert torch.equal(la.mean, posthoc.mean)
+
+
+@pytest.mark.parametrize("subset,structure", [("all", "diag"), ("last_layer", "kron")])
+def test_online_lam_trains_and_returns_fitted_estimator(subset, structure, device):
+    x, y = labelled_data(48, (5,))
+    data = loader(x.to(device), y.to(device), 12)
+    model = make_mlp().to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    la = fit_online_lam(
+        model,
+        data,
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        epochs=4,
+        lr=1e-2,
+        generator=gen,
+    )
+    history = la.training_history
+    assert len(history) == 4 and history[-1]["loss"] < history[0]["loss"]
+    mean, cov = la(x[:3].to(device))
+    assert mean.shape == (3, 3) and torch.isfinite(cov).all()
+    buffer = io.BytesIO()
+    torch.save(la.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["n_data"] == 48
+
+
+def test_online_lam_bad_options():
+    x, y = labelled_data(12, (5,))
+    with pytest.raises(ValueError, match="prior_update"):
+        fit_online_lam(make_mlp(), loader(x, y, 6), prior_update="always")
+    with pytest.raises(ValueError, match="decay"):
+        fit_online_lam(make_mlp(), loader(x, y, 6), decay=1.0)
+    with pytest.raises(ValueError, match="empty"):
+        fit_online_lam(make_mlp(), [])
