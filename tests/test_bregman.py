@@ -270,10 +270,17 @@ def test_contrastive_loss_matches_manual_pairs():
     z = torch.nn.functional.normalize(g, dim=1)
     manual = 0.0
     for i in range(6):
-        for j in range(i + 1, 6):
-            d = div(z[i : i + 1], z[j : j + 1])[0]
-            manual = manual + (d / 2 if labels[i] == labels[j] else (0.8 - d).clamp(min=0) / 2)
+        for j in range(6):  # both directions of the asymmetric divergence
+            if i != j:
+                d = div(z[i : i + 1], z[j : j + 1])[0]
+                manual = manual + (d / 2 if labels[i] == labels[j] else (0.8 - d).clamp(min=0) / 2)
     torch.testing.assert_close(loss, manual)
+    # the loss does not depend on the order of the samples in the batch
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    loss_perm = BregmanContrastiveLoss(div, margin=0.8, reduction="sum")(g[perm], labels[perm])
+    torch.testing.assert_close(loss_perm, loss)
+    unordered = BregmanContrastiveLoss(div, margin=0.8, reduction="sum", ordered_pairs=False)
+    assert len(unordered.likelihood.mine(z, labels)) == 15
     # the likelihood's element-wise path (few pairs) agrees with the matrix path (many pairs)
     lik = BregmanLikelihood(div, margin=0.8)
     pairs = lik.mine(z, labels)
@@ -344,7 +351,7 @@ def test_pair_terms_factors_match_autograd_hessian_at_coincident_points(normaliz
     lik = BregmanLikelihood(div, normalize=normalize, hessian_point=point)
     g = randn(1, 4, seed=21, device=device, scale=2.0).expand(2, 4).contiguous()
     terms = lik.pair_terms(g, torch.tensor([3, 3], device=device))
-    assert len(terms.pairs) == 1 and terms.signs.tolist() == [1.0]
+    assert len(terms.pairs) == 2 and terms.signs.tolist() == [1.0, 1.0]  # (0, 1) and (1, 0)
     s_a, s_b = terms.first_factor[0], terms.second_factor[0]
     hess = _pair_hessian(lik, g[0], g[1])
     torch.testing.assert_close(s_a @ s_a.T, hess[:4, :4], rtol=1e-10, atol=1e-12)
@@ -356,7 +363,9 @@ def test_pair_terms_factors_match_autograd_hessian_at_coincident_points(normaliz
 
 def test_cross_block_exact_for_distinct_pairs_at_second_point():
     div = BregmanDivergence(icnn(seed=13), clamp=False)
-    lik = BregmanLikelihood(div, normalize=False, margin=100.0, hessian_method="full")
+    lik = BregmanLikelihood(
+        div, normalize=False, margin=100.0, hessian_method="full", ordered_pairs=False
+    )
     g = randn(2, 4, seed=22)
     terms = lik.pair_terms(g, torch.tensor([0, 1]))
     assert terms.signs.tolist() == [-1.0]  # active negative
@@ -372,9 +381,9 @@ def test_pair_terms_methods_signs_and_fixed():
     g, labels = randn(4, 4, seed=23), torch.tensor([0, 0, 1, 1])
     terms = lik.pair_terms(g, labels)
     assert terms.one_sided and torch.equal(terms.first_factor, torch.zeros_like(terms.first_factor))
-    assert sorted(terms.signs.tolist()) == [-1.0] * 4 + [1.0] * 2
+    assert sorted(terms.signs.tolist()) == [-1.0] * 8 + [1.0] * 4
     terms_pos = BregmanLikelihood(icnn(seed=14), margin=50.0).pair_terms(g, labels)
-    assert sorted(terms_pos.signs.tolist()) == [0.0] * 4 + [1.0] * 2
+    assert sorted(terms_pos.signs.tolist()) == [0.0] * 8 + [1.0] * 4
     torch.testing.assert_close(terms_pos.loss, lik.loss(g, labels))
 
 

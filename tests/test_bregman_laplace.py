@@ -41,7 +41,10 @@ def setup(device: str = "cpu", normalize: bool = True):
         pairs = lik.mine(z, yb)
         neg = ~pairs.positive
         deltas.append(lik.divergence(z[pairs.first[neg]], z[pairs.second[neg]]))
-    margin = float(torch.cat(deltas).detach().median())
+    # midway between two neighbouring divergences, so no hinge sits at round-off distance
+    ordered = torch.cat(deltas).detach().sort().values
+    mid = len(ordered) // 2
+    margin = float(ordered[mid - 1 : mid + 1].mean())
     return model, phi, batches, margin
 
 
@@ -62,7 +65,9 @@ def brute_force_pairs(model, lik: BregmanLikelihood, x, y, method: str):
     with torch.no_grad():
         g = model(x)
     z = g / g.norm(dim=1, keepdim=True) if lik.normalize else g
-    first, second = torch.triu_indices(len(y), len(y), offset=1)
+    # every ordered pair i != j (the Bregman likelihood's default: D is asymmetric)
+    first, second = (~torch.eye(len(y), dtype=torch.bool)).nonzero(as_tuple=True)
+    first, second = first.to(y.device), second.to(y.device)
     positive = y[first] == y[second]
     with torch.no_grad():
         delta = lik.divergence(z[first], z[second])

@@ -66,9 +66,12 @@ class BregmanContrastiveLoss(nn.Module):
     normalize : bool, default=True
         L2-normalise the encoder outputs first.
     miner : callable, optional
-        A pytorch-metric-learning miner; ``None`` uses all pairs ``i < j``.
+        A pytorch-metric-learning miner; ``None`` uses all pairs of the batch.
     reduction : {'mean', 'sum'}, default='mean'
         ``'sum'`` is the negative log-likelihood; ``'mean'`` averages over the mined pairs.
+    ordered_pairs : bool, default=True
+        Without a miner, use every ordered pair ``(i, j)``, ``i != j`` (both directions of
+        the asymmetric divergence); ``False`` uses ``i < j`` only.
     """
 
     def __init__(
@@ -78,12 +81,17 @@ class BregmanContrastiveLoss(nn.Module):
         normalize: bool = True,
         miner: Any | None = None,
         reduction: Reduction | str = Reduction.MEAN,
+        ordered_pairs: bool = True,
     ) -> None:
         super().__init__()
         self.divergence = _as_divergence(divergence)
         self.reduction = parse_enum(Reduction, reduction, "reduction")
         self.likelihood = BregmanLikelihood(
-            self.divergence, margin=margin, normalize=normalize, miner=miner
+            self.divergence,
+            margin=margin,
+            normalize=normalize,
+            miner=miner,
+            ordered_pairs=ordered_pairs,
         )
 
     def forward(self, g: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -101,6 +109,7 @@ class BregmanContrastiveLoss(nn.Module):
             normalize=lik.normalize,
             hessian_method=parse_enum(HessianMethod, hessian_method, "hessian_method"),
             miner=lik.miner,
+            ordered_pairs=lik.ordered_pairs,
         )
 
 

@@ -27,7 +27,7 @@ from laplace_metric.bregman.divergence import BregmanDivergence
 from laplace_metric.bregman.potentials import ConvexPotential
 from laplace_metric.enums import HessianMethod, parse_enum
 from laplace_metric.likelihoods.base import PairLikelihood
-from laplace_metric.mining import Pairs
+from laplace_metric.mining import Pairs, check_labels
 
 
 class HessianPoint(str, Enum):
@@ -94,8 +94,8 @@ class BregmanLikelihood(PairLikelihood):
     The per-pair negative log-likelihood is ``D_phi / 2`` (positive) and
     ``max(0, margin - D_phi) / 2`` (negative). ``phi`` is held fixed in the Laplace step; see
     the module docstring for the curvature (``L = chol(hess phi / 2)`` at coincident points).
-    Pairs are ordered: ``D_phi`` is asymmetric and both ``(i, j)`` and ``(j, i)`` are kept as the
-    miner gives them.
+    ``D_phi`` is asymmetric, so pairs are ordered: by default every ordered pair ``(i, j)`` of a
+    batch is used, and a miner's pairs are kept in the order it gives them.
 
     Parameters
     ----------
@@ -111,6 +111,11 @@ class BregmanLikelihood(PairLikelihood):
         A pytorch-metric-learning miner; ``None`` uses all pairs ``i < j`` of the batch.
     hessian_point : {'second', 'first', 'midpoint'}, default='second'
         Where ``hess phi`` is evaluated for each pair.
+    ordered_pairs : bool, default=True
+        Without a miner, use every ordered pair ``(i, j)``, ``i != j``, so both directions of
+        the asymmetric divergence enter the loss and the curvature (independently of the order
+        of the samples in the batch). ``False`` uses the unordered pairs ``i < j`` of the base
+        class. Pairs from a miner are used as the miner gives them.
     """
 
     name = "bregman"
@@ -123,6 +128,7 @@ class BregmanLikelihood(PairLikelihood):
         hessian_method: HessianMethod | str = HessianMethod.POSITIVES,
         miner: Any | None = None,
         hessian_point: HessianPoint | str = HessianPoint.SECOND,
+        ordered_pairs: bool = True,
     ) -> None:
         super().__init__(
             margin=margin, normalize=normalize, hessian_method=hessian_method, miner=miner
@@ -136,6 +142,7 @@ class BregmanLikelihood(PairLikelihood):
             )
         self.divergence = divergence
         self.hessian_point = parse_enum(HessianPoint, hessian_point, "hessian_point")
+        self.ordered_pairs = bool(ordered_pairs)
 
     # ------------------------------------------------------------------ configuration
     def config(self) -> dict[str, Any]:
@@ -143,6 +150,7 @@ class BregmanLikelihood(PairLikelihood):
         return {
             **super().config(),
             "hessian_point": self.hessian_point.value,
+            "ordered_pairs": self.ordered_pairs,
             "divergence": self.divergence.config(),
         }
 
@@ -196,6 +204,17 @@ class BregmanLikelihood(PairLikelihood):
     def dissimilarity(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         self._check_dim(z_a)
         return self.divergence(z_a, z_b)
+
+    def mine(self, z: torch.Tensor, labels: torch.Tensor) -> Pairs:
+        """Mine the pairs of a batch: all ordered pairs ``i != j`` by default (see
+        ``ordered_pairs``), else the miner's pairs or the unordered pairs ``i < j``."""
+        if self.miner is not None or not self.ordered_pairs:
+            return super().mine(z, labels)
+        labels = check_labels(labels, z.shape[0])
+        n = labels.shape[0]
+        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=labels.device)
+        first, second = off_diagonal.nonzero(as_tuple=True)
+        return Pairs(first, second, labels[first] == labels[second])
 
     def pair_losses(self, z: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pair NLL; uses one all-pairs matrix (one gradient call on the batch) when the
