@@ -63,11 +63,13 @@ def encoder() -> nn.Module:
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """L2-normalised embeddings of ``x`` without autograd."""
     with torch.no_grad():
         return nn.functional.normalize(model(x), dim=1)
 
 
 def retrieval(z_query, y_query, z_ref, y_ref, knn_func) -> dict[str, float]:
+    """recall@1 and MAP@R of queries against references with pml's ``AccuracyCalculator``."""
     calc = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r"), knn_func=knn_func
     )
@@ -76,6 +78,7 @@ def retrieval(z_query, y_query, z_ref, y_ref, knn_func) -> dict[str, float]:
 
 
 def auroc(score_id: torch.Tensor, score_ood: torch.Tensor) -> float:
+    """AUROC of separating OOD (positive class) from ID by a score (higher = OOD)."""
     scores = torch.cat([score_id, score_ood]).float()
     target = torch.cat([torch.zeros(len(score_id)), torch.ones(len(score_ood))]).long()
     return float(binary_auroc(scores, target))
@@ -109,6 +112,7 @@ def laplace_auroc(
 
 
 def method_label(method: str) -> str:
+    """Row label of a method key."""
     if method == "euclidean":
         return "(a) Euclidean contrastive"
     return f"(b) ICNN Bregman, alpha={float(method.split('=')[1]):g}"
@@ -117,6 +121,7 @@ def method_label(method: str) -> str:
 def run_seed(
     seed: int, epochs: int, alphas: list[float], laplace_configs: list[tuple[str, str]]
 ) -> dict[str, dict]:
+    """Train, evaluate and fit Laplace for every method on one seed's split."""
     data = load_split(seed)
     results: dict[str, dict] = {}
     for method in ["euclidean"] + [f"bregman alpha={a}" for a in alphas]:
@@ -177,6 +182,7 @@ def run_seed(
 
 
 def main() -> None:
+    """Parse arguments, run all seeds and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -131,14 +131,17 @@ class SquaredEuclideanPotential(ConvexPotential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``phi(x)`` per row: ``(batch, D) -> (batch,)``."""
         check_points(x, self.dim)
         return x.square().sum(-1) / 2
 
     def gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """Closed-form ``grad phi(x)``, shape ``(batch, D)``."""
         check_points(x, self.dim)
         return x
 
     def hessian(self, x: torch.Tensor) -> torch.Tensor:
+        """Closed-form ``hess phi(x)``, shape ``(batch, D, D)``."""
         check_points(x, self.dim)
         eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
         return eye.expand(x.shape[0], -1, -1)
@@ -186,6 +189,7 @@ class MahalanobisPotential(ConvexPotential):
             self.register_buffer("fixed_matrix", (matrix + matrix.mT) / 2)
 
     def config(self) -> dict[str, Any]:
+        """Plain-Python constructor arguments (see :meth:`ConvexPotential.config`)."""
         return {**super().config(), "learnable": self.learnable}
 
     @property
@@ -198,14 +202,17 @@ class MahalanobisPotential(ConvexPotential):
         return chol @ chol.mT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``phi(x)`` per row: ``(batch, D) -> (batch,)``."""
         check_points(x, self.dim)
         return torch.einsum("bi,ij,bj->b", x, self.matrix.to(x.dtype), x) / 2
 
     def gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """Closed-form ``grad phi(x)``, shape ``(batch, D)``."""
         check_points(x, self.dim)
         return x @ self.matrix.to(x.dtype)
 
     def hessian(self, x: torch.Tensor) -> torch.Tensor:
+        """Closed-form ``hess phi(x)``, shape ``(batch, D, D)``."""
         check_points(x, self.dim)
         return self.matrix.to(x.dtype).expand(x.shape[0], -1, -1)
 
@@ -233,16 +240,19 @@ class NegativeEntropyPotential(ConvexPotential):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``phi(x)`` per row: ``(batch, D) -> (batch,)``."""
         check_points(x, self.dim)
         self._check_positive(x)
         return (torch.special.xlogy(x, x) - x).sum(-1)
 
     def gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """Closed-form ``grad phi(x)``, shape ``(batch, D)``."""
         check_points(x, self.dim)
         self._check_positive(x)
         return x.log()
 
     def hessian(self, x: torch.Tensor) -> torch.Tensor:
+        """Closed-form ``hess phi(x)``, shape ``(batch, D, D)``."""
         check_points(x, self.dim)
         self._check_positive(x)
         return torch.diag_embed(x.reciprocal())
@@ -300,9 +310,11 @@ class ICNNPotential(ConvexPotential):
         return mean + 0.1 * torch.randn(n_out, n_in)
 
     def config(self) -> dict[str, Any]:
+        """Plain-Python constructor arguments (see :meth:`ConvexPotential.config`)."""
         return {**super().config(), "hidden": list(self.hidden), "alpha": self.alpha}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``phi(x)`` per row: ``(batch, D) -> (batch,)``."""
         check_points(x, self.dim)
         h = F.softplus(self.skips[0](x))
         for skip, raw in zip(self.skips[1:], self.raw_hidden):

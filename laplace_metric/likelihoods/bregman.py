@@ -202,6 +202,7 @@ class BregmanLikelihood(PairLikelihood):
             )
 
     def dissimilarity(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        """``D_phi(z_a, z_b)`` per pair, shape ``(M,)``."""
         self._check_dim(z_a)
         return self.divergence(z_a, z_b)
 
