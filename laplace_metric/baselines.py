@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from laplace_metric.enums import UncertaintyScore, parse_enum
+from laplace_metric.likelihoods import ContrastiveLikelihood
 from laplace_metric.metrics import knn_distance_score
 
 __all__ = [
@@ -60,18 +61,8 @@ _DROPOUT_TYPES = (
 
 # ---------------------------------------------------------------------------- training
 def _contrastive_loss(g: Tensor, labels: Tensor, margin: float = 1.0) -> Tensor:
-    """Mean contrastive loss over all in-batch pairs ``i < j`` of L2-normalised embeddings.
-
-    ``l_pos = ||z_i - z_j||^2 / 2`` and ``l_neg = max(0, m - ||z_i - z_j||^2) / 2`` (BRIEF 1.1).
-    """
-    z = F.normalize(g, dim=-1)
-    first, second = torch.triu_indices(len(z), len(z), offset=1, device=z.device)
-    if first.numel() == 0:
-        return g.sum() * 0.0
-    d2 = (z[first] - z[second]).square().sum(-1)
-    positive = labels[first] == labels[second]
-    losses = torch.where(positive, d2, (margin - d2).clamp(min=0)) / 2
-    return losses.mean()
+    """Mean contrastive loss over all in-batch pairs (the package's :class:`ContrastiveLikelihood`)."""
+    return ContrastiveLikelihood(margin=margin).loss(g, labels, reduction="mean")
 
 
 def _module_device(module: nn.Module) -> torch.device:

@@ -28,6 +28,19 @@ def pair_factors(jac: torch.Tensor, terms: PairTerms) -> torch.Tensor:
     )
 
 
+def signed_gram(factors: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``sum_m s_m V_m V_m^T`` for ``V`` of shape ``(M, P, R)`` as two matrix products."""
+    result = 0
+    for sign, keep in ((1.0, signs > 0), (-1.0, signs < 0)):
+        scaled = factors[keep] * signs[keep].abs().sqrt()[:, None, None]
+        rows = scaled.transpose(1, 2).reshape(-1, factors.shape[1])
+        if rows.numel():
+            result = result + sign * (rows.T @ rows)
+    if isinstance(result, int):
+        return factors.new_zeros(factors.shape[1], factors.shape[1])
+    return result
+
+
 class ReferencePairGGN(PairCurvatureInterface):
     """Exact pairwise GGN from ``torch.func`` Jacobians (diag, Kronecker, full).
 
@@ -66,7 +79,7 @@ class ReferencePairGGN(PairCurvatureInterface):
 
     def _full(self, module, inputs, g, terms):
         factors = self._factors(module, inputs, terms)
-        return torch.einsum("m,mpr,mqr->pq", terms.signs, factors, factors)
+        return signed_gram(factors, terms.signs)
 
     def _kron(self, module, inputs, g, terms):
         factors = self._factors(module, inputs, terms)
@@ -78,8 +91,7 @@ class ReferencePairGGN(PairCurvatureInterface):
                     continue
                 size = param.numel()
                 if param.ndim == 1:
-                    block = factors[:, offset : offset + size]
-                    block = torch.einsum("m,mpr,mqr->pq", terms.signs, block, block)
+                    block = signed_gram(factors[:, offset : offset + size], terms.signs)
                     kfacs.append([block.contiguous()])
                 elif isinstance(sub, KRON_LAYERS) and pname == "weight":
                     kfacs.append(
