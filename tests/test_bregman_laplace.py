@@ -229,3 +229,21 @@ def test_missing_divergence_is_a_clear_error():
         laplace.Laplace(
             model, likelihood="bregman", subset_of_weights="all", hessian_structure="diag"
         )
+
+
+def test_likelihood_kwargs_reach_the_bregman_likelihood():
+    from laplace import Laplace
+
+    from laplace_metric.bregman import BregmanDivergence, SquaredEuclideanPotential
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    la = Laplace(
+        model,
+        "bregman",
+        "all",
+        "diag",
+        divergence=BregmanDivergence(SquaredEuclideanPotential(3)),
+        likelihood_kwargs={"ordered_pairs": False, "hessian_point": "first"},
+    )
+    assert la.pair_likelihood.ordered_pairs is False
+    assert la.pair_likelihood.hessian_point.value == "first"
