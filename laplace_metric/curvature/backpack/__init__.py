@@ -1,7 +1,7 @@
 """Pairwise curvature with BackPACK: extensions, one module extension per layer family, and
 the :class:`BackPackPairGGN` backend."""
 
-from laplace_metric.curvature.backpack.backend import BackPackPairGGN
+from laplace_metric.curvature.backpack.backend import BackPackPairGGN, backpack_support_error
 from laplace_metric.curvature.backpack.extensions import (
     SUPPORTED_MODULES,
     PairDiagGGN,
@@ -15,6 +15,7 @@ from laplace_metric.curvature.backpack.support import unsupported_layers
 __all__ = [
     "SUPPORTED_MODULES",
     "BackPackPairGGN",
+    "backpack_support_error",
     "PairDiagGGN",
     "PairExtension",
     "PairFactor",

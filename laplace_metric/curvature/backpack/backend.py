@@ -189,8 +189,8 @@ def build_extended_copy(module: nn.Module) -> nn.Module:
     if bad:
         raise ValueError(
             f"BackPackPairGGN does not support the layer(s) {', '.join(bad)}; ReferencePairGGN "
-            "supports every layer torch.func differentiates (also AsdlPairGGN for "
-            "Linear/Conv2d/BatchNorm networks)."
+            "supports every layer torch.func differentiates, AsdlPairGGN every parameter-free "
+            "layer."
         )
     twin = copy.deepcopy(module)
     for param in twin.parameters():
@@ -215,8 +215,7 @@ def build_extended_copy(module: nn.Module) -> nn.Module:
     bad = unsupported_layers(converted)
     if bad:
         raise ValueError(
-            f"BackPackPairGGN does not support the layer(s) {', '.join(bad)}; use "
-            "ReferencePairGGN."
+            f"BackPackPairGGN does not support the layer(s) {', '.join(bad)}; use ReferencePairGGN."
         )
     missing = {n for n, _ in module.named_parameters()} - {
         n for n, _ in converted.named_parameters()
@@ -242,3 +241,16 @@ def sync_copy(module: nn.Module, twin: nn.Module) -> None:
     for name, sub in module.named_modules():
         if name in twin_modules:
             twin_modules[name].train(sub.training)
+
+
+def backpack_support_error(model: nn.Module) -> str | None:
+    """Why :class:`BackPackPairGGN` cannot handle ``model`` (``None`` if it can).
+
+    Builds the hooked copy once (for containers with a custom ``forward`` this traces the
+    model with BackPACK's converter), so it also catches functional operations.
+    """
+    try:
+        build_extended_copy(model)
+    except ValueError as err:
+        return str(err)
+    return None

@@ -17,7 +17,7 @@ from backpack.extensions.backprop_extension import BackpropExtension
 from torch import nn
 
 from laplace_metric.curvature.backpack.activations import activation_extensions
-from laplace_metric.curvature.backpack.base import ParamModuleExtension, PairModuleExtension
+from laplace_metric.curvature.backpack.base import PairModuleExtension, ParamModuleExtension
 from laplace_metric.curvature.backpack.batchnorm import PairBatchNorm
 from laplace_metric.curvature.backpack.conv import PairConv1d, PairConv2d
 from laplace_metric.curvature.backpack.linear import PairLinear

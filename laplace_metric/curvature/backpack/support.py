@@ -37,7 +37,7 @@ def unsupported_layers(model: nn.Module) -> list[str]:
             continue
         reason = unsupported_reason(sub)
         if reason is not None:
-            found.append(f"{name or type(model).__name__}: {reason}")
+            found.append(f"'{name or type(model).__name__}' ({reason})")
     return found
 
 
