@@ -21,6 +21,7 @@ import torch
 from laplace.utils import Kron
 from torch import nn
 
+from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.backpack.conv import conv_unsupported_reason, unfold_locations
 from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.likelihoods.base import PairTerms
@@ -66,6 +67,18 @@ class AsdlPairGGN(PairCurvatureInterface):
     #: Upper bound on the elements of the per-example gradients formed at once.
     max_gradient_elements: int = 2**26
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._copy: tuple[nn.Module, nn.Module] | None = None
+
+    def _private(self, module: nn.Module) -> nn.Module:
+        """A copy of ``module`` synchronised with it: ASDL's temporary hooks never touch the
+        user's model (a removed old-style hook would still block BackPACK and full hooks)."""
+        if self._copy is None or self._copy[0] is not module:
+            self._copy = (module, private_copy(module))
+        sync_copy(module, self._copy[1])
+        return self._copy[1]
+
     # ------------------------------------------------------------------ checks
     def _check(self, module: nn.Module, inputs: Any) -> None:
         if not isinstance(inputs, torch.Tensor):
@@ -95,6 +108,7 @@ class AsdlPairGGN(PairCurvatureInterface):
         from asdl.gradient import batch_gradient
 
         self._check(module, inputs)
+        module = self._private(module)
         rows, root = interleaved_pairs(inputs, terms)  # [M*S, ...], [R, M*S, D]
         n_pairs = len(terms.signs)
         for cols in self._column_chunks(root.shape[0], rows.shape[0]):
@@ -132,6 +146,7 @@ class AsdlPairGGN(PairCurvatureInterface):
         from asdl.gradient import batch_gradient
 
         self._check(module, inputs)
+        module = self._private(module)
         with torch.no_grad():
             g = module(inputs)
         batch, dim = g.shape
@@ -171,6 +186,8 @@ class AsdlPairGGN(PairCurvatureInterface):
                 f"AsdlPairGGN builds Kronecker factors for Linear and Conv2d layers only, not "
                 f"{', '.join(bad)}; use BackPackPairGGN or ReferencePairGGN."
             )
+        module = self._private(module)
+        layers = [(name, dict(module.named_modules())[name]) for name, _ in layers]
         rows, root = interleaved_pairs(inputs, terms)
         sides = 1 if terms.one_sided else 2
         n_pairs = len(terms.signs)

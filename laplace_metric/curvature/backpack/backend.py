@@ -192,9 +192,7 @@ def build_extended_copy(module: nn.Module) -> nn.Module:
             "supports every layer torch.func differentiates, AsdlPairGGN every parameter-free "
             "layer."
         )
-    twin = copy.deepcopy(module)
-    for param in twin.parameters():
-        param.grad = None
+    twin = private_copy(module)
     if not needs_converter(twin):
         return extend(twin)
     with warnings.catch_warnings(record=True) as caught:
@@ -223,6 +221,21 @@ def build_extended_copy(module: nn.Module) -> nn.Module:
     if missing:
         raise ValueError(f"BackPACK's converter renamed parameters {sorted(missing)}.")
     return converted
+
+
+def private_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` for hooks, without gradients or stale hook state.
+
+    A module that once had an old-style backward hook (ASDL registers them) keeps a flag that
+    forbids full backward hooks even after the hook is removed; the copy drops that flag.
+    """
+    twin = copy.deepcopy(module)
+    for param in twin.parameters():
+        param.grad = None
+    for sub in twin.modules():
+        if not sub._backward_hooks and getattr(sub, "_is_full_backward_hook", None) is False:
+            sub._is_full_backward_hook = None
+    return twin
 
 
 @torch.no_grad()
