@@ -14,6 +14,8 @@ Kronecker factors are built from the layer inputs and output gradients ASDL save
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,7 +123,7 @@ class AsdlPairGGN(PairCurvatureInterface):
                 out.backward(gradient=grad_out)
                 return out
 
-            with torch.enable_grad():
+            with quiet_asdl():
                 grads = batch_gradient(module, closure, batch_size=n_cols * n_pairs)
             module.zero_grad(set_to_none=True)
             yield grads.reshape(n_cols, n_pairs, -1)
@@ -162,7 +164,7 @@ class AsdlPairGGN(PairCurvatureInterface):
                 out.backward(gradient=grad_out)
                 return out
 
-            with torch.enable_grad():
+            with quiet_asdl():
                 grads = batch_gradient(module, closure, batch_size=n_cols * batch)
             module.zero_grad(set_to_none=True)
             blocks.append(grads.reshape(n_cols, batch, -1))
@@ -192,7 +194,7 @@ class AsdlPairGGN(PairCurvatureInterface):
         sides = 1 if terms.one_sided else 2
         n_pairs = len(terms.signs)
         n_cols = root.shape[0]
-        with torch.enable_grad(), save_inputs_outgrads(module) as cxt:
+        with quiet_asdl(), save_inputs_outgrads(module) as cxt:
             out = module(rows)
             for r in range(n_cols):  # one backward per square-root column
                 out.backward(gradient=root[r], retain_graph=r + 1 < n_cols)
@@ -219,6 +221,15 @@ class AsdlPairGGN(PairCurvatureInterface):
 
 
 # ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def quiet_asdl() -> Iterator[None]:
+    """Gradients on, and ASDL's expected warnings (old-style backward hooks) silenced."""
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+        warnings.filterwarnings("ignore", message="Failed to lookup operations")
+        yield
+
+
 def interleaved_pairs(inputs: torch.Tensor, terms: PairTerms) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``[x_a1, x_b1, x_a2, ...]`` (``[x_b1, x_b2, ...]`` if one-sided) and their columns
     ``[R, rows, D]``."""
