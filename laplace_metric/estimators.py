@@ -84,6 +84,9 @@ class MetricLaplaceMixin:
         A pytorch-metric-learning miner; ``None`` uses all pairs of each batch.
     divergence : BregmanDivergence or nn.Module, optional
         The (fixed) convex potential for ``likelihood='bregman'``.
+    likelihood_kwargs : dict, optional
+        Further likelihood options, e.g. ``{'hessian_point': 'second', 'ordered_pairs': True}``
+        for ``'bregman'``.
     backend : type[PairCurvatureInterface], optional
         Curvature backend; ``None`` picks the fastest one that supports the model.
     **kwargs
@@ -104,6 +107,7 @@ class MetricLaplaceMixin:
         hessian_method: HessianMethod | str = HessianMethod.POSITIVES,
         miner: Any | None = None,
         divergence: nn.Module | None = None,
+        likelihood_kwargs: dict[str, Any] | None = None,
         backend: type[PairCurvatureInterface] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -116,6 +120,7 @@ class MetricLaplaceMixin:
             hessian_method=hessian_method,
             miner=miner,
             divergence=divergence,
+            **(likelihood_kwargs or {}),
         )
         if backend is None:
             from laplace_metric.curvature import default_backend

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import warnings
+
 from laplace.utils.enums import HessianStructure
 from torch import nn
 
+from laplace_metric.curvature.asdl import AsdlPairGGN
+from laplace_metric.curvature.backpack import BackPackPairGGN, backpack_support_error
 from laplace_metric.curvature.base import BatchCurvature, PairCurvatureInterface
 from laplace_metric.curvature.reference import ReferencePairGGN
+
+
+def _last_layer(model: nn.Module) -> nn.Module:
+    """The module last-layer Laplace infers: ``model.last_layer`` if known, else the last leaf
+    module with parameters (laplace-torch's ``FeatureExtractor`` finds it on the first batch)."""
+    known = getattr(model, "last_layer", None)
+    if isinstance(known, nn.Module):
+        return known
+    leaves = [
+        sub
+        for sub in model.modules()
+        if not any(True for _ in sub.children()) and any(True for _ in sub.parameters())
+    ]
+    return leaves[-1] if leaves else model
 
 
 def default_backend(
@@ -14,9 +32,38 @@ def default_backend(
 ) -> type[PairCurvatureInterface]:
     """The backend used when ``backend=None``.
 
-    Currently the exact :class:`ReferencePairGGN` for every model.
+    :class:`BackPackPairGGN` when it supports every layer of the model (of its last layer for
+    last-layer Laplace), else the exact :class:`ReferencePairGGN` with a warning naming the
+    unsupported layer.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The encoder.
+    structure : HessianStructure or str
+        ``'diag'``, ``'kron'`` or ``'full'`` (all supported by both backends).
+    last_layer : bool, default=False
+        Whether only the last layer is inferred.
+
+    Returns
+    -------
+    backend : type[PairCurvatureInterface]
     """
+    target = _last_layer(model) if last_layer else model
+    reason = backpack_support_error(target)
+    if reason is None:
+        return BackPackPairGGN
+    warnings.warn(
+        f"Falling back to the slower exact ReferencePairGGN: {reason}", UserWarning, stacklevel=2
+    )
     return ReferencePairGGN
 
 
-__all__ = ["BatchCurvature", "PairCurvatureInterface", "ReferencePairGGN", "default_backend"]
+__all__ = [
+    "AsdlPairGGN",
+    "BackPackPairGGN",
+    "BatchCurvature",
+    "PairCurvatureInterface",
+    "ReferencePairGGN",
+    "default_backend",
+]

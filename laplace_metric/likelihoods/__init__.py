@@ -7,6 +7,7 @@ from typing import Any
 
 from laplace_metric.enums import MetricLikelihood, parse_enum
 from laplace_metric.likelihoods.base import PairLikelihood, PairTerms
+from laplace_metric.likelihoods.bregman import BregmanLikelihood as BregmanLikelihood
 from laplace_metric.likelihoods.contrastive import ContrastiveLikelihood
 
 

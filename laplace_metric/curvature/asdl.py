@@ -1,0 +1,270 @@
+"""``AsdlPairGGN``: pairwise curvature from ASDL's per-example gradients.
+
+``asdl.gradient.batch_gradient(model, closure, batch_size=K)`` returns per-example gradients
+and, when the batch has ``K * c`` rows, sums each run of ``c`` consecutive rows. Arranging the
+pair batch as ``(column r, pair m, side)`` rows, ``[x_a, x_b]`` per pair repeated for every
+square-root column, and back-propagating the pair's columns ``S_a[:, r], S_b[:, r]`` from the
+output, the consecutive sum gives ``V_m[:, r] = J_a^T S_a[:, r] + J_b^T S_b[:, r]`` directly
+(``J_a - J_b`` for the contrastive ``S = (I, -I)``). The factors are formed for a chunk of
+columns at a time, so memory is bounded by :attr:`AsdlPairGGN.max_gradient_elements`.
+
+Kronecker factors are built from the layer inputs and output gradients ASDL saves
+(``asdl.core.save_inputs_outgrads``) for Linear and Conv2d layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from laplace.utils import Kron
+from torch import nn
+
+from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
+from laplace_metric.curvature.backpack.conv import conv_unsupported_reason, unfold_locations
+from laplace_metric.curvature.base import PairCurvatureInterface
+from laplace_metric.likelihoods.base import PairTerms
+
+#: Layers whose parameters ASDL computes per-example gradients for.
+ASDL_PARAM_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+#: Layers with Kronecker-factored weights in :class:`AsdlPairGGN`.
+ASDL_KRON_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def asdl_unsupported_layers(model: nn.Module) -> list[str]:
+    """Modules with trainable parameters whose gradients ASDL does not compute."""
+    found = []
+    for name, sub in model.named_modules():
+        if not any(p.requires_grad for p in sub.parameters(recurse=False)):
+            continue
+        if not isinstance(sub, ASDL_PARAM_LAYERS):
+            found.append(f"{name or type(model).__name__} ({type(sub).__name__})")
+        elif isinstance(sub, nn.Conv2d) and conv_unsupported_reason(sub):
+            found.append(f"{name} (Conv2d {conv_unsupported_reason(sub)})")
+        elif isinstance(sub, (nn.BatchNorm1d, nn.BatchNorm2d)) and (
+            sub.training or not sub.affine or sub.running_var is None
+        ):
+            found.append(f"{name} ({type(sub).__name__} not in affine evaluation mode)")
+    return found
+
+
+class AsdlPairGGN(PairCurvatureInterface):
+    """Pairwise GGN (diag, Kronecker, full) and Jacobians with ASDL (``asdfghjkl``).
+
+    Parameters with per-example gradients: Linear, Conv2d (``groups=1``, zero padding),
+    BatchNorm1d/2d (affine, evaluation mode), LayerNorm; any parameter-free layer. Kronecker
+    structure: Linear and Conv2d weights and biases. Other layers raise a ``ValueError``
+    naming them (use :class:`~laplace_metric.curvature.BackPackPairGGN` or
+    :class:`~laplace_metric.curvature.ReferencePairGGN`).
+
+    Parameters
+    ----------
+    model, likelihood, last_layer, subnetwork_indices
+        See :class:`~laplace_metric.curvature.PairCurvatureInterface`.
+    """
+
+    #: Upper bound on the elements of the per-example gradients formed at once.
+    max_gradient_elements: int = 2**26
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._copy: tuple[nn.Module, nn.Module] | None = None
+
+    def _private(self, module: nn.Module) -> nn.Module:
+        """A copy of ``module`` synchronised with it: ASDL's temporary hooks never touch the
+        user's model (a removed old-style hook would still block BackPACK and full hooks)."""
+        if self._copy is None or self._copy[0] is not module:
+            self._copy = (module, private_copy(module))
+        sync_copy(module, self._copy[1])
+        return self._copy[1]
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, module: nn.Module, inputs: Any) -> None:
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(
+                f"AsdlPairGGN needs tensor inputs, got {type(inputs).__name__}; use "
+                "ReferencePairGGN for dict-like inputs."
+            )
+        bad = asdl_unsupported_layers(module)
+        if bad:
+            raise ValueError(
+                f"AsdlPairGGN does not support the layer(s) {', '.join(bad)}: ASDL computes "
+                "per-example gradients for Linear, Conv2d, BatchNorm (eval) and LayerNorm only; "
+                "use BackPackPairGGN (Conv1d too) or ReferencePairGGN (any layer)."
+            )
+
+    # ------------------------------------------------------------------ factors
+    def _column_chunks(self, n_columns: int, n_rows: int) -> Iterator[slice]:
+        per_column = max(n_rows * self._n_params(), 1)
+        step = max(1, min(n_columns, self.max_gradient_elements // per_column))
+        for start in range(0, n_columns, step):
+            yield slice(start, min(start + step, n_columns))
+
+    def _factor_chunks(
+        self, module: nn.Module, inputs: torch.Tensor, terms: PairTerms
+    ) -> Iterator[torch.Tensor]:
+        """``V`` for chunks of columns, each ``[r, M, P]``."""
+        from asdl.gradient import batch_gradient
+
+        self._check(module, inputs)
+        module = self._private(module)
+        rows, root = interleaved_pairs(inputs, terms)  # [M*S, ...], [R, M*S, D]
+        n_pairs = len(terms.signs)
+        for cols in self._column_chunks(root.shape[0], rows.shape[0]):
+            n_cols = cols.stop - cols.start
+            batch = rows.repeat(n_cols, *([1] * (rows.ndim - 1)))
+            grad_out = root[cols].flatten(end_dim=1)
+
+            def closure(batch=batch, grad_out=grad_out):
+                out = module(batch)
+                out.backward(gradient=grad_out)
+                return out
+
+            with quiet_asdl():
+                grads = batch_gradient(module, closure, batch_size=n_cols * n_pairs)
+            module.zero_grad(set_to_none=True)
+            yield grads.reshape(n_cols, n_pairs, -1)
+
+    def _diag(self, module, inputs, g, terms):
+        total = None
+        for factors in self._factor_chunks(module, inputs, terms):
+            part = torch.einsum("m,rmp->p", terms.signs, factors.square())
+            total = part if total is None else total + part
+        return total
+
+    def _full(self, module, inputs, g, terms):
+        total = None
+        for factors in self._factor_chunks(module, inputs, terms):
+            flat = factors.flatten(end_dim=1)
+            weights = terms.signs.repeat(factors.shape[0])[:, None]
+            part = (flat * weights).T @ flat
+            total = part if total is None else total + part
+        return total
+
+    def _raw_jacobians(self, module: nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        from asdl.gradient import batch_gradient
+
+        self._check(module, inputs)
+        module = self._private(module)
+        with torch.no_grad():
+            g = module(inputs)
+        batch, dim = g.shape
+        blocks = []
+        for cols in self._column_chunks(dim, batch):
+            n_cols = cols.stop - cols.start
+            rows = inputs.repeat(n_cols, *([1] * (inputs.ndim - 1)))
+            eye = torch.eye(dim, dtype=g.dtype, device=g.device)[cols]
+            grad_out = eye[:, None, :].expand(n_cols, batch, dim).flatten(end_dim=1)
+
+            def closure(rows=rows, grad_out=grad_out):
+                out = module(rows)
+                out.backward(gradient=grad_out)
+                return out
+
+            with quiet_asdl():
+                grads = batch_gradient(module, closure, batch_size=n_cols * batch)
+            module.zero_grad(set_to_none=True)
+            blocks.append(grads.reshape(n_cols, batch, -1))
+        return torch.cat(blocks).transpose(0, 1), g
+
+    # ------------------------------------------------------------------ Kronecker
+    def _kron(self, module, inputs, g, terms):
+        from asdl.core import save_inputs_outgrads
+
+        self._check(module, inputs)
+        layers = [
+            (name, sub)
+            for name, sub in module.named_modules()
+            if any(p.requires_grad for p in sub.parameters(recurse=False))
+        ]
+        bad = [
+            f"{n} ({type(s).__name__})" for n, s in layers if not isinstance(s, ASDL_KRON_LAYERS)
+        ]
+        if bad:
+            raise ValueError(
+                f"AsdlPairGGN builds Kronecker factors for Linear and Conv2d layers only, not "
+                f"{', '.join(bad)}; use BackPackPairGGN or ReferencePairGGN."
+            )
+        module = self._private(module)
+        layers = [(name, dict(module.named_modules())[name]) for name, _ in layers]
+        rows, root = interleaved_pairs(inputs, terms)
+        sides = 1 if terms.one_sided else 2
+        n_pairs = len(terms.signs)
+        n_cols = root.shape[0]
+        with quiet_asdl(), save_inputs_outgrads(module) as cxt:
+            out = module(rows)
+            for r in range(n_cols):  # one backward per square-root column
+                out.backward(gradient=root[r], retain_graph=r + 1 < n_cols)
+            factors = {
+                name: pair_kron_layer(
+                    layer,
+                    cxt.in_data(layer)[0],
+                    torch.stack(cxt.out_grads(layer)),
+                    terms.signs,
+                    sides,
+                    n_pairs,
+                )
+                for name, layer in layers
+            }
+        module.zero_grad(set_to_none=True)
+        kfacs = []
+        for name, layer in layers:
+            weight_factors, bias_block = factors[name]
+            if layer.weight.requires_grad:
+                kfacs.append(weight_factors)
+            if layer.bias is not None and layer.bias.requires_grad:
+                kfacs.append([bias_block])
+        return Kron(kfacs)
+
+
+# ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def quiet_asdl() -> Iterator[None]:
+    """Gradients on, and ASDL's expected warnings (old-style backward hooks) silenced."""
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+        warnings.filterwarnings("ignore", message="Failed to lookup operations")
+        yield
+
+
+def interleaved_pairs(inputs: torch.Tensor, terms: PairTerms) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[x_a1, x_b1, x_a2, ...]`` (``[x_b1, x_b2, ...]`` if one-sided) and their columns
+    ``[R, rows, D]``."""
+    first, second = terms.pairs.first, terms.pairs.second
+    if terms.one_sided:
+        return inputs[second], terms.second_factor.permute(2, 0, 1)
+    rows = torch.stack([inputs[first], inputs[second]], dim=1).flatten(end_dim=1)
+    root = torch.stack([terms.first_factor, terms.second_factor], dim=1)  # [M, 2, D, R]
+    return rows, root.flatten(end_dim=1).permute(2, 0, 1)
+
+
+def pair_kron_layer(
+    layer: nn.Module,
+    x: torch.Tensor,
+    q: torch.Tensor,
+    signs: torch.Tensor,
+    sides: int,
+    n_pairs: int,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``([B, A], bias block)`` of one layer from its inputs ``x`` (rows) and output gradients
+    ``q`` ``[r, rows, *out]`` of the interleaved pair batch."""
+    if isinstance(layer, nn.Conv2d):
+        cols = unfold_locations(layer, x)  # [rows, T, fan_in]
+        q = q.flatten(start_dim=3).transpose(-1, -2)  # [r, rows, T, out]
+    else:
+        cols = x.reshape(x.shape[0], -1, x.shape[-1])
+        q = q.reshape(q.shape[0], q.shape[1], cols.shape[1], -1)
+    cols = cols.reshape(n_pairs, sides, *cols.shape[1:])
+    q = q.reshape(q.shape[0], n_pairs, sides, *q.shape[2:])
+    if sides == 2:
+        diff, e = q[:, :, 0] - q[:, :, 1], (cols[:, 0] - cols[:, 1]) / 2
+    else:
+        diff, e = q[:, :, 0], cols[:, 0]
+    b = torch.einsum("m,rmto,rmtp->op", signs, diff, diff)
+    a = torch.einsum("mti,mtj->ij", e, e) / e.shape[1]
+    bias = q.sum(dim=(2, 3))  # [r, M, out]: the bias gradient of each pair
+    bias_block = torch.einsum("m,rmo,rmp->op", signs, bias, bias)
+    return [b, a], bias_block

@@ -1,0 +1,269 @@
+"""``BackPackPairGGN``: the pairwise curvature backend built on BackPACK extensions."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from backpack import backpack, extend
+from laplace.utils import Kron
+from torch import nn
+
+from laplace_metric.curvature.backpack.extensions import (
+    PairDiagGGN,
+    PairExtension,
+    PairFactor,
+    PairKronGGN,
+)
+from laplace_metric.curvature.backpack.root import PairRoot
+from laplace_metric.curvature.backpack.support import needs_converter, unsupported_layers
+from laplace_metric.curvature.base import PairCurvatureInterface
+from laplace_metric.likelihoods.base import PairTerms
+
+
+class BackPackPairGGN(PairCurvatureInterface):
+    """Pairwise GGN (diag, Kronecker, full) and Jacobians from BackPACK extensions.
+
+    The batch is regathered into a *pair batch* ``cat([x_a, x_b])`` (or ``x_b`` alone for
+    one-sided pairs), one forward pass is run through a hooked copy of the model, and the
+    pairs' square-root columns are back-propagated once. The diagonal and the Kronecker
+    factors never form per-sample Jacobians of the whole network. The user's model is never
+    extended: BackPACK's hooks live on a private copy, synchronised with the model's
+    parameters and buffers at every call.
+
+    Supported layers: Linear, Conv1d/2d (``groups=1``, zero padding), BatchNorm1d/2d and
+    Dropout in evaluation mode, ReLU, LeakyReLU, Tanh, Sigmoid, ELU, GELU, Max/Avg/AdaptiveAvg
+    pooling (1d/2d), Flatten, Identity, in ``Sequential`` containers; other containers (e.g.
+    residual blocks) through BackPACK's converter. Everything else: use
+    :class:`~laplace_metric.curvature.ReferencePairGGN`.
+
+    Parameters
+    ----------
+    model, likelihood, last_layer, subnetwork_indices
+        See :class:`~laplace_metric.curvature.PairCurvatureInterface`.
+    """
+
+    #: Pairs per forward/backward pass; larger batches are processed in chunks.
+    max_pairs_per_pass: int = 2048
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._copy: tuple[nn.Module, nn.Module, PairRoot] | None = None
+
+    # ------------------------------------------------------------------ model copy
+    def _extended(self, module: nn.Module) -> nn.Module:
+        """A BackPACK-extended copy of ``module`` with its current parameters and buffers."""
+        if self._copy is None or self._copy[0] is not module:
+            self._copy = (module, build_extended_copy(module), extend(PairRoot()))
+        _, twin, _ = self._copy
+        sync_copy(module, twin)
+        return twin
+
+    # ------------------------------------------------------------------ one pass
+    def _run(self, module: nn.Module, rows: torch.Tensor, ext: PairExtension) -> torch.Tensor:
+        """Forward ``rows`` through the hooked copy and back-propagate ``ext.root`` (set it
+        after the forward if it is ``None`` when called: see :meth:`_raw_jacobians`)."""
+        twin = self._extended(module)
+        root_module = self._copy[2]
+        with torch.enable_grad():
+            out = twin(rows)
+            if ext.root is None:
+                ext.root = identity_columns(out)
+            with backpack(ext), warnings.catch_warnings():
+                # the first layer's input never requires grad: expected, not a problem
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                root_module(out).backward()
+        return out.detach()
+
+    def _collect(self, module: nn.Module, savefield: str) -> list[Any]:
+        """The extension's results, one per inferred parameter, in ``module`` order."""
+        twin_params = dict(self._copy[1].named_parameters())
+        results = []
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            twin = twin_params[name]
+            if not hasattr(twin, savefield):
+                raise RuntimeError(
+                    f"BackPACK computed nothing for parameter '{name}': it is not used by the "
+                    "model's forward pass through a supported layer; use ReferencePairGGN."
+                )
+            results.append(getattr(twin, savefield))
+            delattr(twin, savefield)
+            twin.grad = None
+        return results
+
+    def _passes(
+        self, module: nn.Module, inputs: Any, terms: PairTerms, ext_cls: type[PairExtension]
+    ) -> Iterator[list[Any]]:
+        """Run ``ext_cls`` on chunks of at most :attr:`max_pairs_per_pass` pairs."""
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(
+                f"BackPackPairGGN needs tensor inputs, got {type(inputs).__name__}; use "
+                "ReferencePairGGN for dict-like inputs."
+            )
+        n_pairs = len(terms.signs)
+        step = self.max_pairs_per_pass
+        for start in range(0, n_pairs, step):
+            chunk = slice(start, min(start + step, n_pairs))
+            rows, root, n_sides = pair_batch(inputs, terms, chunk)
+            ext = ext_cls(terms.signs[chunk], n_sides, root)
+            self._run(module, rows, ext)
+            yield self._collect(module, ext.savefield)
+
+    # ------------------------------------------------------------------ hooks
+    def _diag(self, module, inputs, g, terms):
+        total = None
+        for parts in self._passes(module, inputs, terms, PairDiagGGN):
+            flat = torch.cat([p.flatten() for p in parts])
+            total = flat if total is None else total + flat
+        return total
+
+    def _kron(self, module, inputs, g, terms):
+        total = None
+        for parts in self._passes(module, inputs, terms, PairKronGGN):
+            if total is None:
+                total = parts
+            else:
+                total = [[a + b for a, b in zip(old, new)] for old, new in zip(total, parts)]
+        return Kron(total)
+
+    def _full(self, module, inputs, g, terms):
+        total = None
+        start = 0
+        for parts in self._passes(module, inputs, terms, PairFactor):
+            factors = torch.cat(parts, dim=2)  # [R, M, P]
+            signs = terms.signs[start : start + factors.shape[1]]
+            start += factors.shape[1]
+            flat = factors.flatten(end_dim=1)  # [R*M, P]
+            weights = signs.repeat(factors.shape[0])[:, None]
+            part = (flat * weights).T @ flat
+            total = part if total is None else total + part
+        return total
+
+    def _raw_jacobians(self, module: nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(
+                f"BackPackPairGGN needs tensor inputs, got {type(inputs).__name__}; use "
+                "ReferencePairGGN for dict-like inputs."
+            )
+        signs = torch.ones(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
+        ext = PairFactor(signs, n_sides=1)
+        g = self._run(module, inputs, ext)
+        jac = torch.cat(self._collect(module, ext.savefield), dim=2)  # [D, B, P]
+        return jac.transpose(0, 1), g
+
+
+# ---------------------------------------------------------------------- helpers
+def pair_batch(
+    inputs: torch.Tensor, terms: PairTerms, chunk: slice
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows ``cat([x_a, x_b])`` (or ``x_b`` if one-sided), their columns ``[R, rows, D]``, sides."""
+    first, second = terms.pairs.first[chunk], terms.pairs.second[chunk]
+    if terms.one_sided:
+        return inputs[second], terms.second_factor[chunk].permute(2, 0, 1), 1
+    rows = torch.cat([inputs[first], inputs[second]])
+    root = torch.cat([terms.first_factor[chunk], terms.second_factor[chunk]]).permute(2, 0, 1)
+    return rows, root, 2
+
+
+def identity_columns(out: torch.Tensor) -> torch.Tensor:
+    """Columns ``[D, B, D]`` with ``[d, b, :] = e_d`` (per-sample Jacobians of the output)."""
+    batch, dim = out.shape
+    eye = torch.eye(dim, dtype=out.dtype, device=out.device)
+    return eye[:, None, :].expand(dim, batch, dim)
+
+
+def build_extended_copy(module: nn.Module) -> nn.Module:
+    """A hooked deep copy of ``module`` (through BackPACK's converter when needed).
+
+    Raises
+    ------
+    ValueError
+        If the model has a layer the pairwise extensions do not support.
+    """
+    bad = unsupported_layers(module)
+    if bad:
+        raise ValueError(
+            f"BackPackPairGGN does not support the layer(s) {', '.join(bad)}; ReferencePairGGN "
+            "supports every layer torch.func differentiates, AsdlPairGGN every parameter-free "
+            "layer."
+        )
+    twin = private_copy(module)
+    if not needs_converter(twin):
+        return extend(twin)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            converted = extend(twin, use_converter=True)
+        except Exception as err:  # noqa: BLE001 - the converter raises many types
+            raise ValueError(
+                f"BackPACK's converter cannot trace {type(module).__name__} ({err}); use "
+                "ReferencePairGGN."
+            ) from err
+    for warning in caught:
+        if "may break second-order extensions" in str(warning.message):
+            raise ValueError(
+                f"BackPackPairGGN cannot handle an operation in {type(module).__name__}."
+                f"forward: {warning.message}; use ReferencePairGGN."
+            )
+    bad = unsupported_layers(converted)
+    if bad:
+        raise ValueError(
+            f"BackPackPairGGN does not support the layer(s) {', '.join(bad)}; use ReferencePairGGN."
+        )
+    missing = {n for n, _ in module.named_parameters()} - {
+        n for n, _ in converted.named_parameters()
+    }
+    if missing:
+        raise ValueError(f"BackPACK's converter renamed parameters {sorted(missing)}.")
+    return converted
+
+
+def private_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` for hooks, without gradients or stale hook state.
+
+    A module that once had an old-style backward hook (ASDL registers them) keeps a flag that
+    forbids full backward hooks even after the hook is removed; the copy drops that flag.
+    """
+    twin = copy.deepcopy(module)
+    for param in twin.parameters():
+        param.grad = None
+    for sub in twin.modules():
+        if not sub._backward_hooks and getattr(sub, "_is_full_backward_hook", None) is False:
+            sub._is_full_backward_hook = None
+    return twin
+
+
+@torch.no_grad()
+def sync_copy(module: nn.Module, twin: nn.Module) -> None:
+    """Copy the parameters, ``requires_grad`` flags, buffers and modes of ``module`` to ``twin``."""
+    twin_params = dict(twin.named_parameters())
+    for name, param in module.named_parameters():
+        target = twin_params[name]
+        target.copy_(param)
+        target.requires_grad_(param.requires_grad)
+    twin_buffers = dict(twin.named_buffers())
+    for name, buffer in module.named_buffers():
+        if name in twin_buffers:
+            twin_buffers[name].copy_(buffer)
+    twin_modules = dict(twin.named_modules())
+    for name, sub in module.named_modules():
+        if name in twin_modules:
+            twin_modules[name].train(sub.training)
+
+
+def backpack_support_error(model: nn.Module) -> str | None:
+    """Why :class:`BackPackPairGGN` cannot handle ``model`` (``None`` if it can).
+
+    Builds the hooked copy once (for containers with a custom ``forward`` this traces the
+    model with BackPACK's converter), so it also catches functional operations.
+    """
+    try:
+        build_extended_copy(model)
+    except ValueError as err:
+        return str(err)
+    return None
