@@ -49,7 +49,6 @@ autodoc_default_options = {
     "member-order": "bysource",
 }
 autodoc_typehints = "description"
-autodoc_class_signature = "separated"
 autoclass_content = "class"
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
