@@ -10,7 +10,13 @@ Importing the package registers the pairwise likelihoods with ``laplace.Laplace`
 """
 
 from laplace_metric import registry as _registry
-from laplace_metric.curvature import PairCurvatureInterface, ReferencePairGGN
+from laplace_metric.curvature import (
+    AsdlPairGGN,
+    BackPackPairGGN,
+    PairCurvatureInterface,
+    ReferencePairGGN,
+    default_backend,
+)
 from laplace_metric.enums import HessianMethod, MetricLikelihood, UncertaintyScore
 from laplace_metric.estimators import (
     ESTIMATORS,
@@ -24,9 +30,16 @@ from laplace_metric.estimators import (
     MetricKronLLLaplace,
     MetricLaplaceMixin,
 )
-from laplace_metric.likelihoods import ContrastiveLikelihood, PairLikelihood, build_likelihood
+from laplace_metric.likelihoods import (
+    BregmanLikelihood,
+    ContrastiveLikelihood,
+    PairLikelihood,
+    build_likelihood,
+)
 from laplace_metric.mining import Pairs, mine_pairs
 from laplace_metric.registry import metric_laplace
+from laplace_metric.scores import posterior_retrieval
+from laplace_metric.training import fit_online_lam
 from laplace_metric.uncertainty import uncertainty_score
 from laplace_metric.validation import PositivePairGaussianNLL
 
@@ -35,6 +48,9 @@ __version__ = "0.1.0"
 _registry.install()
 
 __all__ = [
+    "AsdlPairGGN",
+    "BackPackPairGGN",
+    "BregmanLikelihood",
     "ContrastiveLikelihood",
     "ESTIMATORS",
     "HessianMethod",
@@ -55,6 +71,9 @@ __all__ = [
     "ReferencePairGGN",
     "UncertaintyScore",
     "build_likelihood",
+    "default_backend",
+    "fit_online_lam",
+    "posterior_retrieval",
     "metric_laplace",
     "mine_pairs",
     "uncertainty_score",

@@ -368,6 +368,28 @@ class MetricLaplaceMixin:
             self._H_eigvals = cached
         return torch.log(self._H_factor * cached[1] + self.prior_precision).sum()
 
+    def _compute_scale(self) -> None:
+        """Dense posterior scale, factorised in float64 (then cast) for float32 models."""
+        from laplace.utils import invsqrt_precision
+
+        precision = self.posterior_precision
+        self._posterior_scale = invsqrt_precision(precision.double()).to(precision.dtype)
+
+    def functional_variance(self, Js: torch.Tensor) -> torch.Tensor:
+        """Per-input predictive covariance ``J Sigma J^T``; for dense posteriors as
+        ``(J S)(J S)^T`` with ``Sigma = S S^T``, so it is PSD to round-off."""
+        if self._structure != HessianStructure.FULL:
+            return super().functional_variance(Js)
+        scaled = Js @ self.posterior_scale
+        return scaled @ scaled.transpose(-1, -2)
+
+    def functional_covariance(self, Js: torch.Tensor) -> torch.Tensor:
+        """Joint predictive covariance over a batch ``(batch*D, batch*D)``."""
+        if self._structure != HessianStructure.FULL:
+            return super().functional_covariance(Js)
+        scaled = Js.reshape(-1, Js.shape[-1]) @ self.posterior_scale
+        return scaled @ scaled.T
+
     def _set_posterior_curvature(self) -> None:
         """Derive the PSD curvature ``H`` used by laplace-torch from ``H_signed``."""
         signed = self.H_signed
