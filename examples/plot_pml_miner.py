@@ -118,11 +118,10 @@ for name, encoder in encoders.items():
 # Mined pairs during training
 # ---------------------------
 # The miner keeps fewer pairs as the embedding improves, concentrating the loss (and the
-# curvature) on the hard ones. Note the first epoch: pytorch-metric-learning pair miners return
-# *ordered* pairs, so a mined pair can appear as both ``(i, j)`` and ``(j, i)`` and counts
-# twice in the loss and in the curvature, whereas the all-pairs default lists each unordered pair
-# once. Comparisons of pair counts (and of the likelihood's scale) across the two should take
-# this factor into account.
+# curvature) on the hard ones. pytorch-metric-learning pair miners return *ordered* pairs,
+# listing a pair as both ``(i, j)`` and ``(j, i)``; laplace-metric keeps each unordered pair
+# once, as the all-pairs default does, so pair counts and the likelihood's scale are comparable
+# between a miner and the default.
 fig, ax = plt.subplots(figsize=(6, 3))
 for name, counts in mined.items():
     epochs = range(1, len(counts) + 1)

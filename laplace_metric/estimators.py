@@ -146,6 +146,7 @@ class MetricLaplaceMixin:
 
     @property
     def backend(self) -> PairCurvatureInterface:
+        """The pairwise curvature backend, built on first use from ``backend=`` and its kwargs."""
         if self._backend is None:
             self._backend = self._backend_cls(
                 self.model, self.pair_likelihood, **self._backend_kwargs

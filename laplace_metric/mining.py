@@ -94,7 +94,10 @@ def pairs_from_miner_output(indices: tuple[torch.Tensor, ...], labels: torch.Ten
     """Convert the output of a pytorch-metric-learning miner to :class:`Pairs`.
 
     Pair miners return ``(a1, p, a2, n)``; triplet miners return ``(a, p, n)``, which become
-    the positive pairs ``(a, p)`` and the negative pairs ``(a, n)``.
+    the positive pairs ``(a, p)`` and the negative pairs ``(a, n)``. The likelihood is defined
+    over a *set* of unordered pairs, so duplicates are dropped: pytorch-metric-learning's pair
+    miners list each pair in both orders, and triplet miners repeat a pair across triplets.
+    A mined pair therefore counts once, exactly as in :func:`all_pairs`.
 
     Parameters
     ----------
@@ -124,7 +127,13 @@ def pairs_from_miner_output(indices: tuple[torch.Tensor, ...], labels: torch.Ten
     )
     if not torch.equal(positive, labels[first] == labels[second]):
         raise ValueError("The miner returned pairs whose labels disagree with their roles.")
-    return Pairs(first, second, positive)
+    keep = first != second
+    low = torch.minimum(first, second)[keep]
+    high = torch.maximum(first, second)[keep]
+    # One key per unordered pair; ``unique`` sorts, so the result is deterministic.
+    keys = torch.unique(low * labels.numel() + high)
+    low, high = keys // labels.numel(), keys % labels.numel()
+    return Pairs(low, high, labels[low] == labels[high])
 
 
 def mine_pairs(

@@ -7,10 +7,10 @@ import io
 import pytest
 import torch
 from laplace import Laplace
-from pytorch_metric_learning.miners import MultiSimilarityMiner, TripletMarginMiner
+from pytorch_metric_learning.miners import BatchHardMiner, MultiSimilarityMiner, TripletMarginMiner
 
 from laplace_metric import ContrastiveLikelihood, PositivePairGaussianNLL
-from laplace_metric.mining import all_pairs, mine_pairs
+from laplace_metric.mining import all_pairs, mine_pairs, pairs_from_miner_output
 from tests.conftest import labelled_data, loader, make_mlp
 
 COMBOS = [
@@ -144,15 +144,35 @@ def test_all_pairs_and_pml_miners():
     assert lik.loss(torch.randn(5, 3), labels) >= 0
 
 
+def test_miner_pairs_are_unordered_and_unique():
+    """pml pair miners list each pair in both orders; each unordered pair must count once."""
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    both_orders = (
+        torch.tensor([0, 1, 2, 3]),
+        torch.tensor([1, 0, 3, 2]),
+        torch.tensor([0, 4, 4]),
+        torch.tensor([4, 0, 0]),
+    )
+    pairs = pairs_from_miner_output(both_orders, labels)
+    got = sorted(zip(pairs.first.tolist(), pairs.second.tolist(), pairs.positive.tolist()))
+    assert got == [(0, 1, True), (0, 4, False), (2, 3, True)]
+    # A miner that returns every pair agrees with ``all_pairs`` exactly.
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(5, 3), dim=-1)
+    mined = mine_pairs(labels, emb, MultiSimilarityMiner(epsilon=10.0))
+    reference = all_pairs(labels)
+    assert len(mined) == len(reference) == 10
+    assert torch.equal(mined.positive.sum(), reference.positive.sum())
+
+
 def test_miner_is_used_in_fit():
     x, y = labelled_data(24, (5,))
-    _, la = build(
-        "all", "diag", "cpu", miner=TripletMarginMiner(margin=2.0, type_of_triplets="all")
-    )
+    # The hardest positive and negative per anchor: a strict subset of all pairs.
+    _, la = build("all", "diag", "cpu", miner=BatchHardMiner())
     la.fit(loader(x, y, 8))
     _, la_all = build("all", "diag", "cpu")
     la_all.fit(loader(x, y, 8))
-    assert la.n_pairs != la_all.n_pairs
+    assert 0 < la.n_pairs < la_all.n_pairs
 
 
 @pytest.mark.parametrize("subset", ["all", "last_layer"])

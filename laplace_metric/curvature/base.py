@@ -93,6 +93,7 @@ class PairCurvatureInterface(GGNInterface):
 
     @property
     def params(self) -> list[nn.Parameter]:
+        """The model's parameters that require gradients, in ``model.parameters()`` order."""
         return [p for p in self._model.parameters() if p.requires_grad]
 
     def _target(self, x: torch.Tensor | MutableMapping) -> tuple[nn.Module, Any]:
