@@ -9,7 +9,15 @@ Importing the package registers the pairwise likelihoods with ``laplace.Laplace`
                  hessian_structure="diag")
 """
 
-from laplace_metric import registry as _registry
+import warnings as _warnings
+
+# laplace-torch imports ASDL, whose module-level ``torch.jit.script`` raises a FutureWarning on
+# torch >= 2.10 that users cannot act on; silence it for this import only.
+with _warnings.catch_warnings():
+    _warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    import laplace as _laplace  # noqa: F401
+
+from laplace_metric import registry as _registry  # noqa: E402
 from laplace_metric.curvature import (
     AsdlPairGGN,
     BackPackPairGGN,

@@ -132,8 +132,11 @@ def plot_sparsification(
         curves = {"model": curves}
     if not curves:
         raise ValueError("curves is empty.")
-    fig = _figure(figsize=(6, 4))
+    many = len(curves) > 4
+    # Wide figure with the legend to the right when there are many curves, so it hides none.
+    fig = _figure(figsize=(10, 4.5) if many else (6, 4))
     ax = fig.add_subplot()
+    styles = ("-", "-.", ":")
     for i, (name, curve) in enumerate(curves.items()):
         if not isinstance(curve, SparsificationCurve):
             raise TypeError(
@@ -142,13 +145,21 @@ def plot_sparsification(
         colour = f"C{i % 10}"
         frac = curve.fractions.numpy()
         ax.plot(
-            frac, curve.error.numpy(), color=colour, label=f"{name} (AUSE {curve.error_area:.4f})"
+            frac,
+            curve.error.numpy(),
+            color=colour,
+            ls=styles[(i // 10) % len(styles)],
+            label=f"{name} (AUSE {curve.error_area:.4f})",
         )
-        ax.plot(frac, curve.oracle.numpy(), color=colour, ls="--", alpha=0.6)
-    ax.plot([], [], color="grey", ls="--", label="oracle")
+        ax.plot(frac, curve.oracle.numpy(), color=colour, ls="--", lw=0.8, alpha=0.4)
+    ax.plot([], [], color="grey", ls="--", lw=0.8, label="oracle (same colour)")
     ax.set_xlabel("fraction of most uncertain queries removed")
     ax.set_ylabel(ylabel)
-    ax.legend()
+    if many:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+        fig.subplots_adjust(left=0.08, right=0.58, bottom=0.12)
+    else:
+        ax.legend()
     return _save(fig, path)
 
 

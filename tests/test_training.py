@@ -8,7 +8,7 @@ import pytest
 import torch
 from laplace import Laplace
 
-from laplace_metric.training import fit_online_lam
+from laplace_metric.training import PriorUpdate, fit_online_lam
 from tests.conftest import labelled_data, loader, make_mlp
 
 
@@ -73,3 +73,23 @@ def test_online_lam_bad_options():
         fit_online_lam(make_mlp(), loader(x, y, 6), decay=1.0)
     with pytest.raises(ValueError, match="empty"):
         fit_online_lam(make_mlp(), [])
+
+
+def test_online_lam_final_prior_update_trains_fixed_then_tunes_once():
+    x, y = labelled_data(24, (5,))
+    la = fit_online_lam(
+        make_mlp(), loader(x, y, 8), epochs=2, prior_update="final", prior_precision=1e3
+    )
+    assert all(float(h["prior_precision"]) == 1e3 for h in la.training_history)
+    tuned = float(la.prior_precision)
+    assert tuned != pytest.approx(1e3)
+    lml_tuned = float(la.log_marginal_likelihood())
+    lml_fixed = float(la.log_marginal_likelihood(prior_precision=torch.tensor([1e3])))
+    assert lml_tuned > lml_fixed
+
+
+def test_online_lam_prior_update_enum():
+    assert PriorUpdate("final") is PriorUpdate.FINAL
+    x, y = labelled_data(12, (5,))
+    with pytest.raises(ValueError, match="'fixed', 'marglik', 'final'"):
+        fit_online_lam(make_mlp(), loader(x, y, 6), prior_update="sometimes")
