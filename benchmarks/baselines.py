@@ -74,7 +74,7 @@ def run_seed(
     curves: dict[str, SparsificationCurve] = {}
 
     def trainer(enc: nn.Module, s: int) -> None:
-        train_encoder(enc, loader, epochs=epochs, lr=1e-3, seed=s, progress=False)
+        train_encoder(enc, loader, epochs=epochs, lr=1e-3, seed=s, progress_bar=False)
 
     def evaluate(name: str, baseline, retrieval: bool = True) -> dict[str, float]:
         s_in = baseline.score(x_te)

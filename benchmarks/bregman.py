@@ -151,7 +151,7 @@ def run_seed(
             div = BregmanDivergence(ICNNPotential(16, hidden=(64, 64), alpha=alpha))
             fit_bregman(
                 model, div, loader, epochs=epochs, lr=1e-3, loss="contrastive", margin=1.0,
-                progress=False,
+                progress_bar=False,
             )  # fmt: skip
             knn = BregmanKNN(div)
         train_time = time.perf_counter() - start

@@ -41,7 +41,9 @@ loader = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True
 # The contrastive loss on ``D_phi`` is exactly the negative log-likelihood the Laplace step uses.
 encoder = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 16))
 divergence = BregmanDivergence(ICNNPotential(16, hidden=(64, 64), alpha=0.5))
-history = fit_bregman(encoder, divergence, loader, epochs=20, lr=1e-3, margin=1.0, progress=False)
+history = fit_bregman(
+    encoder, divergence, loader, epochs=20, lr=1e-3, margin=1.0, progress_bar=False
+)
 
 
 def embed(inputs: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ def train_encoder(
     epochs: int = 30,
     lr: float = 1e-3,
     seed: int = 0,
-    progress: bool = True,
+    progress_bar: bool = True,
 ) -> list[float]:
     """Train an encoder in place with Adam on a metric-learning loss.
 
@@ -94,7 +94,7 @@ def train_encoder(
     lr : float, default=1e-3
     seed : int, default=0
         Seeds the global torch RNG (data order, dropout) before training.
-    progress : bool, default=True
+    progress_bar : bool, default=True
         Show a tqdm bar over epochs with the running loss.
 
     Returns
@@ -116,7 +116,7 @@ def train_encoder(
     optimizer = torch.optim.Adam(encoder.parameters(), lr=lr)
     encoder.train()
     history: list[float] = []
-    bar = tqdm(range(epochs), desc="train", disable=not progress, leave=False)
+    bar = tqdm(range(epochs), desc="train", disable=not progress_bar, leave=False)
     for _ in bar:
         total, batches = 0.0, 0
         for x, labels in loader:
@@ -502,7 +502,7 @@ class DeepEnsembleBaseline(OODBaseline):
             ``factory() -> nn.Module``, called after ``torch.manual_seed(seed)``.
         trainer : callable
             ``trainer(encoder, seed)``, e.g.
-            ``lambda enc, s: train_encoder(enc, loader, seed=s, progress=False)``.
+            ``lambda enc, s: train_encoder(enc, loader, seed=s, progress_bar=False)``.
         seeds : sequence of int, default=(0, 1, 2, 3, 4)
         **kwargs
             Passed to the constructor.
@@ -614,7 +614,7 @@ class PFEBaseline(OODBaseline):
         lr: float = 1e-2,
         train_batch_size: int = 64,
         seed: int = 0,
-        progress: bool = False,
+        progress_bar: bool = False,
     ) -> PFEBaseline:
         """Train the uncertainty head on the positive pairs of shuffled mini-batches.
 
@@ -630,7 +630,7 @@ class PFEBaseline(OODBaseline):
         lr : float, default=1e-2
         train_batch_size : int, default=64
         seed : int, default=0
-        progress : bool, default=False
+        progress_bar : bool, default=False
 
         Returns
         -------
@@ -651,7 +651,7 @@ class PFEBaseline(OODBaseline):
         labels = y_train.to(feats.device)
         optimizer = torch.optim.Adam(head.parameters(), lr=lr)
         head.train()
-        for _ in tqdm(range(epochs), desc="PFE head", disable=not progress, leave=False):
+        for _ in tqdm(range(epochs), desc="PFE head", disable=not progress_bar, leave=False):
             for idx in torch.randperm(len(feats), device=feats.device).split(train_batch_size):
                 loss = self.mls_loss(mu[idx], head(feats[idx]), labels[idx])
                 optimizer.zero_grad()

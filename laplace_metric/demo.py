@@ -222,7 +222,9 @@ def run_seed(config: DemoConfig, seed: int) -> SeedResult:
     def trainer(encoder: nn.Module, s: int) -> None:
         encoder.to(device)
         dev_loader = [(x.to(device), y.to(device)) for x, y in loader]
-        train_encoder(encoder, dev_loader, loss_fn, epochs=config.epochs, seed=s, progress=False)
+        train_encoder(
+            encoder, dev_loader, loss_fn, epochs=config.epochs, seed=s, progress_bar=False
+        )
 
     torch.manual_seed(1000 * seed)
     det = make_encoder(in_dim).to(device)
@@ -340,7 +342,7 @@ def _embedding_picture(path: Path, config: DemoConfig) -> Path:
         loader,
         lambda g, y: likelihood.loss(g, y, reduction="mean"),
         epochs=config.epochs,
-        progress=False,
+        progress_bar=False,
     )
     la = metric_laplace(encoder, likelihood, "last_layer", "full")
     la.fit(loader)

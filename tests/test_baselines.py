@@ -71,7 +71,7 @@ def test_train_encoder_reduces_loss_and_is_seeded(device: str, one_thread) -> No
     def run() -> tuple[list[float], torch.Tensor]:
         torch.manual_seed(0)
         enc = small_mlp().to(device)
-        hist = B.train_encoder(enc, loader, epochs=15, lr=1e-2, seed=3, progress=False)
+        hist = B.train_encoder(enc, loader, epochs=15, lr=1e-2, seed=3, progress_bar=False)
         return hist, enc[0].weight.detach().cpu()
 
     hist, w = run()
@@ -90,7 +90,7 @@ def test_train_encoder_custom_loss_and_errors() -> None:
         calls.append(g.shape)
         return g.square().mean()
 
-    B.train_encoder(small_mlp(), loader, loss_fn=loss_fn, epochs=2, progress=False)
+    B.train_encoder(small_mlp(), loader, loss_fn=loss_fn, epochs=2, progress_bar=False)
     assert calls == [(15, 3)] * 2
     with pytest.raises(ValueError, match="epochs"):
         B.train_encoder(small_mlp(), loader, epochs=0)
@@ -98,7 +98,7 @@ def test_train_encoder_custom_loss_and_errors() -> None:
         B.train_encoder(lambda t: t, loader)
     with pytest.raises(ValueError, match="NaN"):
         B.train_encoder(
-            small_mlp(), loader, loss_fn=lambda g, _: g.sum() * math.nan, progress=False
+            small_mlp(), loader, loss_fn=lambda g, _: g.sum() * math.nan, progress_bar=False
         )
 
 
@@ -231,7 +231,7 @@ def test_ensemble_train_uses_seeds(one_thread) -> None:
 
     def trainer(enc: nn.Module, seed: int) -> None:
         seen.append(seed)
-        B.train_encoder(enc, loader, epochs=2, seed=seed, progress=False)
+        B.train_encoder(enc, loader, epochs=2, seed=seed, progress_bar=False)
 
     ens = B.DeepEnsembleBaseline.train(small_mlp, trainer, seeds=(3, 4, 5), k=1).fit(x)
     assert seen == [3, 4, 5]

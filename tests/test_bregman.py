@@ -324,11 +324,11 @@ def test_fit_bregman_reduces_loss_and_trains_phi(loss):
     encoder = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
     phi = ICNNPotential(4, hidden=(8,), alpha=0.5)
     before = [p.detach().clone() for p in phi.parameters()]
-    history = fit_bregman(encoder, phi, loader, epochs=15, lr=1e-2, loss=loss, progress=False)
+    history = fit_bregman(encoder, phi, loader, epochs=15, lr=1e-2, loss=loss, progress_bar=False)
     assert len(history) == 15 and history[-1] < history[0]
     assert all(not torch.equal(b, p) for b, p in zip(before, phi.parameters()))
     with pytest.raises(ValueError, match="loss"):
-        fit_bregman(encoder, phi, loader, epochs=1, loss="hinge", progress=False)
+        fit_bregman(encoder, phi, loader, epochs=1, loss="hinge", progress_bar=False)
 
 
 # ---------------------------------------------------------------------- likelihood curvature

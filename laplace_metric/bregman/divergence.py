@@ -117,6 +117,32 @@ class BregmanDivergence(nn.Module):
         return self._finish(phi_x[:, None] - x @ grad.mT + const_y[None, :])
 
 
+def as_divergence(divergence: BregmanDivergence | ConvexPotential) -> BregmanDivergence:
+    """``divergence`` itself, or a :class:`BregmanDivergence` of a bare potential.
+
+    Parameters
+    ----------
+    divergence : BregmanDivergence or ConvexPotential
+
+    Returns
+    -------
+    divergence : BregmanDivergence
+
+    Raises
+    ------
+    TypeError
+        If ``divergence`` is neither.
+    """
+    if isinstance(divergence, ConvexPotential):
+        return BregmanDivergence(divergence)
+    if not isinstance(divergence, BregmanDivergence):
+        raise TypeError(
+            "divergence must be a BregmanDivergence or a ConvexPotential, got "
+            f"{type(divergence).__name__}."
+        )
+    return divergence
+
+
 def divergence_from_config(
     config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None
 ) -> BregmanDivergence:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from laplace_metric.bregman.divergence import BregmanDivergence
+from laplace_metric.bregman.divergence import BregmanDivergence, as_divergence
 from laplace_metric.bregman.potentials import ConvexPotential
 from laplace_metric.enums import HessianMethod, parse_enum
 from laplace_metric.likelihoods.bregman import BregmanLikelihood
@@ -40,17 +40,6 @@ class BregmanLossName(str, Enum):
 
     TRIPLET = "triplet"
     """:class:`BregmanTripletLoss`."""
-
-
-def _as_divergence(divergence: BregmanDivergence | ConvexPotential) -> BregmanDivergence:
-    if isinstance(divergence, ConvexPotential):
-        return BregmanDivergence(divergence)
-    if not isinstance(divergence, BregmanDivergence):
-        raise TypeError(
-            "divergence must be a BregmanDivergence or a ConvexPotential, got "
-            f"{type(divergence).__name__}."
-        )
-    return divergence
 
 
 class BregmanContrastiveLoss(nn.Module):
@@ -84,7 +73,7 @@ class BregmanContrastiveLoss(nn.Module):
         ordered_pairs: bool = True,
     ) -> None:
         super().__init__()
-        self.divergence = _as_divergence(divergence)
+        self.divergence = as_divergence(divergence)
         self.reduction = parse_enum(Reduction, reduction, "reduction")
         self.likelihood = BregmanLikelihood(
             self.divergence,
@@ -164,7 +153,7 @@ class BregmanTripletLoss(nn.Module):
         margin = float(margin)
         if not margin > 0:
             raise ValueError(f"margin must be a positive number, got {margin}.")
-        self.divergence = _as_divergence(divergence)
+        self.divergence = as_divergence(divergence)
         self.margin = margin
         self.normalize = bool(normalize)
         self.miner = miner
@@ -202,7 +191,7 @@ def fit_bregman(
         BregmanLossName.CONTRASTIVE
     ),
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress_bar: bool = True,
     **loss_kwargs: Any,
 ) -> list[float]:
     """Train an encoder and a Bregman potential jointly with Adam.
@@ -223,7 +212,7 @@ def fit_bregman(
         ``loss(g, labels)``; a callable ``nn.Module``'s own parameters are trained too.
     device : torch.device or str, optional
         Where batches are moved; the modules are expected to be there already.
-    progress : bool, default=True
+    progress_bar : bool, default=True
         Show a tqdm progress bar over epochs.
     **loss_kwargs
         Passed to the built-in loss (``margin``, ``normalize``, ``miner``, ``reduction``).
@@ -233,7 +222,7 @@ def fit_bregman(
     history : list of float
         Mean batch loss per epoch.
     """
-    divergence = _as_divergence(divergence)
+    divergence = as_divergence(divergence)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}.")
     if not float(lr) > 0:
@@ -260,7 +249,7 @@ def fit_bregman(
     optimizer = torch.optim.Adam(list(params.values()), lr=float(lr))
     encoder.train()
     history: list[float] = []
-    bar = tqdm(range(epochs), desc="fit_bregman", disable=not progress)
+    bar = tqdm(range(epochs), desc="fit_bregman", disable=not progress_bar)
     for _ in bar:
         total, n_batches = 0.0, 0
         for x, y in loader:

@@ -12,19 +12,8 @@ from itertools import chain
 import torch
 from pytorch_metric_learning.distances import BaseDistance
 
-from laplace_metric.bregman.divergence import BregmanDivergence
+from laplace_metric.bregman.divergence import BregmanDivergence, as_divergence
 from laplace_metric.bregman.potentials import ConvexPotential, check_points
-
-
-def _as_divergence(divergence: BregmanDivergence | ConvexPotential) -> BregmanDivergence:
-    if isinstance(divergence, ConvexPotential):
-        return BregmanDivergence(divergence)
-    if not isinstance(divergence, BregmanDivergence):
-        raise TypeError(
-            "divergence must be a BregmanDivergence or a ConvexPotential, got "
-            f"{type(divergence).__name__}."
-        )
-    return divergence
 
 
 class BregmanDistance(BaseDistance):
@@ -55,7 +44,7 @@ class BregmanDistance(BaseDistance):
             raise ValueError("A Bregman divergence is a dissimilarity: is_inverted must be False.")
         kwargs.pop("is_inverted", None)
         super().__init__(normalize_embeddings=normalize_embeddings, is_inverted=False, **kwargs)
-        self.divergence = _as_divergence(divergence)
+        self.divergence = as_divergence(divergence)
 
     def compute_mat(self, query_emb: torch.Tensor, ref_emb: torch.Tensor | None) -> torch.Tensor:
         """All-pairs divergences ``(n_query, n_ref)``."""
@@ -98,7 +87,7 @@ def bregman_knn(
     indices : torch.Tensor
         ``(n, k)`` database indices.
     """
-    divergence = _as_divergence(divergence)
+    divergence = as_divergence(divergence)
     check_points(query, divergence.dim)
     check_points(database, divergence.dim)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(database):
@@ -142,7 +131,7 @@ class BregmanKNN:
         normalize_embeddings: bool = False,
         batch_size: int = 1024,
     ) -> None:
-        self.divergence = _as_divergence(divergence)
+        self.divergence = as_divergence(divergence)
         self.normalize_embeddings = bool(normalize_embeddings)
         self.batch_size = int(batch_size)
 
