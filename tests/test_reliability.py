@@ -8,7 +8,6 @@ float64 agreement and the posterior at extreme prior precisions.
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import pytest
@@ -229,10 +228,6 @@ def test_unknown_subset_and_structure_names():
         Laplace(make_mlp(), "contrastive", "all", "diag", hessian_method="Positives")
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("laplace_metric.likelihoods.bregman") is None,
-    reason="likelihoods/bregman.py has not landed on this branch",
-)
 def test_bregman_without_divergence_names_it():
     with pytest.raises(ValueError, match="divergence"):
         Laplace(make_mlp(), "bregman", "all", "diag")
@@ -295,7 +290,7 @@ def encoder_64_128_128_16() -> nn.Module:
     )
 
 
-#: Measured on the 64-128-128-16 encoder, 'positives' (see notes/guarantees.rst):
+#: Measured on the 64-128-128-16 encoder, 'positives' (see docs/guarantees.rst):
 #: H max-normalised 1.1e-7 (diag) / 2.5e-7 (kron); predictive variance 4.4e-7 / 2.3e-6.
 F32_TOL_H, F32_TOL_VAR = 2e-6, 2e-5
 
