@@ -205,8 +205,23 @@ def _lam_rows(
     ev.row(f"{name}, sampled kNN", sampled_knn, embed, confidence)
 
 
-def run_seed(config: DemoConfig, seed: int) -> SeedResult:
-    """All methods on one seed of the open-set split."""
+def run_seed(
+    config: DemoConfig, seed: int, on_stage: Callable[[str], None] | None = None
+) -> SeedResult:
+    """All methods on one seed of the open-set split.
+
+    Parameters
+    ----------
+    config : DemoConfig
+    seed : int
+    on_stage : callable, optional
+        Called with each name of :data:`STAGES` as that stage starts (progress reporting).
+
+    Returns
+    -------
+    result : SeedResult
+    """
+    stage = on_stage or (lambda name: None)
     device = torch.device(config.device)
     split = open_set_split(config.dataset, seed=seed, root=config.data_root)
     result = SeedResult()
@@ -226,15 +241,18 @@ def run_seed(config: DemoConfig, seed: int) -> SeedResult:
             encoder, dev_loader, loss_fn, epochs=config.epochs, seed=s, progress_bar=False
         )
 
+    stage(STAGES[0])
     torch.manual_seed(1000 * seed)
     det = make_encoder(in_dim).to(device)
     trainer(det, 1000 * seed)
 
     # --- baselines
+    stage(STAGES[1])
     knn = KNNDistanceBaseline(det, k=1).fit(ev.x_tr)
     ev.row("kNN distance (deterministic)", knn.score, knn.embed)
     maha = MahalanobisBaseline(penultimate(det)).fit(ev.x_tr, ev.y_tr)
     ev.row("Mahalanobis (penultimate)", maha.score)
+    stage(STAGES[2])
     torch.manual_seed(1000 * seed + 1)
     dropout_encoder = make_encoder(in_dim, dropout=0.1).to(device)
     trainer(dropout_encoder, 1000 * seed + 1)
@@ -243,6 +261,7 @@ def run_seed(config: DemoConfig, seed: int) -> SeedResult:
         mc.samples(ev.x_te), mc.embed(ev.x_tr), ev.y_tr, mean_emb=mc.embed(ev.x_te)
     )
     ev.row("MC dropout p=0.1", mc.score, mc.embed, (conf, pred == ev.y_te))
+    stage(STAGES[3])
     members = [1000 * seed + 10 + i for i in range(config.n_members)]
     ensemble = DeepEnsembleBaseline.train(
         lambda: make_encoder(in_dim).to(device), trainer, members, k=1
@@ -252,12 +271,14 @@ def run_seed(config: DemoConfig, seed: int) -> SeedResult:
 
     # --- post-hoc LAM on the deterministic encoder
     for name, subset, structure, trace_row in POSTHOC_CONFIGS:
+        stage(name)
         la = metric_laplace(det, likelihood, subset, structure)
         la.fit(loader)
         la.optimize_prior_precision(method="marglik")
         _lam_rows(ev, la, name, config, seed, trace_row)
 
     # --- online LAM (trains its own encoder)
+    stage(STAGES[-1])
     torch.manual_seed(1000 * seed + 2)
     online_encoder = make_encoder(in_dim).to(device)
     la = fit_online_lam(
@@ -275,6 +296,17 @@ def run_seed(config: DemoConfig, seed: int) -> SeedResult:
     )
     _lam_rows(ev, la, "online LAM all-layer diag", config, seed)
     return result
+
+
+#: The stages of :func:`run_seed`, in order (one progress-bar step each).
+STAGES = (
+    "train encoder",
+    "kNN, Mahalanobis",
+    "MC dropout",
+    "deep ensemble",
+    *(name for name, *_ in POSTHOC_CONFIGS),
+    "online LAM",
+)
 
 
 def format_table(results: Sequence[SeedResult]) -> str:
@@ -365,8 +397,22 @@ def run_demo(config: DemoConfig) -> tuple[str, list[SeedResult]]:
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
     results = []
-    for seed in tqdm.tqdm(config.seeds, desc="[demo seeds]", disable=not config.progress):
-        results.append(run_seed(config, seed))
+    bar = tqdm.tqdm(
+        total=len(config.seeds) * len(STAGES), disable=not config.progress, unit="stage"
+    )
+    for seed in config.seeds:
+        started = False
+
+        def on_stage(name: str, seed: int = seed) -> None:
+            nonlocal started
+            if started:
+                bar.update(1)
+            started = True
+            bar.set_description(f"seed {seed}: {name}")
+
+        results.append(run_seed(config, seed, on_stage))
+        bar.update(1)
+    bar.close()
     table = format_table(results)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -393,6 +439,7 @@ __all__ = [
     "COLUMNS",
     "DemoConfig",
     "POSTHOC_CONFIGS",
+    "STAGES",
     "SeedResult",
     "format_table",
     "make_encoder",
