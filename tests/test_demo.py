@@ -53,3 +53,16 @@ def test_demo_flags_are_validated():
         parser.parse_args(["demo", "--dataset", "cifar"])
     args = parser.parse_args(["demo"])
     assert (args.dataset, args.epochs, args.seeds) == ("digits", 30, [0, 1, 2])
+
+
+def test_quickstart_example_runs(tmp_path, monkeypatch, capsys):
+    """``examples/quickstart.py`` (not part of the docs gallery) runs as a plain script."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "sampled kNN" in out and "recall@1" in out
+    assert (tmp_path / "quickstart_uncertainty.png").stat().st_size > 0
