@@ -321,7 +321,8 @@ class MetricLaplaceMixin:
             )
         if single_class and self.hessian_method != HessianMethod.POSITIVES:
             warnings.warn(
-                f"{single_class} batches had a single class, so no negative pairs; "
+                f"{single_class} of {n_batches} batches had a single class, so no negative "
+                "pairs; "
                 "shuffle the loader so batches mix classes.",
                 stacklevel=2,
             )
