@@ -107,26 +107,13 @@ class AsdlPairGGN(PairCurvatureInterface):
         self, module: nn.Module, inputs: torch.Tensor, terms: PairTerms
     ) -> Iterator[torch.Tensor]:
         """``V`` for chunks of columns, each ``[r, M, P]``."""
-        from asdl.gradient import batch_gradient
-
         self._check(module, inputs)
         module = self._private(module)
         rows, root = interleaved_pairs(inputs, terms)  # [M*S, ...], [R, M*S, D]
         n_pairs = len(terms.signs)
         for cols in self._column_chunks(root.shape[0], rows.shape[0]):
-            n_cols = cols.stop - cols.start
-            batch = rows.repeat(n_cols, *([1] * (rows.ndim - 1)))
             grad_out = root[cols].flatten(end_dim=1)
-
-            def closure(batch=batch, grad_out=grad_out):
-                out = module(batch)
-                out.backward(gradient=grad_out)
-                return out
-
-            with quiet_asdl():
-                grads = batch_gradient(module, closure, batch_size=n_cols * n_pairs)
-            module.zero_grad(set_to_none=True)
-            yield grads.reshape(n_cols, n_pairs, -1)
+            yield grouped_gradients(module, rows, grad_out, cols.stop - cols.start, n_pairs)
 
     def _diag(self, module, inputs, g, terms):
         total = None
@@ -145,8 +132,6 @@ class AsdlPairGGN(PairCurvatureInterface):
         return total
 
     def _raw_jacobians(self, module: nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        from asdl.gradient import batch_gradient
-
         self._check(module, inputs)
         module = self._private(module)
         with torch.no_grad():
@@ -155,19 +140,9 @@ class AsdlPairGGN(PairCurvatureInterface):
         blocks = []
         for cols in self._column_chunks(dim, batch):
             n_cols = cols.stop - cols.start
-            rows = inputs.repeat(n_cols, *([1] * (inputs.ndim - 1)))
             eye = torch.eye(dim, dtype=g.dtype, device=g.device)[cols]
             grad_out = eye[:, None, :].expand(n_cols, batch, dim).flatten(end_dim=1)
-
-            def closure(rows=rows, grad_out=grad_out):
-                out = module(rows)
-                out.backward(gradient=grad_out)
-                return out
-
-            with quiet_asdl():
-                grads = batch_gradient(module, closure, batch_size=n_cols * batch)
-            module.zero_grad(set_to_none=True)
-            blocks.append(grads.reshape(n_cols, batch, -1))
+            blocks.append(grouped_gradients(module, inputs, grad_out, n_cols, batch))
         return torch.cat(blocks).transpose(0, 1), g
 
     # ------------------------------------------------------------------ Kronecker
@@ -228,6 +203,30 @@ def quiet_asdl() -> Iterator[None]:
         warnings.filterwarnings("ignore", message="Using a non-full backward hook")
         warnings.filterwarnings("ignore", message="Failed to lookup operations")
         yield
+
+
+def grouped_gradients(
+    module: nn.Module, rows: torch.Tensor, grad_out: torch.Tensor, n_cols: int, n_groups: int
+) -> torch.Tensor:
+    """ASDL per-group parameter gradients of ``module`` on ``rows`` repeated ``n_cols`` times.
+
+    ``grad_out`` ``[n_cols * len(rows), D]`` is back-propagated; ASDL sums consecutive rows
+    into ``n_cols * n_groups`` groups (one group a pair, or one sample). Returns
+    ``[n_cols, n_groups, P]``.
+    """
+    from asdl.gradient import batch_gradient
+
+    batch = rows.repeat(n_cols, *([1] * (rows.ndim - 1)))
+
+    def closure():
+        out = module(batch)
+        out.backward(gradient=grad_out)
+        return out
+
+    with quiet_asdl():
+        grads = batch_gradient(module, closure, batch_size=n_cols * n_groups)
+    module.zero_grad(set_to_none=True)
+    return grads.reshape(n_cols, n_groups, -1)
 
 
 def interleaved_pairs(inputs: torch.Tensor, terms: PairTerms) -> tuple[torch.Tensor, torch.Tensor]:
