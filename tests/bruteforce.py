@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from laplace.utils import Kron
 from torch import nn
 from torch.func import functional_call
 
@@ -143,3 +144,21 @@ def kron_factors(module, inputs, y, margin, method, normalize):
                 a_fac += torch.outer(e[t], e[t]) / cols.shape[1]
         out[name] = (b_fac, a_fac / len(signs))
     return out
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def assert_close(a, b, tol: float) -> None:
+    """Diag/full tensors or Kron factors (layout included) within ``tol`` relative."""
+    if isinstance(b, Kron):
+        assert isinstance(a, Kron)
+        assert [len(f) for f in a.kfacs] == [len(f) for f in b.kfacs]
+        for fa, fb in zip(a.kfacs, b.kfacs):
+            for ta, tb in zip(fa, fb):
+                assert ta.shape == tb.shape
+                assert rel_error(ta, tb) < tol
+    else:
+        assert a.shape == b.shape
+        assert rel_error(a, b) < tol

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import laplace_metric  # noqa: F401  (registers the likelihoods)
 from laplace_metric.curvature import AsdlPairGGN, BackPackPairGGN, ReferencePairGGN
 from laplace_metric.likelihoods import ContrastiveLikelihood
+from tests.bruteforce import assert_close, rel_error
 
 # one thread: on a shared 2-core machine oversubscribed threads make tiny ops ~30x slower
 torch.set_num_threads(1)
@@ -70,20 +71,6 @@ def build(name: str, device: str, dtype: torch.dtype = torch.float64):
     model = norm_stats(factory()).to(device=device, dtype=dtype).eval()
     x = torch.randn(len(LABELS), *shape, device=device, dtype=dtype)
     return model, x, LABELS.to(device)
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def assert_close(a, b, tol: float) -> None:
-    if isinstance(b, Kron):
-        assert [len(f) for f in a.kfacs] == [len(f) for f in b.kfacs]
-        for fa, fb in zip(a.kfacs, b.kfacs):
-            for ta, tb in zip(fa, fb):
-                assert ta.shape == tb.shape and rel_error(ta, tb) < tol
-    else:
-        assert a.shape == b.shape and rel_error(a, b) < tol
 
 
 def likelihood(method: str, normalize: bool = True) -> ContrastiveLikelihood:

@@ -15,6 +15,7 @@ import laplace_metric  # noqa: F401  (registers the likelihoods)
 from laplace_metric.curvature import BackPackPairGGN, ReferencePairGGN
 from laplace_metric.curvature.backpack import unsupported_layers
 from laplace_metric.likelihoods import ContrastiveLikelihood
+from tests.bruteforce import assert_close, rel_error
 
 # one thread: on a shared 2-core machine oversubscribed threads make tiny ops ~30x slower
 torch.set_num_threads(1)
@@ -154,24 +155,6 @@ def build(name: str, device: str, dtype: torch.dtype = torch.float64, seed: int 
     model = randomise_norms(factory()).to(device=device, dtype=dtype).eval()
     x = torch.randn(len(LABELS), *shape, device=device, dtype=dtype)
     return model, x, LABELS.to(device)
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def assert_close(a, b, tol: float) -> None:
-    """Diag/full tensors or Kron factors (layout included) within ``tol`` relative."""
-    if isinstance(b, Kron):
-        assert isinstance(a, Kron)
-        assert [len(f) for f in a.kfacs] == [len(f) for f in b.kfacs]
-        for fa, fb in zip(a.kfacs, b.kfacs):
-            for ta, tb in zip(fa, fb):
-                assert ta.shape == tb.shape
-                assert rel_error(ta, tb) < tol
-    else:
-        assert a.shape == b.shape
-        assert rel_error(a, b) < tol
 
 
 def likelihood(method: str, normalize: bool = True) -> ContrastiveLikelihood:
