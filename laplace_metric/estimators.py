@@ -322,8 +322,7 @@ class MetricLaplaceMixin:
         if single_class and self.hessian_method != HessianMethod.POSITIVES:
             warnings.warn(
                 f"{single_class} of {n_batches} batches had a single class, so no negative "
-                "pairs; "
-                "shuffle the loader so batches mix classes.",
+                "pairs; shuffle the loader so batches mix classes.",
                 stacklevel=2,
             )
         if not all(bool(torch.isfinite(t).all()) for t in curvature_tensors(total)):
