@@ -26,7 +26,13 @@ from torch import nn
 from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.backpack.conv import conv_unsupported_reason, unfold_locations
 from laplace_metric.curvature.base import PairCurvatureInterface
-from laplace_metric.likelihoods.base import PairTerms
+from laplace_metric.curvature.graph import (
+    fold_diag,
+    fold_gram,
+    fold_input_factor,
+    fold_output_factor,
+)
+from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 
 #: Layers whose parameters ASDL computes per-example gradients for.
 ASDL_PARAM_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
@@ -97,7 +103,7 @@ class AsdlPairGGN(PairCurvatureInterface):
             )
 
     # ------------------------------------------------------------------ factors
-    def _column_chunks(self, n_columns: int, n_rows: int) -> Iterator[slice]:
+    def _gradient_chunks(self, n_columns: int, n_rows: int) -> Iterator[slice]:
         per_column = max(n_rows * self._n_params(), 1)
         step = max(1, min(n_columns, self.max_gradient_elements // per_column))
         for start in range(0, n_columns, step):
@@ -111,7 +117,7 @@ class AsdlPairGGN(PairCurvatureInterface):
         module = self._private(module)
         rows, root = interleaved_pairs(inputs, terms)  # [M*S, ...], [R, M*S, D]
         n_pairs = len(terms.signs)
-        for cols in self._column_chunks(root.shape[0], rows.shape[0]):
+        for cols in self._gradient_chunks(root.shape[0], rows.shape[0]):
             grad_out = root[cols].flatten(end_dim=1)
             yield grouped_gradients(module, rows, grad_out, cols.stop - cols.start, n_pairs)
 
@@ -131,6 +137,41 @@ class AsdlPairGGN(PairCurvatureInterface):
             total = part if total is None else total + part
         return total
 
+    # ------------------------------------------------------------------ pair graph
+    def _sample_factor_chunks(
+        self, module: nn.Module, inputs: torch.Tensor, terms: GraphTerms
+    ) -> Iterator[torch.Tensor]:
+        """``u_i = J_i^T S_i`` for chunks of columns, each ``[r, B, P]``."""
+        self._check(module, inputs)
+        module = self._private(module)
+        root = terms.factor.permute(2, 0, 1)  # [R, B, D]
+        for cols in self._gradient_chunks(root.shape[0], inputs.shape[0]):
+            grad_out = root[cols].flatten(end_dim=1)
+            yield grouped_gradients(module, inputs, grad_out, cols.stop - cols.start, len(inputs))
+
+    def _graph_diag(self, module, inputs, g, terms):
+        parts = self._sample_factor_chunks(module, inputs, terms)
+        return sum(fold_diag(factors, terms.graph) for factors in parts)
+
+    def _graph_full(self, module, inputs, g, terms):
+        parts = self._sample_factor_chunks(module, inputs, terms)
+        return sum(fold_gram(factors, terms.graph) for factors in parts)
+
+    def _graph_kron(self, module, inputs, g, terms):
+        layers, module = self._kron_layers(module, inputs)
+        out_grads = self._out_grads(module, layers, inputs, terms.factor.permute(2, 0, 1))
+        kfacs = []
+        for name, layer in layers:
+            x, q = out_grads[name]
+            cols, q = layer_locations(layer, x, q)  # [B, T, in], [R, B, T, out]
+            if layer.weight.requires_grad:
+                kfacs.append(
+                    [fold_output_factor(q, terms.graph), fold_input_factor(cols, terms.graph)]
+                )
+            if layer.bias is not None and layer.bias.requires_grad:
+                kfacs.append([fold_gram(q.sum(dim=2), terms.graph)])
+        return Kron(kfacs)
+
     def _raw_jacobians(self, module: nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(module, inputs)
         module = self._private(module)
@@ -138,7 +179,7 @@ class AsdlPairGGN(PairCurvatureInterface):
             g = module(inputs)
         batch, dim = g.shape
         blocks = []
-        for cols in self._column_chunks(dim, batch):
+        for cols in self._gradient_chunks(dim, batch):
             n_cols = cols.stop - cols.start
             eye = torch.eye(dim, dtype=g.dtype, device=g.device)[cols]
             grad_out = eye[:, None, :].expand(n_cols, batch, dim).flatten(end_dim=1)
@@ -146,9 +187,10 @@ class AsdlPairGGN(PairCurvatureInterface):
         return torch.cat(blocks).transpose(0, 1), g
 
     # ------------------------------------------------------------------ Kronecker
-    def _kron(self, module, inputs, g, terms):
-        from asdl.core import save_inputs_outgrads
-
+    def _kron_layers(
+        self, module: nn.Module, inputs: Any
+    ) -> tuple[list[tuple[str, nn.Module]], nn.Module]:
+        """The layers with inferred parameters (Linear/Conv2d only) in the private copy."""
         self._check(module, inputs)
         layers = [
             (name, sub)
@@ -164,30 +206,41 @@ class AsdlPairGGN(PairCurvatureInterface):
                 f"{', '.join(bad)}; use BackPackPairGGN or ReferencePairGGN."
             )
         module = self._private(module)
-        layers = [(name, dict(module.named_modules())[name]) for name, _ in layers]
-        rows, root = interleaved_pairs(inputs, terms)
-        sides = 1 if terms.one_sided else 2
-        n_pairs = len(terms.signs)
+        return [(name, dict(module.named_modules())[name]) for name, _ in layers], module
+
+    def _out_grads(
+        self,
+        module: nn.Module,
+        layers: list[tuple[str, nn.Module]],
+        rows: torch.Tensor,
+        root: torch.Tensor,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Inputs and output gradients ``[R, rows, *out]`` of every layer for the columns."""
+        from asdl.core import save_inputs_outgrads
+
         n_cols = root.shape[0]
         with quiet_asdl(), save_inputs_outgrads(module) as cxt:
             out = module(rows)
             for r in range(n_cols):  # one backward per square-root column
                 out.backward(gradient=root[r], retain_graph=r + 1 < n_cols)
-            factors = {
-                name: pair_kron_layer(
-                    layer,
-                    cxt.in_data(layer)[0],
-                    torch.stack(cxt.out_grads(layer)),
-                    terms.signs,
-                    sides,
-                    n_pairs,
-                )
+            saved = {
+                name: (cxt.in_data(layer)[0], torch.stack(cxt.out_grads(layer)))
                 for name, layer in layers
             }
         module.zero_grad(set_to_none=True)
+        return saved
+
+    def _kron(self, module, inputs, g, terms):
+        layers, module = self._kron_layers(module, inputs)
+        rows, root = interleaved_pairs(inputs, terms)
+        out_grads = self._out_grads(module, layers, rows, root)
+        sides = 1 if terms.one_sided else 2
         kfacs = []
         for name, layer in layers:
-            weight_factors, bias_block = factors[name]
+            x, q = out_grads[name]
+            weight_factors, bias_block = pair_kron_layer(
+                layer, x, q, terms.signs, sides, len(terms.signs)
+            )
             if layer.weight.requires_grad:
                 kfacs.append(weight_factors)
             if layer.bias is not None and layer.bias.requires_grad:
@@ -240,6 +293,19 @@ def interleaved_pairs(inputs: torch.Tensor, terms: PairTerms) -> tuple[torch.Ten
     return rows, root.flatten(end_dim=1).permute(2, 0, 1)
 
 
+def layer_locations(
+    layer: nn.Module, x: torch.Tensor, q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer inputs ``[rows, T, fan_in]`` and output gradients ``[r, rows, T, out]``."""
+    if isinstance(layer, nn.Conv2d):
+        cols = unfold_locations(layer, x)
+        q = q.flatten(start_dim=3).transpose(-1, -2)
+    else:
+        cols = x.reshape(x.shape[0], -1, x.shape[-1])
+        q = q.reshape(q.shape[0], q.shape[1], cols.shape[1], -1)
+    return cols, q
+
+
 def pair_kron_layer(
     layer: nn.Module,
     x: torch.Tensor,
@@ -250,12 +316,7 @@ def pair_kron_layer(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``([B, A], bias block)`` of one layer from its inputs ``x`` (rows) and output gradients
     ``q`` ``[r, rows, *out]`` of the interleaved pair batch."""
-    if isinstance(layer, nn.Conv2d):
-        cols = unfold_locations(layer, x)  # [rows, T, fan_in]
-        q = q.flatten(start_dim=3).transpose(-1, -2)  # [r, rows, T, out]
-    else:
-        cols = x.reshape(x.shape[0], -1, x.shape[-1])
-        q = q.reshape(q.shape[0], q.shape[1], cols.shape[1], -1)
+    cols, q = layer_locations(layer, x, q)
     cols = cols.reshape(n_pairs, sides, *cols.shape[1:])
     q = q.reshape(q.shape[0], n_pairs, sides, *q.shape[2:])
     if sides == 2:

@@ -18,7 +18,7 @@ from laplace.curvature import GGNInterface
 from laplace.utils import Kron
 from torch import nn
 
-from laplace_metric.likelihoods.base import PairLikelihood, PairTerms
+from laplace_metric.likelihoods.base import GraphTerms, PairLikelihood, PairTerms
 
 
 class BatchCurvature(NamedTuple):
@@ -59,6 +59,11 @@ class PairCurvatureInterface(GGNInterface):
 
     #: Whether the batch forward pass must keep its autograd graph (BackPACK-style backends).
     forward_needs_graph: bool = False
+    #: Fold the pair graph per sample when the likelihood allows it (see
+    #: :mod:`laplace_metric.curvature.graph`); ``False`` forces the per-pair path.
+    use_pair_graph: bool = True
+    #: Pairs whose factors are formed at once on the per-pair path (bounds its memory).
+    max_pairs_per_chunk: int = 4096
 
     def __init__(
         self,
@@ -134,30 +139,13 @@ class PairCurvatureInterface(GGNInterface):
         self, x: torch.Tensor | MutableMapping, y: torch.Tensor, **kwargs: Any
     ) -> BatchCurvature:
         """Signed diagonal of the pairwise GGN of one batch."""
-        module, inputs, g, terms = self._batch(x, y)
-        terms = terms.contributing()
-        if terms.signs.numel() == 0:
-            zeros = torch.zeros(self._n_params(), dtype=g.dtype, device=g.device)
-            return BatchCurvature(terms.loss, self._select(zeros, (0,)), 0)
-        diag = self._diag(module, inputs, g, terms)
-        return BatchCurvature(terms.loss, self._select(diag, (0,)), len(terms.signs))
+        return self._curvature(x, y, "diag")
 
     def full(
         self, x: torch.Tensor | MutableMapping, y: torch.Tensor, **kwargs: Any
     ) -> BatchCurvature:
         """Signed dense pairwise GGN of one batch."""
-        module, inputs, g, terms = self._batch(x, y)
-        terms = terms.contributing()
-        if terms.signs.numel() == 0:
-            p = (
-                self._n_params()
-                if self.subnetwork_indices is None
-                else len(self.subnetwork_indices)
-            )
-            zeros = torch.zeros(p, p, dtype=g.dtype, device=g.device)
-            return BatchCurvature(terms.loss, zeros, 0)
-        full = self._full(module, inputs, g, terms)
-        return BatchCurvature(terms.loss, self._select(full, (0, 1)), len(terms.signs))
+        return self._curvature(x, y, "full")
 
     def kron(
         self, x: torch.Tensor | MutableMapping, y: torch.Tensor, **kwargs: Any
@@ -165,14 +153,51 @@ class PairCurvatureInterface(GGNInterface):
         """Signed Kronecker factors of the pairwise GGN of one batch (see :class:`BatchCurvature`)."""
         if self.subnetwork_indices is not None:
             raise ValueError("Kronecker structure is not available for subnetwork Laplace.")
-        module, inputs, g, terms = self._batch(x, y)
-        terms = terms.contributing()
-        if terms.signs.numel() == 0:
-            return BatchCurvature(
-                terms.loss, Kron.init_from_model(self.params, g.device, g.dtype), 0
-            )
-        kron = self._kron(module, inputs, g, terms)
-        return BatchCurvature(terms.loss, kron, len(terms.signs))
+        return self._curvature(x, y, "kron")
+
+    # ------------------------------------------------------------------ dispatch
+    def _zeros(self, structure: str, g: torch.Tensor) -> torch.Tensor | Kron:
+        if structure == "kron":
+            return Kron.init_from_model(self.params, g.device, g.dtype)
+        p = self._n_params() if self.subnetwork_indices is None else len(self.subnetwork_indices)
+        shape = (p,) if structure == "diag" else (p, p)
+        return torch.zeros(shape, dtype=g.dtype, device=g.device)
+
+    def _finish(self, structure: str, value: torch.Tensor | Kron) -> torch.Tensor | Kron:
+        if structure == "diag":
+            return self._select(value, (0,))
+        if structure == "full":
+            return self._select(value, (0, 1))
+        return value if isinstance(value, Kron) else Kron(value)
+
+    def _curvature(
+        self, x: torch.Tensor | MutableMapping, y: torch.Tensor, structure: str
+    ) -> BatchCurvature:
+        module, inputs = self._target(x)
+        g = self._forward(module, inputs)
+        if self.likelihood.factors_per_sample and self.use_pair_graph:
+            terms = self.likelihood.graph_terms(g, y)
+            if terms.n_pairs == 0:
+                return BatchCurvature(terms.loss, self._zeros(structure, g), 0)
+            total = None
+            for cols in self._column_chunks(module, inputs, terms):
+                part = GraphTerms(terms.loss, terms.factor[:, :, cols], terms.graph)
+                value = getattr(self, f"_graph_{structure}")(module, inputs, g, part)
+                total = value if total is None else add_curvature(total, value)
+            return BatchCurvature(terms.loss, self._finish(structure, total), terms.n_pairs)
+        loss, n_pairs, chunks = self.likelihood.pair_term_chunks(g, y, self.max_pairs_per_chunk)
+        if n_pairs == 0:
+            return BatchCurvature(loss, self._zeros(structure, g), 0)
+        total = None
+        for terms in chunks:
+            value = getattr(self, f"_{structure}")(module, inputs, g, terms)
+            total = value if total is None else add_curvature(total, value)
+        return BatchCurvature(loss, self._finish(structure, total), n_pairs)
+
+    def _column_chunks(self, module: nn.Module, inputs: Any, terms: GraphTerms) -> list[slice]:
+        """Slices of the square-root columns processed per pass (all at once by default)."""
+        n_cols = terms.factor.shape[2]
+        return [slice(0, n_cols)]
 
     def jacobians(
         self, x: torch.Tensor | MutableMapping, enable_backprop: bool = False
@@ -220,3 +245,30 @@ class PairCurvatureInterface(GGNInterface):
 
     def _raw_jacobians(self, module: nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} does not compute Jacobians.")
+
+    def _graph_diag(
+        self, module: nn.Module, inputs: Any, g: torch.Tensor, terms: GraphTerms
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not fold a pair graph.")
+
+    def _graph_full(
+        self, module: nn.Module, inputs: Any, g: torch.Tensor, terms: GraphTerms
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not fold a pair graph.")
+
+    def _graph_kron(
+        self, module: nn.Module, inputs: Any, g: torch.Tensor, terms: GraphTerms
+    ) -> Kron:
+        raise NotImplementedError(f"{type(self).__name__} does not fold a pair graph.")
+
+
+def add_curvature(
+    total: torch.Tensor | Kron | list, part: torch.Tensor | Kron | list
+) -> torch.Tensor | Kron | list:
+    """Sum of two partial curvatures (Kronecker factors add factor by factor, as both factors
+    of the difference-only factorisation are sums over pairs)."""
+    if isinstance(total, torch.Tensor):
+        return total + part
+    old = total.kfacs if isinstance(total, Kron) else total
+    new = part.kfacs if isinstance(part, Kron) else part
+    return Kron([[a + b for a, b in zip(fa, fb)] for fa, fb in zip(old, new)])

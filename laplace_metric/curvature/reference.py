@@ -15,7 +15,13 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from laplace_metric.curvature.base import PairCurvatureInterface
-from laplace_metric.likelihoods.base import PairTerms
+from laplace_metric.curvature.graph import (
+    fold_diag,
+    fold_gram,
+    fold_input_factor,
+    fold_output_factor,
+)
+from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 
 KRON_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -83,6 +89,46 @@ class ReferencePairGGN(PairCurvatureInterface):
 
     def _kron(self, module, inputs, g, terms):
         factors = self._factors(module, inputs, terms)
+        return self._kron_blocks(
+            module,
+            inputs,
+            lambda block: signed_gram(block, terms.signs),
+            lambda sub, x, sens: kron_weight_factors(sub, x, sens, terms),
+            factors,
+        )
+
+    # ------------------------------------------------------------------ pair graph
+    def _sample_factors(self, module: nn.Module, inputs: Any, terms: GraphTerms) -> torch.Tensor:
+        """``u_i = J_i^T S_i`` for every sample and column, ``[R, B, P]``."""
+        jac, _ = self._raw_jacobians(module, inputs)
+        return torch.einsum("bdp,bdr->rbp", jac, terms.factor)
+
+    def _graph_diag(self, module, inputs, g, terms):
+        return fold_diag(self._sample_factors(module, inputs, terms), terms.graph)
+
+    def _graph_full(self, module, inputs, g, terms):
+        return fold_gram(self._sample_factors(module, inputs, terms), terms.graph)
+
+    def _graph_kron(self, module, inputs, g, terms):
+        factors = self._sample_factors(module, inputs, terms).permute(1, 2, 0)  # [B, P, R]
+
+        def weight_factors(sub, x, sens):
+            q = output_columns(sub, sens, terms.factor).permute(3, 0, 1, 2)  # [R, B, T, out]
+            cols = unfold_input(sub, x)
+            return [fold_output_factor(q, terms.graph), fold_input_factor(cols, terms.graph)]
+
+        return self._kron_blocks(
+            module,
+            inputs,
+            lambda block: fold_gram(block.permute(2, 0, 1), terms.graph),
+            weight_factors,
+            factors,
+        )
+
+    def _kron_blocks(self, module, inputs, dense_block, weight_factors, factors) -> Kron:
+        """Walk the parameters: Kronecker factors for Linear/Conv weights (``weight_factors``
+        from the layer, its inputs and sensitivities), a dense block for 1-D parameters
+        (``dense_block`` of the factors' columns ``[M or B, size, R]``)."""
         layer_inputs, sensitivities = layer_sensitivities(module, inputs)
         kfacs, offset = [], 0
         for name, sub in module.named_modules():
@@ -91,12 +137,10 @@ class ReferencePairGGN(PairCurvatureInterface):
                     continue
                 size = param.numel()
                 if param.ndim == 1:
-                    block = signed_gram(factors[:, offset : offset + size], terms.signs)
-                    kfacs.append([block.contiguous()])
+                    kfacs.append([dense_block(factors[:, offset : offset + size]).contiguous()])
                 elif isinstance(sub, KRON_LAYERS) and pname == "weight":
-                    kfacs.append(
-                        kron_weight_factors(sub, layer_inputs[name], sensitivities[name], terms)
-                    )
+                    parts = weight_factors(sub, layer_inputs[name], sensitivities[name])
+                    kfacs.append([part.contiguous() for part in parts])
                 else:
                     raise ValueError(
                         f"Kronecker structure does not support the {param.ndim}-D parameter "
@@ -125,7 +169,7 @@ def layer_sensitivities(
         if isinstance(sub, KRON_LAYERS) and sub.weight.requires_grad
     }
     layer_inputs: dict[str, torch.Tensor] = {}
-    out_shapes: dict[str, torch.Size] = {}
+    out_shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
     probes: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):
@@ -133,7 +177,7 @@ def layer_sensitivities(
             if name in probes:
                 return out + probes[name]
             layer_inputs[name] = args[0].detach()
-            out_shapes[name] = out.shape
+            out_shapes[name] = (out.shape, out.dtype)
             return None
 
         return hook
@@ -148,8 +192,9 @@ def layer_sensitivities(
             return module(inputs)
 
         zeros = {
-            n: torch.zeros(s, dtype=inputs.dtype, device=inputs.device)
-            for n, s in out_shapes.items()
+            # probes in the layer's output dtype: integer inputs (token ids) have no gradient
+            n: torch.zeros(shape, dtype=dtype, device=inputs.device)
+            for n, (shape, dtype) in out_shapes.items()
         }
         with torch.no_grad():  # a function transform: differentiates w.r.t. the probes only
             jac = jacrev(forward)(zeros)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from laplace_metric.enums import MetricLikelihood, parse_enum
-from laplace_metric.likelihoods.base import PairLikelihood, PairTerms
+from laplace_metric.likelihoods.base import GraphTerms, PairLikelihood, PairTerms
 from laplace_metric.likelihoods.bregman import BregmanLikelihood as BregmanLikelihood
 from laplace_metric.likelihoods.contrastive import ContrastiveLikelihood
 
@@ -46,4 +46,4 @@ def build_likelihood(
     return BregmanLikelihood(divergence, **options)
 
 
-__all__ = ["PairLikelihood", "PairTerms", "ContrastiveLikelihood", "build_likelihood"]
+__all__ = ["GraphTerms", "PairLikelihood", "PairTerms", "ContrastiveLikelihood", "build_likelihood"]

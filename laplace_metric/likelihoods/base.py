@@ -14,6 +14,7 @@ Curvature backends only consume :class:`PairTerms`; they never see the loss itse
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,9 +216,56 @@ class PairLikelihood(ABC):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}.")
 
     # ------------------------------------------------------------------ curvature terms
+    #: Whether every pair's Hessian square root is the same ``L`` for both samples of every
+    #: pair (then the batch curvature folds per sample through a :class:`PairGraph`).
+    factors_per_sample: bool = False
+
+    def sample_factor(self, z: torch.Tensor) -> torch.Tensor:
+        """The common square root ``L`` per sample, ``(B, D, R)`` (if :attr:`factors_per_sample`)."""
+        raise NotImplementedError(f"{type(self).__name__} has pair-dependent Hessian factors.")
+
+    @torch.no_grad()
+    def pair_signs(
+        self, g: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, Pairs, torch.Tensor, torch.Tensor]:
+        """Embeddings, mined pairs, batch loss and signed curvature weight of every pair.
+
+        The weight is ``+1`` for a positive pair, ``-1`` for an active negative and ``0`` for
+        an inactive negative (or any negative with ``hessian_method='positives'``).
+
+        Returns
+        -------
+        z : torch.Tensor
+            Embeddings ``(batch, D)``.
+        pairs : Pairs
+        loss : torch.Tensor
+            Batch-summed negative log-likelihood.
+        signs : torch.Tensor
+            ``(M,)``.
+        """
+        g = g.detach()
+        z = self.embed(g)
+        pairs = self.mine(z, labels)
+        losses, active = self.pair_losses(z, pairs)
+        signs = torch.where(pairs.positive, 1.0, -1.0).to(g.dtype) * active.to(g.dtype)
+        if self.hessian_method == HessianMethod.POSITIVES:
+            signs = signs * pairs.positive.to(g.dtype)
+        return z, pairs, losses.sum(), signs
+
+    def _factors(
+        self, g: torch.Tensor, z: torch.Tensor, pairs: Pairs, signs: torch.Tensor
+    ) -> PairTerms:
+        w_a, w_b = self.pair_factors(z[pairs.first], z[pairs.second])
+        one_sided = self.hessian_method == HessianMethod.FIXED
+        if one_sided:
+            w_a = torch.zeros_like(w_a)
+        s_a = self.pull_back(w_a, g[pairs.first])
+        s_b = self.pull_back(w_b, g[pairs.second])
+        return PairTerms(pairs, torch.zeros((), dtype=g.dtype), s_a, s_b, signs, one_sided)
+
     @torch.no_grad()
     def pair_terms(self, g: torch.Tensor, labels: torch.Tensor) -> PairTerms:
-        """Loss and curvature square roots of a batch (see :class:`PairTerms`).
+        """Loss and curvature square roots of every mined pair (see :class:`PairTerms`).
 
         Parameters
         ----------
@@ -231,19 +279,90 @@ class PairLikelihood(ABC):
         terms : PairTerms
         """
         g = g.detach()
-        z = self.embed(g)
-        pairs = self.mine(z, labels)
-        losses, active = self.pair_losses(z, pairs)
-        signs = torch.where(pairs.positive, 1.0, -1.0).to(g.dtype) * active.to(g.dtype)
-        if self.hessian_method == HessianMethod.POSITIVES:
-            signs = signs * pairs.positive.to(g.dtype)
-        w_a, w_b = self.pair_factors(z[pairs.first], z[pairs.second])
+        z, pairs, loss, signs = self.pair_signs(g, labels)
+        terms = self._factors(g, z, pairs, signs)
+        terms.loss = loss
+        return terms
+
+    @torch.no_grad()
+    def pair_term_chunks(
+        self, g: torch.Tensor, labels: torch.Tensor, max_pairs: int
+    ) -> tuple[torch.Tensor, int, Iterator[PairTerms]]:
+        """The contributing pairs' terms in chunks of at most ``max_pairs`` pairs.
+
+        Zero-weight pairs are dropped before any factor is formed, and the factors of one
+        chunk are formed only when the chunk is reached, so peak memory is bounded by
+        ``max_pairs``, not by the number of mined pairs.
+
+        Returns
+        -------
+        loss : torch.Tensor
+            Batch-summed negative log-likelihood of all mined pairs.
+        n_pairs : int
+            Number of contributing pairs.
+        chunks : iterator of PairTerms
+        """
+        if max_pairs < 1:
+            raise ValueError(f"max_pairs must be a positive integer, got {max_pairs}.")
+        g = g.detach()
+        z, pairs, loss, signs = self.pair_signs(g, labels)
+        keep = signs != 0
+        pairs = Pairs(pairs.first[keep], pairs.second[keep], pairs.positive[keep])
+        signs = signs[keep]
+
+        def chunks() -> Iterator[PairTerms]:
+            for start in range(0, len(signs), max_pairs):
+                part = slice(start, start + max_pairs)
+                sub = Pairs(pairs.first[part], pairs.second[part], pairs.positive[part])
+                yield self._factors(g, z, sub, signs[part])
+
+        return loss, len(signs), chunks()
+
+    @torch.no_grad()
+    def graph_terms(self, g: torch.Tensor, labels: torch.Tensor) -> GraphTerms:
+        """Per-sample factors and the signed pair graph of a batch (see :class:`GraphTerms`).
+
+        Only for likelihoods with :attr:`factors_per_sample`.
+        """
+        if not self.factors_per_sample:
+            raise NotImplementedError(
+                f"{type(self).__name__}'s pair Hessians do not factor per sample; use pair_terms."
+            )
+        from laplace_metric.curvature.graph import PairGraph
+
+        g = g.detach()
+        z, pairs, loss, signs = self.pair_signs(g, labels)
         one_sided = self.hessian_method == HessianMethod.FIXED
-        if one_sided:
-            w_a = torch.zeros_like(w_a)
-        s_a = self.pull_back(w_a, g[pairs.first])
-        s_b = self.pull_back(w_b, g[pairs.second])
-        return PairTerms(pairs, losses.sum(), s_a, s_b, signs, one_sided)
+        graph = PairGraph.from_pairs(pairs.first, pairs.second, signs, g.shape[0], one_sided)
+        factor = self.pull_back(self.sample_factor(z), g)
+        return GraphTerms(loss, factor, graph)
+
+
+@dataclass
+class GraphTerms:
+    """Per-sample curvature terms of a batch whose pair Hessians factor per sample.
+
+    The batch's signed pairwise GGN is ``sum_ij A_ij u_i u_j^T`` with ``u_i = J_i^T S_i``,
+    ``S_i = factor[i]`` and ``A = graph.matrix`` (see :mod:`laplace_metric.curvature.graph`).
+
+    Attributes
+    ----------
+    loss : torch.Tensor
+        Batch-summed negative log-likelihood (scalar, detached).
+    factor : torch.Tensor
+        ``S_i`` per sample, ``(B, D, R)``, in raw-output space.
+    graph : PairGraph
+        The signed pair graph.
+    """
+
+    loss: torch.Tensor
+    factor: torch.Tensor
+    graph: Any
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of contributing pairs."""
+        return self.graph.n_pairs
 
 
 def check_embeddings(g: torch.Tensor) -> None:

@@ -25,6 +25,7 @@ class ContrastiveLikelihood(PairLikelihood):
     """
 
     name = "contrastive"
+    factors_per_sample = True
 
     def dissimilarity(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         return (z_a - z_b).square().sum(-1)
@@ -32,3 +33,7 @@ class ContrastiveLikelihood(PairLikelihood):
     def hessian_sqrt(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(z_a.shape[-1], dtype=z_a.dtype, device=z_a.device)
         return eye.expand(z_a.shape[0], -1, -1)
+
+    def sample_factor(self, z: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+        return eye.expand(z.shape[0], -1, -1)

@@ -18,10 +18,17 @@ from laplace_metric.curvature.backpack.extensions import (
     PairFactor,
     PairKronGGN,
 )
+from laplace_metric.curvature.backpack.graph_extensions import (
+    GraphDiagGGN,
+    GraphExtension,
+    GraphGram,
+    GraphKronGGN,
+)
 from laplace_metric.curvature.backpack.root import PairRoot
 from laplace_metric.curvature.backpack.support import needs_converter, unsupported_layers
 from laplace_metric.curvature.base import PairCurvatureInterface
-from laplace_metric.likelihoods.base import PairTerms
+from laplace_metric.curvature.graph import fold_gram
+from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 
 
 class BackPackPairGGN(PairCurvatureInterface):
@@ -46,8 +53,13 @@ class BackPackPairGGN(PairCurvatureInterface):
         See :class:`~laplace_metric.curvature.PairCurvatureInterface`.
     """
 
-    #: Pairs per forward/backward pass; larger batches are processed in chunks.
+    #: Pairs per forward/backward pass on the per-pair path (likelihoods whose pair Hessians
+    #: do not factor per sample); larger batches are processed in chunks.
     max_pairs_per_pass: int = 2048
+    #: Upper bound on ``columns x samples x features`` of the largest activation's
+    #: back-propagated columns in one pass of the pair-graph path; more columns are split
+    #: over several passes (the results add up).
+    max_column_elements: int = 2**27
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -144,6 +156,36 @@ class BackPackPairGGN(PairCurvatureInterface):
             total = part if total is None else total + part
         return total
 
+    # ------------------------------------------------------------------ pair graph
+    def _graph_pass(
+        self, module: nn.Module, inputs: Any, terms: GraphTerms, ext_cls: type[GraphExtension]
+    ) -> list[Any]:
+        """One pass of ``ext_cls`` over the batch itself with the per-sample columns."""
+        check_tensor_inputs(inputs)
+        ext = ext_cls(terms.graph, terms.factor.permute(2, 0, 1))
+        self._run(module, inputs, ext)
+        return self._collect(module, ext.savefield)
+
+    def _graph_diag(self, module, inputs, g, terms):
+        return torch.cat(
+            [p.flatten() for p in self._graph_pass(module, inputs, terms, GraphDiagGGN)]
+        )
+
+    def _graph_kron(self, module, inputs, g, terms):
+        return Kron(self._graph_pass(module, inputs, terms, GraphKronGGN))
+
+    def _graph_full(self, module, inputs, g, terms):
+        factors = torch.cat(self._graph_pass(module, inputs, terms, GraphGram), dim=2)
+        return fold_gram(factors, terms.graph)
+
+    def _column_chunks(self, module, inputs, terms):
+        """Columns per pass such that the back-propagated columns of the largest activation
+        stay under :attr:`max_column_elements`."""
+        n_cols = terms.factor.shape[2]
+        per_column = terms.factor.shape[0] * largest_activation(self._extended(module), inputs)
+        step = max(1, min(n_cols, self.max_column_elements // max(per_column, 1)))
+        return [slice(s, min(s + step, n_cols)) for s in range(0, n_cols, step)]
+
     def _raw_jacobians(self, module: nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(
@@ -158,6 +200,44 @@ class BackPackPairGGN(PairCurvatureInterface):
 
 
 # ---------------------------------------------------------------------- helpers
+def check_tensor_inputs(inputs: Any) -> None:
+    """BackPACK needs a tensor batch."""
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(
+            f"BackPackPairGGN needs tensor inputs, got {type(inputs).__name__}; use "
+            "ReferencePairGGN for dict-like inputs."
+        )
+
+
+_ACTIVATION_CACHE: dict[tuple[int, tuple[int, ...]], int] = {}
+
+
+def largest_activation(module: nn.Module, inputs: torch.Tensor) -> int:
+    """Elements per sample of the largest output of any submodule (one probe forward pass on
+    one sample, cached per module and input shape)."""
+    key = (id(module), tuple(inputs.shape[1:]))
+    if key not in _ACTIVATION_CACHE:
+        sizes = [inputs[0].numel()]
+
+        def hook(mod, args, out):
+            if isinstance(out, torch.Tensor):
+                sizes.append(out[0].numel() if out.ndim > 1 else out.numel())
+
+        handles = [sub.register_forward_hook(hook) for sub in module.modules()]
+        modes = [sub.training for sub in module.modules()]
+        try:
+            module.eval()  # one sample through train-mode batch norm would fail
+            with torch.no_grad():
+                module(inputs[:1])
+        finally:
+            for handle in handles:
+                handle.remove()
+            for sub, mode in zip(module.modules(), modes):
+                sub.training = mode
+        _ACTIVATION_CACHE[key] = max(sizes)
+    return _ACTIVATION_CACHE[key]
+
+
 def pair_batch(
     inputs: torch.Tensor, terms: PairTerms, chunk: slice
 ) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,0 +1,206 @@
+"""The pair graph: pairwise curvature folded in per sample, at the cost of the per-sample GGN.
+
+For a likelihood whose pair Hessian is ``s_m [[H, -H], [-H, H]]`` with the same square root
+``L`` for both samples of every pair (the contrastive likelihood: ``L = I``; its pull-back
+through the normalisation is per sample), the signed pairwise GGN of a batch is
+
+    sum_m s_m (u_a - u_b)(u_a - u_b)^T = sum_ij A_ij u_i u_j^T,   u_i = J_i^T S_i,
+
+with ``S_i`` the per-sample square-root columns ``(D, R)`` and ``A = diag(W 1) - W`` the graph
+Laplacian of the signed pair weights ``W`` (``B x B``). For one-sided pairs
+(``hessian_method='fixed'``) ``A`` is diagonal. Because ``A`` acts on samples and not on
+columns, every structure is a sum over columns ``r`` of ``sum_ij A_ij g_ir g_jr^T`` terms, and
+only the connected components of the graph couple samples: a ``positives`` graph splits into
+its classes. Nothing per pair is ever formed.
+
+The functions here fold ``A`` into per-sample quantities; the backends only produce those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+#: Elements of one intermediate tensor formed by the folds (bounds their peak memory).
+FOLD_CHUNK_ELEMENTS = 2**24
+
+
+@dataclass
+class PairGraph:
+    """The signed ``B x B`` pair graph of one batch.
+
+    Attributes
+    ----------
+    matrix : torch.Tensor
+        Symmetric ``A`` with ``sum_m s_m V_m V_m^T = sum_ij A_ij u_i u_j^T``, shape ``(B, B)``.
+    input_matrix : torch.Tensor
+        Symmetric ``C`` with ``sum_m e_m e_m^T = X^T C X`` for the Kronecker input factor
+        (``e = (x_a - x_b) / 2`` over the contributing pairs, or ``e = x_b`` if one-sided).
+    output_matrix : torch.Tensor
+        Symmetric ``A+`` with ``sum_m s_m Q_m Q_m^T = Q^T A+ Q`` for the Kronecker output
+        factor, ``Q_m = q_a + q_b`` the pair's columns at the layer output (``S_a - S_b`` in
+        the per-pair notation, where ``S_b`` carries the pair's minus sign): the signless
+        Laplacian ``diag(W 1) + W``; equal to ``matrix`` if one-sided.
+    n_pairs : int
+        Number of contributing pairs (non-zero weight).
+    """
+
+    matrix: torch.Tensor
+    input_matrix: torch.Tensor
+    output_matrix: torch.Tensor
+    n_pairs: int
+    _blocks: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = field(
+        default=None, repr=False
+    )
+
+    @classmethod
+    def from_pairs(
+        cls,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        weights: torch.Tensor,
+        n_samples: int,
+        one_sided: bool = False,
+    ) -> PairGraph:
+        """Build the graph of pairs ``(first[m], second[m])`` with signed weights ``s_m``.
+
+        Parameters
+        ----------
+        first, second : torch.LongTensor
+            Sample indices of each pair, shape ``(M,)``.
+        weights : torch.Tensor
+            Signed pair weights ``s_m``; zero-weight pairs are ignored.
+        n_samples : int
+            Number of samples ``B`` in the batch.
+        one_sided : bool, default=False
+            Only the second sample of each pair is differentiated (``hessian_method='fixed'``).
+
+        Returns
+        -------
+        graph : PairGraph
+        """
+        keep = weights != 0
+        first, second, weights = first[keep], second[keep], weights[keep]
+        shape = (n_samples, n_samples)
+        matrix = weights.new_zeros(shape)
+        inputs = weights.new_zeros(shape)
+        ones = torch.ones_like(weights)
+        if one_sided:
+            matrix.index_put_((second, second), weights, accumulate=True)
+            inputs.index_put_((second, second), ones, accumulate=True)
+            return cls(matrix, inputs, matrix, int(keep.sum()))
+        outputs = weights.new_zeros(shape)
+        for target, values, cross in (
+            (matrix, weights, -1.0),
+            (inputs, ones / 4, -1.0),
+            (outputs, weights, 1.0),
+        ):
+            target.index_put_((first, second), cross * values, accumulate=True)
+            target.index_put_((second, first), cross * values, accumulate=True)
+            target.index_put_((first, first), values, accumulate=True)
+            target.index_put_((second, second), values, accumulate=True)
+        return cls(matrix, inputs, outputs, int(keep.sum()))
+
+    @property
+    def n_samples(self) -> int:
+        """Number of samples ``B``."""
+        return self.matrix.shape[0]
+
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The graph split into independent parts.
+
+        Returns
+        -------
+        singletons : torch.LongTensor
+            Samples coupled to no other sample (only a diagonal entry, possibly zero).
+        singleton_weights : torch.Tensor
+            ``A_ii`` of the singletons.
+        components : list of torch.LongTensor
+            Index sets of the connected components with two or more samples.
+        """
+        if self._blocks is None:
+            off = self.matrix.detach().cpu().numpy().copy()
+            np.fill_diagonal(off, 0.0)
+            n_comp, labels = connected_components(csr_matrix(off != 0), directed=False)
+            labels_t = torch.as_tensor(labels, device=self.matrix.device)
+            sizes = torch.bincount(labels_t, minlength=n_comp)
+            single = sizes[labels_t] == 1
+            singletons = torch.nonzero(single).flatten()
+            components = [
+                torch.nonzero(labels_t == c).flatten() for c in range(n_comp) if int(sizes[c]) > 1
+            ]
+            self._blocks = (singletons, self.matrix.diagonal()[singletons], components)
+        return self._blocks
+
+
+def _row_chunks(n: int, per_row: int) -> list[slice]:
+    step = max(1, FOLD_CHUNK_ELEMENTS // max(per_row, 1))
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def fold_diag(grads: torch.Tensor, graph: PairGraph) -> torch.Tensor:
+    """``sum_r sum_ij A_ij g_ri * g_rj`` from per-sample gradients ``[R, B, *shape]``."""
+    singletons, weights, components = graph.blocks()
+    flat = grads.flatten(start_dim=2)
+    weights = weights.to(flat.dtype)
+    result = torch.einsum("i,rip->p", weights, flat[:, singletons].square())
+    for index in components:
+        block = graph.matrix[index][:, index].to(flat.dtype)
+        sub = flat[:, index]
+        for cols in _row_chunks(sub.shape[2], sub.shape[0] * sub.shape[1]):
+            part = sub[:, :, cols]
+            result[cols] += (part * torch.einsum("ij,rjp->rip", block, part)).sum(dim=(0, 1))
+    return result.reshape(grads.shape[2:])
+
+
+def fold_diag_outer(q: torch.Tensor, x: torch.Tensor, graph: PairGraph) -> torch.Tensor:
+    """Diagonal of a weight used once per sample, ``g_ri = q_ri x_i^T``, without forming ``g``.
+
+    ``sum_ij A_ij (sum_r q_ri[o] q_rj[o]) x_i[n] x_j[n]`` from ``q [R, B, out]`` and
+    ``x [B, in]``; per component the cost is ``k^2 out (R + in)`` for ``k`` samples.
+    """
+    singletons, weights, components = graph.blocks()
+    weights = weights.to(q.dtype)
+    result = (weights[:, None] * q[:, singletons].square().sum(0)).T @ x[singletons].square()
+    for index in components:
+        block = graph.matrix[index][:, index].to(q.dtype)
+        q_c, x_c = q[:, index], x[index]
+        k = len(index)
+        for outs in _row_chunks(q.shape[2], k * max(k, x.shape[1])):
+            gram = torch.einsum("rio,rjo->oij", q_c[:, :, outs], q_c[:, :, outs]) * block
+            result[outs] += ((gram @ x_c) * x_c).sum(1)
+    return result
+
+
+def fold_gram(
+    grads: torch.Tensor, graph: PairGraph, matrix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum_r G_r^T A G_r`` from per-sample gradients ``[R, B, P]``, shape ``(P, P)``.
+
+    ``matrix`` replaces ``A`` by another matrix with the same block pattern (the input graph).
+    """
+    matrix = graph.matrix if matrix is None else matrix
+    singletons, _, components = graph.blocks()
+    grads_dtype = grads.dtype
+    weights = matrix.diagonal()[singletons].to(grads_dtype)
+    single = grads[:, singletons]
+    result = torch.einsum("rip,i,riq->pq", single, weights, single)
+    for index in components:
+        block = matrix[index][:, index].to(grads_dtype)
+        sub = grads[:, index]
+        result += torch.einsum("rip,riq->pq", sub, torch.einsum("ij,rjq->riq", block, sub))
+    return result
+
+
+def fold_output_factor(q: torch.Tensor, graph: PairGraph) -> torch.Tensor:
+    """Kronecker output factor ``sum_{r,t} Q_rt^T A+ Q_rt`` from ``q [R, B, T, out]``."""
+    return fold_gram(q.transpose(1, 2).flatten(end_dim=1), graph, graph.output_matrix)
+
+
+def fold_input_factor(x: torch.Tensor, graph: PairGraph) -> torch.Tensor:
+    """Unnormalised Kronecker input factor ``sum_t X_t^T C X_t / T`` from ``x [B, T, in]``."""
+    return fold_gram(x.transpose(0, 1), graph, graph.input_matrix) / x.shape[1]
