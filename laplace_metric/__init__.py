@@ -44,7 +44,7 @@ from laplace_metric.likelihoods import (
     PairLikelihood,
     build_likelihood,
 )
-from laplace_metric.mining import Pairs, mine_pairs
+from laplace_metric.mining import PairBudgetMiner, Pairs, mine_pairs
 from laplace_metric.registry import metric_laplace
 from laplace_metric.scores import posterior_retrieval
 from laplace_metric.training import fit_online_lam
@@ -72,6 +72,7 @@ __all__ = [
     "MetricKronLaplace",
     "MetricLaplaceMixin",
     "MetricLikelihood",
+    "PairBudgetMiner",
     "PairCurvatureInterface",
     "PairLikelihood",
     "Pairs",

@@ -164,3 +164,49 @@ def mine_pairs(
     with torch.no_grad():
         indices = miner(embeddings.detach(), labels)
     return pairs_from_miner_output(indices, labels)
+
+
+class PairBudgetMiner:
+    """At most ``max_pairs`` pairs per batch, drawn uniformly from the mined pairs.
+
+    LAM-style subsampling for users who want a fixed curvature cost per batch: the curvature
+    (and the loss, which is built from the same pairs) then uses a random subset of the pairs.
+    Not the default: with the pair graph, curvature over *every* pair costs about what the
+    per-sample GGN does, so subsampling only adds noise. Use it as any pytorch-metric-learning
+    miner: ``ContrastiveLikelihood(miner=PairBudgetMiner(5000))``.
+
+    Parameters
+    ----------
+    max_pairs : int
+        Largest number of unordered pairs returned per batch.
+    miner : callable, optional
+        A pytorch-metric-learning miner whose pairs are subsampled; ``None`` uses all pairs.
+    seed : int, default=0
+        Seed of the miner's own generator: a run of calls is reproducible, and successive
+        batches get different subsets.
+
+    Returns
+    -------
+    (a1, p, a2, n)
+        Pair indices in pytorch-metric-learning's format (positives ``(a1, p)``, negatives
+        ``(a2, n)``).
+    """
+
+    def __init__(self, max_pairs: int, miner: Any | None = None, seed: int = 0) -> None:
+        if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
+            raise ValueError(f"max_pairs must be a positive integer, got {max_pairs!r}.")
+        self.max_pairs = max_pairs
+        self.miner = miner
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __repr__(self) -> str:
+        return f"PairBudgetMiner(max_pairs={self.max_pairs}, miner={self.miner!r})"
+
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pairs = mine_pairs(labels, embeddings, self.miner)
+        if len(pairs) > self.max_pairs:
+            keep = torch.randperm(len(pairs), generator=self.generator)[: self.max_pairs]
+            keep = keep.sort().values.to(labels.device)
+            pairs = Pairs(pairs.first[keep], pairs.second[keep], pairs.positive[keep])
+        pos, neg = pairs.positive, ~pairs.positive
+        return pairs.first[pos], pairs.second[pos], pairs.first[neg], pairs.second[neg]

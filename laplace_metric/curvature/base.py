@@ -183,7 +183,7 @@ class PairCurvatureInterface(GGNInterface):
             for cols in self._column_chunks(module, inputs, terms):
                 part = GraphTerms(terms.loss, terms.factor[:, :, cols], terms.graph)
                 value = getattr(self, f"_graph_{structure}")(module, inputs, g, part)
-                total = value if total is None else add_curvature(total, value)
+                total = value if total is None else add_curvature(total, value, over_columns=True)
             return BatchCurvature(terms.loss, self._finish(structure, total), terms.n_pairs)
         loss, n_pairs, chunks = self.likelihood.pair_term_chunks(g, y, self.max_pairs_per_chunk)
         if n_pairs == 0:
@@ -263,12 +263,22 @@ class PairCurvatureInterface(GGNInterface):
 
 
 def add_curvature(
-    total: torch.Tensor | Kron | list, part: torch.Tensor | Kron | list
+    total: torch.Tensor | Kron | list, part: torch.Tensor | Kron | list, over_columns: bool = False
 ) -> torch.Tensor | Kron | list:
-    """Sum of two partial curvatures (Kronecker factors add factor by factor, as both factors
-    of the difference-only factorisation are sums over pairs)."""
+    """Sum of two partial curvatures of one batch.
+
+    Over chunks of pairs, both Kronecker factors of the difference-only factorisation add (each
+    is a sum over pairs); over chunks of square-root columns only the output factor (and the
+    dense 1-D blocks) add, the input factor does not depend on the columns.
+    """
     if isinstance(total, torch.Tensor):
         return total + part
     old = total.kfacs if isinstance(total, Kron) else total
     new = part.kfacs if isinstance(part, Kron) else part
-    return Kron([[a + b for a, b in zip(fa, fb)] for fa, fb in zip(old, new)])
+    summed = []
+    for fa, fb in zip(old, new):
+        if over_columns and len(fa) == 2:
+            summed.append([fa[0] + fb[0], fa[1]])
+        else:
+            summed.append([a + b for a, b in zip(fa, fb)])
+    return Kron(summed)
