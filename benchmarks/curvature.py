@@ -1,13 +1,20 @@
 """Speed and memory of the pairwise curvature backends against stock BackPACK and torch.func.
 
-For an MLP 784-256-256-32 and a small CNN on 28x28 inputs, with 64 positive pairs from 128
-samples (float32), it times (median of ``--repeats``) each backend's curvature of one batch for
-``diag`` and ``kron``, next to
+Two tables (``--table pairs|scaling|all``):
 
-* the floor: stock BackPACK ``DiagGGNExact`` / ``KFLR`` on the same 2N = 128 pair-batch inputs
-  with an MSE loss on the embedding (as many square-root columns, D = 32, as the pairwise
-  likelihood has), and
+``pairs``: for an MLP 784-256-256-32 and a small CNN on 28x28 inputs, with 64 positive pairs
+from 128 samples (float32), it times (median of ``--repeats``) a whole ``la.fit`` over one batch
+for ``diag`` and ``kron`` with each backend, next to
+
+* the floor: stock laplace-torch ``Laplace(model, 'regression', backend=BackPackGGN).fit`` on
+  the same 128 inputs with D = 32 regression outputs (``DiagGGNExact`` / ``KFLR``: as many
+  square-root columns per sample as the pairwise likelihood has), and
 * the exact ``torch.func`` reference (:class:`ReferencePairGGN`).
+
+``scaling``: the MLP 784-256-256-D, all layers, one batch of B samples from 10 classes with
+*every* pair mined, B in {32, 64, 128, 256, 512}, D in {32, 128}, ``diag`` and ``kron``,
+``hessian_method`` ``positives`` and ``full``, default backend (BackPACK, pair graph), against
+the same stock floor on the same B inputs and D outputs, measured in the same run.
 
 Every measurement runs in a fresh subprocess. Memory is the peak resident set size during the
 measurement minus the resident set size just before it (``resource.getrusage`` against
@@ -46,8 +53,8 @@ CASES = {
 SKIP = {("cnn", "reference", "diag"), ("cnn", "reference", "kron")}
 
 
-def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
-    """The benchmark encoders: MLP 784-256-256-32 (~275k parameters) and a small CNN."""
+def build_model(name: str, dim: int = DIM) -> tuple[nn.Module, tuple[int, ...]]:
+    """The benchmark encoders: MLP 784-256-256-D (~275k parameters at D=32) and a small CNN."""
     torch.manual_seed(0)
     if name == "mlp":
         model = nn.Sequential(
@@ -56,7 +63,7 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
             nn.ReLU(),
             nn.Linear(256, 256),
             nn.ReLU(),
-            nn.Linear(256, DIM),
+            nn.Linear(256, dim),
         )
         return model, (1, 28, 28)
     model = nn.Sequential(
@@ -83,32 +90,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(model_name: str, backend: str, structure: str, repeats: int, device: str) -> dict:
-    """Measure one (model, backend, structure) in this process; returns seconds and bytes."""
-    import laplace_metric  # noqa: F401
-    from laplace_metric.curvature import AsdlPairGGN, BackPackPairGGN, ReferencePairGGN
-    from laplace_metric.likelihoods import ContrastiveLikelihood
-
-    model, shape = build_model(model_name)
-    model = model.to(device).eval()
-    x = torch.randn(2 * N_PAIRS, *shape, device=device)
-    labels = torch.arange(N_PAIRS, device=device).repeat_interleave(2)  # 64 positive pairs
-    lik = ContrastiveLikelihood(hessian_method="positives")
-    with torch.no_grad():
-        g = model(x)
-    terms = lik.pair_terms(g, labels).contributing()
-    assert len(terms.signs) == N_PAIRS
-
-    if backend == "floor":
-        run = stock_backpack(model, x, terms, structure)
-    else:
-        cls = {"reference": ReferencePairGGN, "backpack": BackPackPairGGN, "asdl": AsdlPairGGN}
-        curvature = cls[backend](model, lik)
-        hook = getattr(curvature, f"_{structure}")
-
-        def run():
-            return hook(model, x, g, terms)
-
+def timed(run, repeats: int, device: str) -> dict:
+    """Median seconds of ``run()`` after one warm-up, and the peak memory it added."""
     run()  # warm-up (builds BackPACK's hooked copy, caches)
     sync(device)
     if device == "cuda":
@@ -117,33 +100,65 @@ def worker(model_name: str, backend: str, structure: str, repeats: int, device: 
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        result = run()
+        run()
         sync(device)
         times.append(time.perf_counter() - start)
-        del result
     memory = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes() - before
     return {"seconds": statistics.median(times), "bytes": max(memory, 0)}
 
 
-def stock_backpack(model: nn.Module, x: torch.Tensor, terms, structure: str):
-    """Stock DiagGGNExact / KFLR with an MSE loss on the 2N pair-batch embeddings."""
-    import copy
+def fit_runner(
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    backend: str,
+    structure: str,
+    method: str,
+):
+    """A closure that runs one whole ``la.fit`` over the batch ``(x, labels)``."""
+    import laplace
+    from laplace.curvature import BackPackGGN
+    from torch.utils.data import DataLoader, TensorDataset
 
-    from backpack import backpack, extend
-    from backpack.extensions import KFLR, DiagGGNExact
+    from laplace_metric.curvature import AsdlPairGGN, BackPackPairGGN, ReferencePairGGN
 
-    twin = extend(copy.deepcopy(model))
-    loss_fn = extend(nn.MSELoss(reduction="sum"))
-    rows = torch.cat([x[terms.pairs.first], x[terms.pairs.second]])
-    ext = DiagGGNExact() if structure == "diag" else KFLR()
+    batch = len(x)
+    if backend == "floor":
+        with torch.no_grad():
+            dim = model(x[:1]).shape[1]
+        targets = torch.zeros(batch, dim, device=x.device)
+        loader = DataLoader(TensorDataset(x, targets), batch_size=batch)
+        la = laplace.Laplace(model, "regression", hessian_structure=structure, backend=BackPackGGN)
+    else:
+        loader = DataLoader(TensorDataset(x, labels), batch_size=batch)
+        cls = {"reference": ReferencePairGGN, "backpack": BackPackPairGGN, "asdl": AsdlPairGGN}
+        la = laplace.Laplace(
+            model,
+            "contrastive",
+            hessian_structure=structure,
+            hessian_method=method,
+            backend=cls.get(backend),
+        )
+    return lambda: la.fit(loader)
 
-    def run():
-        out = twin(rows)
-        with backpack(ext):
-            loss_fn(out, torch.zeros_like(out)).backward()
-        return [getattr(p, ext.savefield) for p in twin.parameters()]
 
-    return run
+def worker(task: dict, device: str) -> dict:
+    """Measure one cell in this process; returns seconds and bytes."""
+    import laplace_metric  # noqa: F401
+
+    if task["table"] == "pairs":
+        model, shape = build_model(task["model"])
+        x = torch.randn(2 * N_PAIRS, *shape, device=device)
+        labels = torch.arange(N_PAIRS, device=device).repeat_interleave(2)  # 64 positive pairs
+        method = "positives"
+    else:
+        model, shape = build_model("mlp", dim=task["dim"])
+        x = torch.randn(task["batch"], *shape, device=device)
+        labels = torch.arange(task["batch"], device=device) % 10
+        method = task["method"]
+    model = model.to(device).eval()
+    run = fit_runner(model, x, labels, task["backend"], task["structure"], method)
+    return timed(run, task["repeats"], device)
 
 
 def sync(device: str) -> None:
@@ -151,14 +166,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model: str, backend: str, structure: str, args: argparse.Namespace) -> dict | None:
+def measure(task: dict, args: argparse.Namespace) -> dict | None:
     """Run :func:`worker` in a fresh subprocess."""
-    repeats = args.reference_repeats if backend == "reference" else args.repeats
     cmd = [
         sys.executable,
         __file__,
         "--worker",
-        json.dumps([model, backend, structure, repeats]),
+        json.dumps(task),
         "--device",
         args.device,
         "--threads",
@@ -168,31 +182,16 @@ def measure(model: str, backend: str, structure: str, args: argparse.Namespace) 
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         why = lines[-1] if lines else f"killed (rc={proc.returncode}, out of memory?)"
-        print(f"  {model}/{backend}/{structure} failed: {why}")
+        print(f"  {task} failed: {why}")
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--reference-repeats", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.worker:
-        import warnings
-
-        warnings.simplefilter("ignore")
-        print(json.dumps(worker(*json.loads(args.worker), device=args.device)))
-        return
-
+def pairs_table(args: argparse.Namespace) -> None:
+    """64 positive pairs: each backend's whole fit against the stock floor and torch.func."""
     print(
-        f"device={args.device} threads={args.threads} float32, {N_PAIRS} pairs / "
-        f"{2 * N_PAIRS} samples, D=R={DIM}; median of {args.repeats} "
+        f"\n## 64 pairs: device={args.device} threads={args.threads} float32, {N_PAIRS} pairs / "
+        f"{2 * N_PAIRS} samples, D=R={DIM}; whole la.fit, median of {args.repeats} "
         f"(reference: {args.reference_repeats}); memory = peak RSS increase (CPU)"
     )
     header = (
@@ -206,12 +205,13 @@ def main() -> None:
         print(f"\n{model_name}: P={n_params}, a [C, N, P] float32 tensor would be {cnp:.0f} MB")
         print(header)
         for structure in ("diag", "kron"):
-            rows = {
-                b: None
-                if (model_name, b, structure) in SKIP
-                else measure(model_name, b, structure, args)
-                for b in backends
-            }
+            rows = {}
+            for b in backends:
+                if (model_name, b, structure) in SKIP:
+                    continue
+                repeats = args.reference_repeats if b == "reference" else args.repeats
+                task = dict(table="pairs", model=model_name, backend=b, structure=structure)
+                rows[b] = measure({**task, "repeats": repeats}, args)
             floor, ref = rows.get("floor"), rows.get("reference")
             for backend, row in rows.items():
                 if row is None:
@@ -223,6 +223,74 @@ def main() -> None:
                     f"{row['seconds']:9.4f} {row['bytes'] / 2**20:9.1f} {vs_floor:8.2f} "
                     f"{speedup:9.1f}"
                 )
+
+
+def scaling_table(args: argparse.Namespace) -> None:
+    """All pairs of 10 classes: the pair graph's fit against the stock per-sample floor."""
+    print(
+        f"\n## Scaling: MLP 784-256-256-D, all layers, all pairs of 10 classes, whole la.fit, "
+        f"median of {args.repeats}; floor = stock BackPackGGN regression fit on the same B "
+        f"inputs and D outputs; memory = peak RSS increase (CPU)\n"
+    )
+    print(
+        "| B | D | structure | pairs | floor [s] | positives [s] | x floor | full [s] | x floor "
+        "| peak MB (floor / positives / full) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dim in args.dims:
+        for batch in args.batches:
+            for structure in ("diag", "kron"):
+                base = dict(table="scaling", dim=dim, batch=batch, structure=structure)
+                base["repeats"] = args.repeats
+                cells = {
+                    m: measure({**base, "backend": b, "method": m}, args)
+                    for b, m in (("floor", "-"), ("default", "positives"), ("default", "full"))
+                }
+                floor = cells["-"]
+
+                def cell(row, floor=floor):
+                    if row is None or floor is None:
+                        return "failed", "-"
+                    return f"{row['seconds']:.3f}", f"{row['seconds'] / floor['seconds']:.2f}"
+
+                pos_t, pos_r = cell(cells["positives"])
+                full_t, full_r = cell(cells["full"])
+                mems = " / ".join(
+                    "-" if r is None else f"{r['bytes'] / 2**20:.0f}"
+                    for r in (floor, cells["positives"], cells["full"])
+                )
+                floor_t = "failed" if floor is None else f"{floor['seconds']:.3f}"
+                n_pairs = batch * (batch - 1) // 2
+                print(
+                    f"| {batch} | {dim} | {structure} | {n_pairs} | {floor_t} | {pos_t} | "
+                    f"{pos_r} | {full_t} | {full_r} | {mems} |",
+                    flush=True,
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", choices=["pairs", "scaling", "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference-repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--batches", nargs="+", type=int, default=[32, 64, 128, 256, 512])
+    parser.add_argument("--dims", nargs="+", type=int, default=[32, 128])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        import warnings
+
+        warnings.simplefilter("ignore")
+        print(json.dumps(worker(json.loads(args.worker), device=args.device)))
+        return
+    if args.table in ("pairs", "all"):
+        pairs_table(args)
+    if args.table in ("scaling", "all"):
+        scaling_table(args)
 
 
 if __name__ == "__main__":

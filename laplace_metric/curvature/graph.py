@@ -157,73 +157,71 @@ def fold_diag(grads: torch.Tensor, graph: PairGraph) -> torch.Tensor:
     return result.reshape(grads.shape[2:])
 
 
-@dataclass
-class EdgeKernels:
-    """Per-edge column products of one layer's output columns, shared by weight and bias.
+def component_buckets(graph: PairGraph) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The graph's components grouped by size, padded to a common size per group.
 
-    Attributes
-    ----------
-    diagonal : torch.Tensor
-        ``A_ii sum_r q_ri[o]^2``, shape ``(B, out)``.
-    edges : list of tuple
-        Per connected component: sample indices ``(first, second)`` of its edges ``i < j``
-        and ``2 A_ij K_ij[o]`` with ``K_ij[o] = sum_r q_ri[o] q_rj[o]``, shape ``(out, E)``.
+    Returns
+    -------
+    buckets : list of (index, block)
+        ``index`` ``(C, k)`` sample indices (padded with sample 0) and ``block`` ``(C, k, k)``
+        the components' off-diagonal part of ``A`` (zero on the padding and the diagonal).
     """
-
-    diagonal: torch.Tensor
-    edges: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def edge_kernels(q: torch.Tensor, graph: PairGraph) -> EdgeKernels:
-    """:class:`EdgeKernels` of output columns ``q [R, B, out]``; costs ``k^2 out R`` per
-    component of ``k`` samples (batched matrix products)."""
     _, _, components = graph.blocks()
-    diag_weights = graph.matrix.diagonal().to(q.dtype)
-    diagonal = diag_weights[:, None] * q.square().sum(0)
-    edges = []
-    if components:
-        q_t = q.permute(2, 1, 0).contiguous()  # [out, B, R]: bmm is slow on strided operands
+    groups: dict[int, list[torch.Tensor]] = {}
     for index in components:
-        block = graph.matrix[index][:, index].to(q.dtype)
-        first, second = torch.triu_indices(len(index), len(index), 1, device=block.device)
-        weights = block[first, second]
-        keep = weights != 0
-        first, second, weights = first[keep], second[keep], 2 * weights[keep]
-        rows = q_t[:, index]  # [out, k, R]
-        kernel = q.new_empty(q.shape[2], len(weights))
-        for outs in _row_chunks(q.shape[2], len(index) ** 2):
-            gram = torch.bmm(rows[outs], rows[outs].transpose(1, 2))  # [out, k, k]
-            kernel[outs] = gram[:, first, second] * weights
-        edges.append((index[first], index[second], kernel))
-    return EdgeKernels(diagonal, edges)
+        size = 1 << (len(index) - 1).bit_length()  # next power of two: little padding
+        groups.setdefault(size, []).append(index)
+    buckets = []
+    for size, members in sorted(groups.items()):
+        index = torch.zeros(len(members), size, dtype=torch.long, device=graph.matrix.device)
+        block = graph.matrix.new_zeros(len(members), size, size)
+        for c, members_c in enumerate(members):
+            k = len(members_c)
+            index[c, :k] = members_c
+            block[c, :k, :k] = graph.matrix[members_c][:, members_c]
+            block[c, :k, :k].fill_diagonal_(0.0)
+        buckets.append((index, block))
+    return buckets
 
 
-def fold_diag_outer(
-    q: torch.Tensor, x: torch.Tensor, graph: PairGraph, kernels: EdgeKernels | None = None
-) -> torch.Tensor:
-    """Diagonal of a weight used once per sample, ``g_ri = q_ri x_i^T``, without forming ``g``.
+def fold_linear(
+    q: torch.Tensor, x: torch.Tensor, graph: PairGraph
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonals of a weight used once per sample (``g_ri = q_ri x_i^T``) and of its bias.
 
     ``sum_ij A_ij K_ij[o] x_i[n] x_j[n]`` with ``K_ij[o] = sum_r q_ri[o] q_rj[o]``, from
-    ``q [R, B, out]`` and ``x [B, in]``. The diagonal of ``A`` costs what stock BackPACK's
-    ``DiagGGNExact`` does; every edge ``i < j`` of the graph adds one column of a single
-    matrix product ``(out x E) @ (E x in)``, so the extra cost is ``E out (R + in)`` for ``E``
-    edges. ``kernels`` (from :func:`edge_kernels`) may be passed to share them with the bias.
+    ``q [R, B, out]`` and ``x [B, in]``, without forming per-sample gradients. The diagonal of
+    ``A`` costs what stock BackPACK's ``DiagGGNExact`` does; each connected component of ``k``
+    samples adds ``k^2 out (R + in)`` in batched matrix products (chunked over outputs).
+
+    Returns
+    -------
+    weight : torch.Tensor
+        ``(out, in)``.
+    bias : torch.Tensor
+        ``(out,)``, the same sum with ``x = 1``.
     """
-    kernels = edge_kernels(q, graph) if kernels is None else kernels
-    result = kernels.diagonal.T @ x.square()
-    for first, second, kernel in kernels.edges:
-        for part in _row_chunks(len(first), x.shape[1]):
-            products = x[first[part]] * x[second[part]]  # [E, in]
-            result += kernel[:, part] @ products
-    return result
-
-
-def fold_diag_bias(kernels: EdgeKernels) -> torch.Tensor:
-    """Diagonal of the bias of the layer whose :class:`EdgeKernels` are given."""
-    result = kernels.diagonal.sum(0)
-    for _, _, kernel in kernels.edges:
-        result = result + kernel.sum(1)
-    return result
+    diag_weights = graph.matrix.diagonal().to(q.dtype)
+    diagonal = diag_weights[:, None] * q.square().sum(0)  # [B, out]
+    weight = diagonal.T @ x.square()
+    bias = diagonal.sum(0)
+    buckets = component_buckets(graph)
+    if not buckets:
+        return weight, bias
+    q_t = q.permute(2, 1, 0).contiguous()  # [out, B, R]: bmm is slow on strided operands
+    n_out, n_in = q.shape[2], x.shape[1]
+    for index, block in buckets:
+        n_comp, k = index.shape
+        flat = index.flatten()
+        x_c = x.index_select(0, flat).view(n_comp, k, n_in)
+        rows_all = q_t.index_select(1, flat).view(n_out, n_comp, k, -1)
+        block = block.to(q.dtype)
+        for outs in _row_chunks(n_out, n_comp * k * max(k, n_in)):
+            rows = rows_all[outs]
+            gram = rows @ rows.transpose(-1, -2) * block  # [o, C, k, k]
+            bias[outs] += gram.sum(dim=(1, 2, 3))
+            weight[outs] += ((gram @ x_c) * x_c).sum(dim=(1, 2))
+    return weight, bias
 
 
 def fold_gram(

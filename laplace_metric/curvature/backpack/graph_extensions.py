@@ -14,14 +14,11 @@ import torch
 from laplace_metric.curvature.backpack.extensions import KRON_WEIGHT_LAYERS, PairExtension
 from laplace_metric.curvature.graph import (
     FOLD_CHUNK_ELEMENTS,
-    EdgeKernels,
     PairGraph,
-    edge_kernels,
     fold_diag,
-    fold_diag_bias,
-    fold_diag_outer,
     fold_gram,
     fold_input_factor,
+    fold_linear,
     fold_output_factor,
 )
 
@@ -55,24 +52,22 @@ class GraphDiagGGN(GraphExtension):
 
     def __init__(self, graph: PairGraph, root: torch.Tensor | None = None):
         super().__init__("graph_diag_ggn", graph, root)
-        self._kernels: tuple[torch.Tensor, EdgeKernels] | None = None
+        self._linear: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def _edge_kernels(self, q: torch.Tensor, bp: torch.Tensor) -> EdgeKernels:
-        """Kernels of the layer whose output columns are ``bp``, shared by weight and bias."""
-        if self._kernels is None or self._kernels[0] is not bp:
-            self._kernels = (bp, edge_kernels(q, self.graph))
-        return self._kernels[1]
+    def _fold_linear(self, q: torch.Tensor, x: torch.Tensor, bp: torch.Tensor):
+        """Weight and bias diagonals of the layer whose output columns are ``bp`` (computed
+        once for both parameters)."""
+        if self._linear is None or self._linear[0] is not bp:
+            self._linear = (bp, fold_linear(q, x, self.graph))
+        return self._linear[1]
 
     def parameter_quantity(self, layer, module, name, bp):
         if isinstance(module, KRON_WEIGHT_LAYERS):
             q, x = layer.weight_views(self, module, bp)  # [R, 1, B, T, out], [1, B, T, in]
             q, x = q[:, 0], x[0]
             if q.shape[2] == 1:
-                kernels = self._edge_kernels(q[:, :, 0], bp)
-                if name == "bias":
-                    return fold_diag_bias(kernels)
-                diag = fold_diag_outer(q[:, :, 0], x[:, 0], self.graph, kernels)
-                return diag.reshape(module.weight.shape)
+                weight, bias = self._fold_linear(q[:, :, 0], x[:, 0], bp)
+                return bias if name == "bias" else weight.reshape(module.weight.shape)
         if name == "weight" and isinstance(module, KRON_WEIGHT_LAYERS):  # shared weight
             per_column = q.shape[1] * q.shape[3] * x.shape[2]
             step = max(1, FOLD_CHUNK_ELEMENTS // per_column)
