@@ -56,6 +56,9 @@ class PairGraph:
     _blocks: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = field(
         default=None, repr=False
     )
+    _buckets: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict, repr=False
+    )
 
     @classmethod
     def from_pairs(
@@ -144,28 +147,41 @@ def _row_chunks(n: int, per_row: int) -> list[slice]:
 
 def fold_diag(grads: torch.Tensor, graph: PairGraph) -> torch.Tensor:
     """``sum_r sum_ij A_ij g_ri * g_rj`` from per-sample gradients ``[R, B, *shape]``."""
-    singletons, weights, components = graph.blocks()
     flat = grads.flatten(start_dim=2)
-    weights = weights.to(flat.dtype)
-    result = torch.einsum("i,rip->p", weights, flat[:, singletons].square())
-    for index in components:
-        block = graph.matrix[index][:, index].to(flat.dtype)
-        sub = flat[:, index]
-        for cols in _row_chunks(sub.shape[2], sub.shape[0] * sub.shape[1]):
-            part = sub[:, :, cols]
-            result[cols] += (part * torch.einsum("ij,rjp->rip", block, part)).sum(dim=(0, 1))
+    diag_weights = graph.matrix.diagonal().to(flat.dtype)
+    result = torch.einsum("i,rip->p", diag_weights, flat.square())
+    n_cols, _, n_params = flat.shape
+    for index, block in component_buckets(graph):
+        n_comp, k = index.shape
+        rows_all = flat.index_select(1, index.flatten()).view(n_cols, n_comp, k, n_params)
+        block = block.to(flat.dtype)
+        for params in _row_chunks(n_params, n_cols * n_comp * k):
+            rows = rows_all[..., params]
+            result[params] += (rows * (block @ rows)).sum(dim=(0, 1, 2))
     return result.reshape(grads.shape[2:])
 
 
-def component_buckets(graph: PairGraph) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def component_buckets(
+    graph: PairGraph, matrix: torch.Tensor | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The graph's components grouped by size, padded to a common size per group.
+
+    Parameters
+    ----------
+    graph : PairGraph
+    matrix : torch.Tensor, optional
+        A matrix with the graph's pattern (default ``graph.matrix``).
 
     Returns
     -------
     buckets : list of (index, block)
         ``index`` ``(C, k)`` sample indices (padded with sample 0) and ``block`` ``(C, k, k)``
-        the components' off-diagonal part of ``A`` (zero on the padding and the diagonal).
+        the components' off-diagonal part of ``matrix`` (zero on the padding and diagonal).
     """
+    matrix = graph.matrix if matrix is None else matrix
+    key = id(matrix)
+    if key in graph._buckets:
+        return graph._buckets[key]
     _, _, components = graph.blocks()
     groups: dict[int, list[torch.Tensor]] = {}
     for index in components:
@@ -173,14 +189,15 @@ def component_buckets(graph: PairGraph) -> list[tuple[torch.Tensor, torch.Tensor
         groups.setdefault(size, []).append(index)
     buckets = []
     for size, members in sorted(groups.items()):
-        index = torch.zeros(len(members), size, dtype=torch.long, device=graph.matrix.device)
-        block = graph.matrix.new_zeros(len(members), size, size)
+        index = torch.zeros(len(members), size, dtype=torch.long, device=matrix.device)
+        block = matrix.new_zeros(len(members), size, size)
         for c, members_c in enumerate(members):
             k = len(members_c)
             index[c, :k] = members_c
-            block[c, :k, :k] = graph.matrix[members_c][:, members_c]
+            block[c, :k, :k] = matrix[members_c][:, members_c]
             block[c, :k, :k].fill_diagonal_(0.0)
         buckets.append((index, block))
+    graph._buckets[key] = buckets
     return buckets
 
 
@@ -229,18 +246,19 @@ def fold_gram(
 ) -> torch.Tensor:
     """``sum_r G_r^T A G_r`` from per-sample gradients ``[R, B, P]``, shape ``(P, P)``.
 
-    ``matrix`` replaces ``A`` by another matrix with the same block pattern (the input graph).
+    ``matrix`` replaces ``A`` by another matrix with the same block pattern (the Kronecker
+    input and output graphs).
     """
     matrix = graph.matrix if matrix is None else matrix
-    singletons, _, components = graph.blocks()
-    grads_dtype = grads.dtype
-    weights = matrix.diagonal()[singletons].to(grads_dtype)
-    single = grads[:, singletons]
-    result = torch.einsum("rip,i,riq->pq", single, weights, single)
-    for index in components:
-        block = matrix[index][:, index].to(grads_dtype)
-        sub = grads[:, index]
-        result += torch.einsum("rip,riq->pq", sub, torch.einsum("ij,rjq->riq", block, sub))
+    n_cols, _, n_params = grads.shape
+    diag_weights = matrix.diagonal().to(grads.dtype)
+    weighted = grads * diag_weights[:, None]
+    result = weighted.reshape(-1, n_params).T @ grads.reshape(-1, n_params)
+    for index, block in component_buckets(graph, matrix):
+        n_comp, k = index.shape
+        rows = grads.index_select(1, index.flatten()).view(n_cols, n_comp, k, n_params)
+        mixed = block.to(grads.dtype) @ rows
+        result += rows.reshape(-1, n_params).T @ mixed.reshape(-1, n_params)
     return result
 
 
