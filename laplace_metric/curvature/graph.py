@@ -148,22 +148,45 @@ def _row_chunks(n: int, per_row: int) -> list[slice]:
 def fold_diag(grads: torch.Tensor, graph: PairGraph) -> torch.Tensor:
     """``sum_r sum_ij A_ij g_ri * g_rj`` from per-sample gradients ``[R, B, *shape]``."""
     flat = grads.flatten(start_dim=2)
-    diag_weights = graph.matrix.diagonal().to(flat.dtype)
-    result = torch.einsum("i,rip->p", diag_weights, flat.square())
+    singletons, weights, _ = graph.blocks()
+    result = torch.einsum("i,rip->p", weights.to(flat.dtype), flat[:, singletons].square())
     n_cols, _, n_params = flat.shape
-    for index, block in component_buckets(graph):
-        n_comp, k = index.shape
-        rows_all = flat.index_select(1, index.flatten()).view(n_cols, n_comp, k, n_params)
-        block = block.to(flat.dtype)
+    for bucket in component_buckets(graph, diagonal=True):
+        n_comp, k = bucket.index.shape
+        block = bucket.block.to(flat.dtype)
         for params in _row_chunks(n_params, n_cols * n_comp * k):
-            rows = rows_all[..., params]
+            rows = _bucket_rows(flat[..., params], bucket)
             result[params] += (rows * (block @ rows)).sum(dim=(0, 1, 2))
     return result.reshape(grads.shape[2:])
 
 
+@dataclass
+class Bucket:
+    """Connected components of one size class, padded to ``k`` samples.
+
+    Attributes
+    ----------
+    index : torch.LongTensor
+        ``(C, k)`` sample indices, padded with sample 0.
+    block : torch.Tensor
+        ``(C, k, k)`` the components' blocks of the matrix (zero on the padding; the diagonal
+        is kept or zeroed, as requested).
+    mask : torch.Tensor
+        ``(C, k)``, 1 for real samples and 0 for padding.
+    centred : bool
+        Every block (with its diagonal) has zero row sums, so its quadratic form is unchanged
+        by subtracting a per-component mean, which the folds do to avoid cancellation.
+    """
+
+    index: torch.Tensor
+    block: torch.Tensor
+    mask: torch.Tensor
+    centred: bool
+
+
 def component_buckets(
-    graph: PairGraph, matrix: torch.Tensor | None = None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    graph: PairGraph, matrix: torch.Tensor | None = None, diagonal: bool = False
+) -> list[Bucket]:
     """The graph's components grouped by size, padded to a common size per group.
 
     Parameters
@@ -171,15 +194,15 @@ def component_buckets(
     graph : PairGraph
     matrix : torch.Tensor, optional
         A matrix with the graph's pattern (default ``graph.matrix``).
+    diagonal : bool, default=False
+        Keep the diagonal in the blocks.
 
     Returns
     -------
-    buckets : list of (index, block)
-        ``index`` ``(C, k)`` sample indices (padded with sample 0) and ``block`` ``(C, k, k)``
-        the components' off-diagonal part of ``matrix`` (zero on the padding and diagonal).
+    buckets : list of Bucket
     """
     matrix = graph.matrix if matrix is None else matrix
-    key = id(matrix)
+    key = (id(matrix), diagonal)
     if key in graph._buckets:
         return graph._buckets[key]
     _, _, components = graph.blocks()
@@ -191,14 +214,30 @@ def component_buckets(
     for size, members in sorted(groups.items()):
         index = torch.zeros(len(members), size, dtype=torch.long, device=matrix.device)
         block = matrix.new_zeros(len(members), size, size)
+        mask = matrix.new_zeros(len(members), size)
         for c, members_c in enumerate(members):
             k = len(members_c)
             index[c, :k] = members_c
             block[c, :k, :k] = matrix[members_c][:, members_c]
-            block[c, :k, :k].fill_diagonal_(0.0)
-        buckets.append((index, block))
+            mask[c, :k] = 1.0
+        scale = block.abs().amax().clamp_min(torch.finfo(block.dtype).tiny)
+        centred = bool((block.sum(-1).abs() <= 1e-12 * scale).all())
+        if not diagonal:
+            block.diagonal(dim1=1, dim2=2).zero_()
+        buckets.append(Bucket(index, block, mask, centred))
     graph._buckets[key] = buckets
     return buckets
+
+
+def _bucket_rows(grads: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+    """Per-sample rows ``[R, C, k, P]`` of a bucket, centred per component if allowed."""
+    n_comp, k = bucket.index.shape
+    rows = grads.index_select(1, bucket.index.flatten()).view(grads.shape[0], n_comp, k, -1)
+    mask = bucket.mask.to(grads.dtype)[:, :, None]
+    if bucket.centred:
+        mean = (rows * mask).sum(2, keepdim=True) / mask.sum(1, keepdim=True)
+        rows = rows - mean
+    return rows * mask
 
 
 def fold_linear(
@@ -227,12 +266,12 @@ def fold_linear(
         return weight, bias
     q_t = q.permute(2, 1, 0).contiguous()  # [out, B, R]: bmm is slow on strided operands
     n_out, n_in = q.shape[2], x.shape[1]
-    for index, block in buckets:
-        n_comp, k = index.shape
-        flat = index.flatten()
+    for bucket in buckets:
+        n_comp, k = bucket.index.shape
+        flat = bucket.index.flatten()
         x_c = x.index_select(0, flat).view(n_comp, k, n_in)
         rows_all = q_t.index_select(1, flat).view(n_out, n_comp, k, -1)
-        block = block.to(q.dtype)
+        block = bucket.block.to(q.dtype)
         for outs in _row_chunks(n_out, n_comp * k * max(k, n_in)):
             rows = rows_all[outs]
             gram = rows @ rows.transpose(-1, -2) * block  # [o, C, k, k]
@@ -250,14 +289,14 @@ def fold_gram(
     input and output graphs).
     """
     matrix = graph.matrix if matrix is None else matrix
-    n_cols, _, n_params = grads.shape
-    diag_weights = matrix.diagonal().to(grads.dtype)
-    weighted = grads * diag_weights[:, None]
-    result = weighted.reshape(-1, n_params).T @ grads.reshape(-1, n_params)
-    for index, block in component_buckets(graph, matrix):
-        n_comp, k = index.shape
-        rows = grads.index_select(1, index.flatten()).view(n_cols, n_comp, k, n_params)
-        mixed = block.to(grads.dtype) @ rows
+    n_params = grads.shape[2]
+    singletons, _, _ = graph.blocks()
+    single = grads[:, singletons]
+    weighted = single * matrix.diagonal()[singletons].to(grads.dtype)[:, None]
+    result = weighted.reshape(-1, n_params).T @ single.reshape(-1, n_params)
+    for bucket in component_buckets(graph, matrix, diagonal=True):
+        rows = _bucket_rows(grads, bucket)
+        mixed = bucket.block.to(grads.dtype) @ rows
         result += rows.reshape(-1, n_params).T @ mixed.reshape(-1, n_params)
     return result
 
