@@ -183,6 +183,11 @@ class Bucket:
     mask: torch.Tensor
     centred: bool
 
+    @property
+    def padded(self) -> bool:
+        """Whether some components have fewer than ``k`` samples."""
+        return not bool(self.mask.all())
+
 
 def component_buckets(
     graph: PairGraph, matrix: torch.Tensor | None = None, diagonal: bool = False
@@ -233,11 +238,14 @@ def _bucket_rows(grads: torch.Tensor, bucket: Bucket) -> torch.Tensor:
     """Per-sample rows ``[R, C, k, P]`` of a bucket, centred per component if allowed."""
     n_comp, k = bucket.index.shape
     rows = grads.index_select(1, bucket.index.flatten()).view(grads.shape[0], n_comp, k, -1)
-    mask = bucket.mask.to(grads.dtype)[:, :, None]
+    if bucket.padded:
+        mask = bucket.mask.to(grads.dtype)[:, :, None]
+        if bucket.centred:
+            rows = rows - (rows * mask).sum(2, keepdim=True) / mask.sum(1, keepdim=True)
+        return rows * mask
     if bucket.centred:
-        mean = (rows * mask).sum(2, keepdim=True) / mask.sum(1, keepdim=True)
-        rows = rows - mean
-    return rows * mask
+        rows = rows - rows.mean(2, keepdim=True)
+    return rows
 
 
 def fold_linear(
@@ -281,15 +289,27 @@ def fold_linear(
 
 
 def fold_gram(
-    grads: torch.Tensor, graph: PairGraph, matrix: torch.Tensor | None = None
+    grads: torch.Tensor,
+    graph: PairGraph,
+    matrix: torch.Tensor | None = None,
+    n_params: int | None = None,
 ) -> torch.Tensor:
     """``sum_r G_r^T A G_r`` from per-sample gradients ``[R, B, P]``, shape ``(P, P)``.
 
-    ``matrix`` replaces ``A`` by another matrix with the same block pattern (the Kronecker
-    input and output graphs).
+    Parameters
+    ----------
+    grads : torch.Tensor
+        ``[R, B, F]``; with ``n_params`` given, ``F = T * P`` holds ``T`` locations of ``P``
+        values each, and the locations are summed over like the columns.
+    graph : PairGraph
+    matrix : torch.Tensor, optional
+        Replaces ``A`` by another matrix with the same block pattern (the Kronecker input and
+        output graphs).
+    n_params : int, optional
+        ``P`` (default: all of ``F``).
     """
     matrix = graph.matrix if matrix is None else matrix
-    n_params = grads.shape[2]
+    n_params = grads.shape[2] if n_params is None else n_params
     singletons, _, _ = graph.blocks()
     single = grads[:, singletons]
     weighted = single * matrix.diagonal()[singletons].to(grads.dtype)[:, None]
@@ -303,9 +323,13 @@ def fold_gram(
 
 def fold_output_factor(q: torch.Tensor, graph: PairGraph) -> torch.Tensor:
     """Kronecker output factor ``sum_{r,t} Q_rt^T A+ Q_rt`` from ``q [R, B, T, out]``."""
-    return fold_gram(q.transpose(1, 2).flatten(end_dim=1), graph, graph.output_matrix)
+    n_cols, batch, _, n_out = q.shape
+    flat = q.reshape(n_cols, batch, -1)
+    return fold_gram(flat, graph, graph.output_matrix, n_params=n_out)
 
 
 def fold_input_factor(x: torch.Tensor, graph: PairGraph) -> torch.Tensor:
     """Unnormalised Kronecker input factor ``sum_t X_t^T C X_t / T`` from ``x [B, T, in]``."""
-    return fold_gram(x.transpose(0, 1), graph, graph.input_matrix) / x.shape[1]
+    batch, n_locations, n_in = x.shape
+    flat = x.reshape(1, batch, -1)
+    return fold_gram(flat, graph, graph.input_matrix, n_params=n_in) / n_locations
