@@ -46,7 +46,12 @@ from laplace_metric.likelihoods import (
 )
 from laplace_metric.mining import Pairs, mine_pairs
 from laplace_metric.registry import metric_laplace
-from laplace_metric.scores import posterior_retrieval
+from laplace_metric.scores import (
+    PosteriorRetrieval,
+    PosteriorScore,
+    UncertaintyScorer,
+    posterior_retrieval,
+)
 from laplace_metric.training import fit_online_lam
 from laplace_metric.uncertainty import uncertainty_score
 from laplace_metric.validation import PositivePairGaussianNLL
@@ -76,8 +81,11 @@ __all__ = [
     "PairLikelihood",
     "Pairs",
     "PositivePairGaussianNLL",
+    "PosteriorRetrieval",
+    "PosteriorScore",
     "ReferencePairGGN",
     "UncertaintyScore",
+    "UncertaintyScorer",
     "build_likelihood",
     "default_backend",
     "fit_online_lam",
