@@ -25,6 +25,7 @@ from laplace_metric.curvature import (
     ReferencePairGGN,
     default_backend,
 )
+from laplace_metric.encoders import SelectOutput, check_encoder_output
 from laplace_metric.enums import HessianMethod, MetricLikelihood, UncertaintyScore
 from laplace_metric.estimators import (
     ESTIMATORS,
@@ -84,9 +85,11 @@ __all__ = [
     "PosteriorRetrieval",
     "PosteriorScore",
     "ReferencePairGGN",
+    "SelectOutput",
     "UncertaintyScore",
     "UncertaintyScorer",
     "build_likelihood",
+    "check_encoder_output",
     "default_backend",
     "fit_online_lam",
     "posterior_retrieval",
