@@ -210,7 +210,7 @@ def plot_sparsification(
             ax.legend()
     axes[0].set_ylabel(ylabel)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.0, va="bottom")
     return _save(fig, path)
 
 
@@ -274,7 +274,19 @@ def plot_reliability_diagram(
     ax.set_ylim(0, 1.02)
     heading = f"ECE = {bins.ece:.4f}"
     ax.set_title(f"{title}\n{heading}" if title else heading, fontsize="medium")
-    ax.legend(loc="upper left", fontsize="small")
+    handles, labels = ax.get_legend_handles_labels()
+    order = [
+        labels.index(k)
+        for k in (
+            "accuracy in bin",
+            "mean confidence",
+            "gap to mean confidence",
+            "perfect calibration",
+        )
+    ]
+    ax.legend(
+        [handles[i] for i in order], [labels[i] for i in order], loc="upper left", fontsize="small"
+    )
     ax_count.bar(centres, count, width=width, color="grey", edgecolor="k")
     ax_count.set_xlabel("confidence (agreement of weight samples with the mean's top-1 label)")
     ax_count.set_ylabel("queries")
@@ -391,12 +403,18 @@ def plot_embedding_2d(
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
+    order = sorted(handles, key=lambda name: ("OOD" in name, int(name.split()[0])))
     fig.legend(
-        handles.values(), handles.keys(), title="class", loc="center right", fontsize="small"
+        [handles[k] for k in order],
+        order,
+        title="class",
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize="small",
     )
     heading = (
         f"marker size: {size_label} ({lo:.3g} to {hi:.3g}, 5th-95th percentile; "
         "larger = less certain)"
     )
-    fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize="medium")
+    fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize="medium", y=1.0, va="bottom")
     return _save(fig, path)
