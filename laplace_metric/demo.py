@@ -385,7 +385,11 @@ def write_plots(result: SeedResult, output_dir: Path, config: DemoConfig) -> lis
             continue
         path = output_dir / f"uncertainty_{_slug(name)}_{tag}.png"
         plot_uncertainty_histograms(
-            result.scores[name], path, xlabel=f"{name} score", title=f"{name}\n{data}"
+            result.scores[name],
+            path,
+            xlabel=f"{name} score",
+            title=f"{name}\n{data}",
+            log=name.endswith("trace"),
         )
         paths.append(path)
     path = output_dir / f"sparsification_{tag}.png"

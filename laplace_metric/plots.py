@@ -67,6 +67,7 @@ def plot_uncertainty_histograms(
     in_distribution: str | None = None,
     xlabel: str = "uncertainty score",
     title: str | None = None,
+    log: bool = False,
 ) -> Figure:
     """Overlaid, density-normalised histograms of the uncertainty of several input sets.
 
@@ -83,6 +84,9 @@ def plot_uncertainty_histograms(
     xlabel : str, default='uncertainty score'
     title : str, optional
         E.g. the method, seed and data set.
+    log : bool, default=False
+        Histogram ``log10`` of the scores (for heavy-tailed scores such as the trace; they
+        must be positive); the x label says so.
 
     Returns
     -------
@@ -91,6 +95,11 @@ def plot_uncertainty_histograms(
     if not scores:
         raise ValueError("scores is empty; pass at least one named set of scores.")
     arrays = {name: _finite_1d(s, f"scores[{name!r}]") for name, s in scores.items()}
+    if log:
+        if any((a <= 0).any() for a in arrays.values()):
+            raise ValueError("log=True needs positive scores.")
+        arrays = {name: np.log10(a) for name, a in arrays.items()}
+        xlabel = f"log10 {xlabel}"
     in_distribution = next(iter(arrays)) if in_distribution is None else in_distribution
     if in_distribution not in arrays:
         raise ValueError(f"in_distribution {in_distribution!r} is not a key of scores.")

@@ -187,3 +187,14 @@ def test_embedding_plot_marks_ood_labels_axes_and_clips_sizes(tmp_path) -> None:
     assert np.median(sizes) > 25  # min-max scaling would put nearly all at the minimum, 5
     assert sizes.max() == pytest.approx(85.0)
     assert fig._suptitle.get_text().startswith("t\nmarker size: uncertainty")
+
+
+def test_uncertainty_histograms_log_scale(tmp_path) -> None:
+    fig = P.plot_uncertainty_histograms(
+        {"a": torch.tensor([1.0, 10.0, 100.0])}, tmp_path / "l.png", xlabel="trace", log=True
+    )
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "log10 trace"
+    assert ax.get_xlim()[1] < 3
+    with pytest.raises(ValueError, match="positive"):
+        P.plot_uncertainty_histograms({"a": torch.zeros(3)}, tmp_path / "z.png", log=True)
