@@ -106,8 +106,9 @@ def fit_online_lam(
         digits), whose noisy samples hurt retrieval. The defaults were chosen on the
         *validation* split of the digits open-set split (``examples/tune_online_lam.py``, 3
         seeds, 30 epochs, all-layer diag): validation MAP@R 0.942 ± 0.007 and noise AUROC
-        0.998 for ``'final'`` with 1e4, against 0.926 (1e3), 0.803 (1e2), 0.941 but noise
-        AUROC 0.93-0.97 (3e4, 1e5), and MAP@R 0.62-0.70 for ``'marglik'``.
+        0.998 for ``'final'`` with 1e4, against 0.926 (1e3), 0.803 (1e2), 0.941-0.942 but
+        noise AUROC 0.93-0.97 (3e4, 1e5, and ``'fixed'`` 1e4), and MAP@R 0.64 ± 0.05 for
+        ``'marglik'``.
     update_every : int, default=1
         Refresh the posterior used for sampling every this many steps.
     optimizer : type, default=torch.optim.Adam
