@@ -330,13 +330,13 @@ class MetricLaplaceMixin:
         if skipped:
             warnings.warn(
                 f"{skipped} of {n_batches} batches contributed no pair and were skipped.",
-                stacklevel=2,
+                stacklevel=3,  # past keeps_module_modes, to the caller
             )
         if single_class and self.hessian_method != HessianMethod.POSITIVES:
             warnings.warn(
                 f"{single_class} of {n_batches} batches had a single class, so no negative "
                 "pairs; shuffle the loader so batches mix classes.",
-                stacklevel=2,
+                stacklevel=3,  # past keeps_module_modes, to the caller
             )
         if not all(bool(torch.isfinite(t).all()) for t in curvature_tensors(total)):
             raise ValueError(
