@@ -143,7 +143,9 @@ def fit_online_lam(
         prior_precision=prior_precision,
         **laplace_kwargs,
     )
-    la._prepare_last_layer(next(iter(train_loader)))
+    first = unpack_batch(next(iter(train_loader)))
+    la._check_output(first[0])  # one (batch, D) embedding tensor, before any training
+    la._prepare_last_layer(first)
     model = la.model
     posterior_params = la._posterior_parameters()
     opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=lr)

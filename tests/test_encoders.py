@@ -139,3 +139,14 @@ def test_load_into_a_fresh_encoder_is_an_error(subset):
     restored.load_state_dict(state(buffer))
     for a, b in zip(restored(x[:3]), la(x[:3])):
         torch.testing.assert_close(a, b)
+
+
+def test_online_lam_checks_the_encoder_output_first():
+    from laplace_metric import fit_online_lam
+
+    x, y, train = data()
+    encoder = TwoHeads()
+    before = [p.detach().clone() for p in encoder.parameters()]
+    with pytest.raises(TypeError, match="SelectOutput"):
+        fit_online_lam(encoder, train, "contrastive", "all", "diag", epochs=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, encoder.parameters()))
