@@ -12,7 +12,7 @@ The prior precision is re-tuned on the marginal likelihood after every epoch.
 sampling and ``state_dict`` work as after a post-hoc fit. We compare it with post-hoc LAM on the
 same open-set split of scikit-learn's digits (classes 0-5 in-distribution, classes 6-9 and
 uniform noise out of distribution), scoring each input by the posterior-averaged distance to its
-nearest training embedding (:func:`laplace_metric.posterior_retrieval`). Runs in well under a
+nearest training embedding (the default score of :class:`laplace_metric.UncertaintyScorer`). Runs in well under a
 minute on a CPU.
 """
 
@@ -27,7 +27,7 @@ import torch
 from laplace import Laplace
 from torch.utils.data import DataLoader
 
-from laplace_metric import ContrastiveLikelihood, fit_online_lam, posterior_retrieval
+from laplace_metric import ContrastiveLikelihood, UncertaintyScorer, fit_online_lam
 from laplace_metric.datasets import digits_open_set
 from laplace_metric.metrics import map_at_r, ood_auroc, recall_at_k
 
@@ -122,9 +122,9 @@ for name, la in estimators.items():
         mean_test = torch.nn.functional.normalize(la.model(x_test), dim=-1)
     recall = recall_at_k(mean_test, y_test, mean_train, y_train, k=1)
     map_r = map_at_r(mean_test, y_test, mean_train, y_train)
-    generator = torch.Generator().manual_seed(1)
+    scorer = UncertaintyScorer(la, database=x_train, generator=torch.Generator().manual_seed(1))
     s = {
-        label: posterior_retrieval(la, x, x_train, n_samples=30, generator=generator).knn_distance
+        label: scorer(x)
         for label, x in (("test 0-5", x_test), ("digits 6-9", x_digits), ("noise", x_noise))
     }
     scores[name] = s

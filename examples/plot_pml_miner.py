@@ -24,7 +24,7 @@ from laplace import Laplace
 from pytorch_metric_learning import miners
 from torch.utils.data import DataLoader
 
-from laplace_metric import ContrastiveLikelihood
+from laplace_metric import ContrastiveLikelihood, UncertaintyScorer
 from laplace_metric.datasets import digits_open_set
 from laplace_metric.metrics import ood_auroc, recall_at_k
 
@@ -105,9 +105,8 @@ for name, encoder in encoders.items():
     la.optimize_prior_precision(method="marglik")
     z_train, z_test = la(x_train)[0], la(x_test)[0]
     recall = recall_at_k(z_test, y_test, z_train, y_train, k=1)
-    s_in = la.predictive_uncertainty(x_test)
-    s_dig = la.predictive_uncertainty(x_digits)
-    s_noise = la.predictive_uncertainty(x_noise)
+    scorer = UncertaintyScorer(la, database=x_train)  # default score: posterior kNN distance
+    s_in, s_dig, s_noise = scorer(x_test), scorer(x_digits), scorer(x_noise)
     scores[name] = (s_in, s_dig, s_noise)
     print(
         f"{name:<22} {recall:>8.3f} {float(la.prior_precision):>8.3g} "
@@ -139,9 +138,9 @@ fig.tight_layout()
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
 for ax, (name, (s_in, s_dig, s_noise)) in zip(axes, scores.items()):
     for label, values in [("test 0-5", s_in), ("digits 6-9", s_dig), ("noise", s_noise)]:
-        ax.hist(values.log10().numpy(), bins=30, alpha=0.5, density=True, label=label)
+        ax.hist(values.numpy(), bins=30, alpha=0.5, density=True, label=label)
     ax.set_title(name)
-    ax.set_xlabel("log10 trace of predictive covariance")
+    ax.set_xlabel("posterior kNN distance (UncertaintyScorer default)")
 axes[0].set_ylabel("density")
 axes[0].legend()
 fig.tight_layout()

@@ -25,6 +25,7 @@ from laplace_metric.curvature import (
     ReferencePairGGN,
     default_backend,
 )
+from laplace_metric.encoders import SelectOutput, check_encoder_output
 from laplace_metric.enums import HessianMethod, MetricLikelihood, UncertaintyScore
 from laplace_metric.estimators import (
     ESTIMATORS,
@@ -46,7 +47,12 @@ from laplace_metric.likelihoods import (
 )
 from laplace_metric.mining import PairBudgetMiner, Pairs, mine_pairs
 from laplace_metric.registry import metric_laplace
-from laplace_metric.scores import posterior_retrieval
+from laplace_metric.scores import (
+    PosteriorRetrieval,
+    PosteriorScore,
+    UncertaintyScorer,
+    posterior_retrieval,
+)
 from laplace_metric.training import fit_online_lam
 from laplace_metric.uncertainty import uncertainty_score
 from laplace_metric.validation import PositivePairGaussianNLL
@@ -77,9 +83,14 @@ __all__ = [
     "PairLikelihood",
     "Pairs",
     "PositivePairGaussianNLL",
+    "PosteriorRetrieval",
+    "PosteriorScore",
     "ReferencePairGGN",
+    "SelectOutput",
     "UncertaintyScore",
+    "UncertaintyScorer",
     "build_likelihood",
+    "check_encoder_output",
     "default_backend",
     "fit_online_lam",
     "posterior_retrieval",

@@ -42,13 +42,17 @@ from laplace_metric.metrics import (
     top1_labels,
 )
 from laplace_metric.registry import metric_laplace
-from laplace_metric.scores import posterior_retrieval
+from laplace_metric.scores import PosteriorScore, UncertaintyScorer
 from laplace_metric.training import fit_online_lam
 
 COLUMNS = ("recall@1", "MAP@R", "AUROC held-out", "AUROC noise", "AUPR held-out", "AUSE", "ECE")
 
-#: Prior precision of online LAM during training (``prior_update="final"``).
-ONLINE_TRAINING_PRIOR = 1e4
+#: Row suffix of each LAM uncertainty score, in table order (the default score first).
+SCORE_ROWS = {
+    PosteriorScore.POSTERIOR_KNN: "posterior kNN",
+    PosteriorScore.SAMPLED_STD: "sampled std",
+    PosteriorScore.TRACE: "trace",
+}
 
 #: Post-hoc LAM configurations: (row name, subset_of_weights, hessian_structure, trace row).
 #: The all-layer Kronecker GLM trace is skipped: its covariance is the slowest to evaluate.
@@ -68,6 +72,8 @@ class DemoConfig:
     ----------
     dataset : str
         ``'digits'`` (bundled), ``'mnist'`` or ``'fashion_mnist'`` (downloaded by torchvision).
+    id_classes : sequence of int
+        In-distribution classes; the other classes are the held-out OOD set.
     seeds : sequence of int
     epochs : int
         Training epochs of every encoder.
@@ -83,9 +89,14 @@ class DemoConfig:
     device : str
     threads : int
         Torch intra-op threads (small MLPs run fastest on one).
+    progress : bool
+        Show a progress bar.
+    data_root : Path
+        torchvision data folder.
     """
 
     dataset: str = "digits"
+    id_classes: Sequence[int] = (0, 1, 2, 3, 4, 5)
     seeds: Sequence[int] = (0, 1, 2)
     epochs: int = 30
     batch_size: int = 64
@@ -103,6 +114,7 @@ class DemoConfig:
 class SeedResult:
     """Metrics of one seed: ``rows[method][metric]``, plus the seed's plot data."""
 
+    seed: int = 0
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
     scores: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     curves: dict = field(default_factory=dict)
@@ -180,29 +192,28 @@ def _normalised_embed(model: nn.Module) -> Callable[[Tensor], Tensor]:
 def _lam_rows(
     ev: _Evaluator, la, name: str, config: DemoConfig, seed: int, trace_row: bool = True
 ) -> None:
-    """Rows of a Laplace estimator: the GLM trace score (optional) and the posterior kNN score."""
+    """Rows of a Laplace estimator, one per :data:`SCORE_ROWS` score (the trace optional).
+
+    One :class:`UncertaintyScorer` (fixed weight samples, the training set as database,
+    embedded once per sample) scores the test set, the held-out classes and the noise.
+    """
     embed = _normalised_embed(la.model)
     gen = torch.Generator(device=la._device).manual_seed(seed)
-
-    def trace(x: Tensor) -> Tensor:
-        return torch.cat([la.predictive_uncertainty(c) for c in x.split(512)])
-
-    test = posterior_retrieval(
-        la, ev.x_te, ev.x_tr, ev.y_tr, n_samples=config.n_samples, generator=gen
-    )
+    scorer = UncertaintyScorer(la, ev.x_tr, ev.y_tr, n_samples=config.n_samples, generator=gen)
+    test = scorer.retrieval(ev.x_te)
     confidence = (test.confidence, test.predicted == ev.y_te)
-    if trace_row:
-        ev.row(f"{name}, trace", trace, embed, confidence)
+    sampled = [PosteriorScore.POSTERIOR_KNN, PosteriorScore.SAMPLED_STD]
+    cache = {id(x): scorer.scores(x, sampled) for x in (ev.x_te, ev.x_held, ev.x_noise)}
+    for score, suffix in SCORE_ROWS.items():
+        if score == PosteriorScore.TRACE and not trace_row:
+            continue
 
-    def sampled_knn(x: Tensor) -> Tensor:
-        if x is ev.x_te:
-            return test.knn_distance
-        g = torch.Generator(device=la._device).manual_seed(seed)
-        return posterior_retrieval(
-            la, x, ev.x_tr, n_samples=config.n_samples, generator=g
-        ).knn_distance
+        def score_fn(x: Tensor, score: PosteriorScore = score) -> Tensor:
+            if score == PosteriorScore.TRACE:
+                return scorer(x, score)
+            return cache[id(x)][score.value]
 
-    ev.row(f"{name}, sampled kNN", sampled_knn, embed, confidence)
+        ev.row(f"{name}, {suffix}", score_fn, embed, confidence)
 
 
 def run_seed(
@@ -223,8 +234,10 @@ def run_seed(
     """
     stage = on_stage or (lambda name: None)
     device = torch.device(config.device)
-    split = open_set_split(config.dataset, seed=seed, root=config.data_root)
-    result = SeedResult()
+    split = open_set_split(
+        config.dataset, seed=seed, id_classes=tuple(config.id_classes), root=config.data_root
+    )
+    result = SeedResult(seed=seed)
     ev = _Evaluator(split, device, result)
     in_dim = ev.x_tr[0].numel()
     gen = torch.Generator().manual_seed(seed)
@@ -288,10 +301,8 @@ def run_seed(
         "all",
         "diag",
         epochs=config.epochs,
-        # A strong training prior keeps the weight samples near the mean; the prior is tuned
-        # on the marginal likelihood once at the end (per-epoch marglik: MAP@R 0.67, README).
-        prior_update="final",
-        prior_precision=ONLINE_TRAINING_PRIOR,
+        # fit_online_lam's defaults (prior_update="final", prior_precision=1e4), chosen on the
+        # validation split (examples/tune_online_lam.py)
         generator=torch.Generator(device=device).manual_seed(seed),
     )
     _lam_rows(ev, la, "online LAM all-layer diag", config, seed)
@@ -329,8 +340,32 @@ def format_table(results: Sequence[SeedResult]) -> str:
     return "\n".join(lines)
 
 
+def _families(curves: dict) -> dict[str, dict]:
+    """Sparsification curves grouped into panels: baselines, then one panel per LAM score."""
+    groups: dict[str, dict] = {"baselines": {}}
+    for score, suffix in SCORE_ROWS.items():
+        default = " (default)" if score == PosteriorScore.POSTERIOR_KNN else ""
+        groups[f"LAM, {suffix}{default}"] = {}
+    for name, curve in curves.items():
+        method, _, suffix = name.rpartition(", ")
+        panel = next((g for g in groups if g.startswith(f"LAM, {suffix}")), None)
+        if name.startswith(("LAM", "online LAM")) and panel is not None:
+            groups[panel][method] = curve
+        else:
+            groups["baselines"][name] = curve
+    return {g: c for g, c in groups.items() if c}
+
+
+def _data_label(config: DemoConfig, result: SeedResult) -> str:
+    ids = list(config.id_classes)
+    return f"{config.dataset}, seed {result.seed}, in-distribution classes {ids}"
+
+
 def write_plots(result: SeedResult, output_dir: Path, config: DemoConfig) -> list[Path]:
-    """The plots of one seed: uncertainty histograms, sparsification, reliability, 2-D embedding."""
+    """The plots of one seed: uncertainty histograms, sparsification, reliability, embedding.
+
+    Every title names the method, the seed and the data; file names end in ``_seed<seed>``.
+    """
     from laplace_metric.plots import (
         plot_reliability_diagram,
         plot_sparsification,
@@ -338,35 +373,50 @@ def write_plots(result: SeedResult, output_dir: Path, config: DemoConfig) -> lis
     )
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    data = _data_label(config, result)
+    tag = f"seed{result.seed}"
     paths = []
     for name in (
-        "LAM all-layer diag, sampled kNN",
-        "LAM last-layer full, trace",
+        "LAM all-layer diag, posterior kNN",
+        "LAM all-layer diag, trace",
         "kNN distance (deterministic)",
     ):
-        path = output_dir / f"uncertainty_{_slug(name)}.png"
-        plot_uncertainty_histograms(result.scores[name], path, xlabel=f"{name} score")
+        if name not in result.scores:
+            continue
+        path = output_dir / f"uncertainty_{_slug(name)}_{tag}.png"
+        plot_uncertainty_histograms(
+            result.scores[name],
+            path,
+            xlabel=f"{name} score",
+            title=f"{name}\n{data}",
+            log=name.endswith("trace"),
+        )
         paths.append(path)
-    path = output_dir / "sparsification.png"
-    plot_sparsification(result.curves, path)
+    path = output_dir / f"sparsification_{tag}.png"
+    plot_sparsification(
+        _families(result.curves), path, title=f"Sparsification of the test queries ({data})"
+    )
     paths.append(path)
     for name, bins in result.reliability.items():
-        if "sampled kNN" in name or name.startswith("MC"):
-            path = output_dir / f"reliability_{_slug(name)}.png"
-            plot_reliability_diagram(bins, path)
+        if "posterior kNN" in name or name.startswith("MC"):
+            method = name.rpartition(", posterior kNN")[0] or name
+            path = output_dir / f"reliability_{_slug(method)}_{tag}.png"
+            plot_reliability_diagram(bins, path, title=f"{method}\n{data}")
             paths.append(path)
-    paths.append(_embedding_picture(output_dir / "embedding_3d.png", config))
+    paths.append(_embedding_picture(output_dir / f"embedding_3d_{tag}.png", config, result.seed))
     return paths
 
 
-def _embedding_picture(path: Path, config: DemoConfig) -> Path:
-    """A 3-D encoder on the sphere, coloured by class, marker size = LAM uncertainty."""
+def _embedding_picture(path: Path, config: DemoConfig, seed: int) -> Path:
+    """A 3-D encoder on the sphere, coloured by class, marker size = posterior kNN score."""
     from laplace_metric.plots import plot_embedding_2d
 
-    split = open_set_split(config.dataset, seed=0, root=config.data_root)
-    gen = torch.Generator().manual_seed(0)
+    split = open_set_split(
+        config.dataset, seed=seed, id_classes=tuple(config.id_classes), root=config.data_root
+    )
+    gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(split.train, batch_size=config.batch_size, shuffle=True, generator=gen)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     encoder = make_encoder(split.train.tensors[0][0].numel(), hidden=64, out_dim=3)
     likelihood = ContrastiveLikelihood(margin=config.margin)
     train_encoder(
@@ -374,6 +424,7 @@ def _embedding_picture(path: Path, config: DemoConfig) -> Path:
         loader,
         lambda g, y: likelihood.loss(g, y, reduction="mean"),
         epochs=config.epochs,
+        seed=seed,
         progress_bar=False,
     )
     la = metric_laplace(encoder, likelihood, "last_layer", "full")
@@ -382,7 +433,22 @@ def _embedding_picture(path: Path, config: DemoConfig) -> Path:
     x = torch.cat([split.test.tensors[0], split.ood_classes.tensors[0][:200]])
     labels = torch.cat([split.test.tensors[1], split.ood_classes.tensors[1][:200]])
     mean, _ = la(x)
-    plot_embedding_2d(mean, labels, la.predictive_uncertainty(x), path)
+    scorer = UncertaintyScorer(la, database=split.train.tensors[0], n_samples=config.n_samples)
+    ood = sorted(set(split.ood_classes.tensors[1].tolist()))
+    plot_embedding_2d(
+        mean,
+        labels,
+        scorer(x),
+        path,
+        ood_labels=ood,
+        title=(
+            f"3-D encoder (MLP {x.shape[1]}-64-64-3), last-layer full LAM; test images and "
+            "200 held-out (OOD) images"
+            f"\n{config.dataset}, seed {seed}, in-distribution classes "
+            f"{list(config.id_classes)}"
+        ),
+        size_label="posterior kNN score",
+    )
     return path
 
 
@@ -390,48 +456,79 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
+def _footer(config: DemoConfig, results: Sequence[SeedResult], elapsed: float) -> str:
+    seeds = [r.seed for r in results]
+    partial = (
+        ""
+        if len(seeds) == len(config.seeds)
+        else f" (partial: {len(seeds)} of {len(config.seeds)} seeds)"
+    )
+    return (
+        f"\n{config.dataset}: in-distribution classes {list(config.id_classes)}, held-out "
+        f"classes and uniform noise as OOD; seeds {seeds}{partial}, {config.epochs} epochs, "
+        f"{elapsed:.0f} s. LAM scores: posterior kNN (the default of UncertaintyScorer), "
+        "sampled std (LAM's), trace (linearised). OOD = positive class; AUSE: sparsification "
+        "of the in-distribution test set by the score, error = wrong top-1 retrieval; ECE: "
+        "top-1 retrieval confidence from weight / dropout samples, 10 bins."
+    )
+
+
+def write_results(
+    config: DemoConfig, results: Sequence[SeedResult], output_dir: Path, elapsed: float
+) -> str:
+    """Write ``results.md`` and ``results.json`` for the seeds done so far; returns the table."""
+    table = format_table(results)
+    (output_dir / "results.md").write_text(table + "\n" + _footer(config, results, elapsed) + "\n")
+    (output_dir / "results.json").write_text(
+        json.dumps([{"seed": r.seed, "rows": r.rows} for r in results], indent=1, default=float)
+    )
+    return table
+
+
 def run_demo(config: DemoConfig) -> tuple[str, list[SeedResult]]:
-    """Run every seed, print and write the table and the plots; returns the table and results."""
+    """Run every seed, print and write the table and the plots; returns the table and results.
+
+    ``results.md`` / ``results.json`` are rewritten after every seed and the plots of the first
+    seed are written as soon as it finishes, so an interrupted run keeps what finished.
+    """
     import tqdm
 
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
-    results = []
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results: list[SeedResult] = []
+    paths: list[Path] = []
     bar = tqdm.tqdm(
         total=len(config.seeds) * len(STAGES), disable=not config.progress, unit="stage"
     )
-    for seed in config.seeds:
-        started = False
+    try:
+        for seed in config.seeds:
+            started = False
 
-        def on_stage(name: str, seed: int = seed) -> None:
-            nonlocal started
-            if started:
-                bar.update(1)
-            started = True
-            bar.set_description(f"seed {seed}: {name}")
+            def on_stage(name: str, seed: int = seed) -> None:
+                nonlocal started
+                if started:
+                    bar.update(1)
+                started = True
+                bar.set_description(f"seed {seed}: {name}")
 
-        results.append(run_seed(config, seed, on_stage))
-        bar.update(1)
-    bar.close()
-    table = format_table(results)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = write_plots(results[0], output_dir, config)
+            results.append(run_seed(config, seed, on_stage))
+            bar.update(1)
+            write_results(config, results, output_dir, time.perf_counter() - start)
+            if len(results) == 1:
+                bar.set_description(f"seed {seed}: plots")
+                paths = write_plots(results[0], output_dir, config)
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - start
-    footer = (
-        f"\n{config.dataset}: in-distribution classes {list(range(6))}, held-out classes and "
-        f"uniform noise as OOD; seeds {list(config.seeds)}, {config.epochs} epochs, "
-        f"{elapsed:.0f} s. OOD = positive class; AUSE: sparsification of the in-distribution "
-        "test set by the score, error = wrong top-1 retrieval; ECE: top-1 retrieval confidence "
-        "from weight / dropout samples, 10 bins."
-    )
-    (output_dir / "results.md").write_text(table + "\n" + footer + "\n")
-    (output_dir / "results.json").write_text(
-        json.dumps([r.rows for r in results], indent=1, default=float)
-    )
+    table = write_results(config, results, output_dir, elapsed)
     print(table)
-    print(footer)
-    print(f"\nwrote {len(paths)} plots and results.md / results.json to {output_dir.resolve()}")
+    print(_footer(config, results, elapsed))
+    print(
+        f"\nwrote {len(paths)} plots (seed {results[0].seed}) and results.md / results.json to "
+        f"{output_dir.resolve()}"
+    )
     return table, results
 
 
@@ -439,6 +536,7 @@ __all__ = [
     "COLUMNS",
     "DemoConfig",
     "POSTHOC_CONFIGS",
+    "SCORE_ROWS",
     "STAGES",
     "SeedResult",
     "format_table",
@@ -446,4 +544,5 @@ __all__ = [
     "run_demo",
     "run_seed",
     "write_plots",
+    "write_results",
 ]

@@ -41,6 +41,7 @@ from laplace_metric.distributed import (
     is_distributed,
     reduce_fit_state,
 )
+from laplace_metric.encoders import check_encoder_output, check_input_dtype, keeps_module_modes
 from laplace_metric.enums import HessianMethod, UncertaintyScore, parse_enum
 from laplace_metric.likelihoods import PairLikelihood, build_likelihood
 from laplace_metric.mining import check_labels
@@ -163,6 +164,16 @@ class MetricLaplaceMixin:
             return list(self.model.last_layer.parameters())
         return self.params
 
+    def _check_output(self, x: torch.Tensor) -> None:
+        """Check (once per estimator) that the encoder returns one (batch, D) tensor."""
+        check_input_dtype(self.model, x)
+        if getattr(self, "_output_checked", False):
+            return
+        last_layer = isinstance(self, LLLaplace)
+        encoder = getattr(self.model, "model", self.model) if last_layer else self.model
+        check_encoder_output(encoder, x[:1].to(self._device), last_layer=last_layer)
+        self._output_checked = True
+
     def _check_fitted(self) -> None:
         if self.H_signed is None:
             raise AttributeError("Laplace not fitted. Run fit() first.")
@@ -183,6 +194,7 @@ class MetricLaplaceMixin:
     def _batch_curvature(self, x: torch.Tensor, y: torch.Tensor) -> BatchCurvature:
         return getattr(self.backend, self._structure.value)(x, y)
 
+    @keeps_module_modes
     def fit(
         self,
         train_loader: DataLoader | Iterable,
@@ -270,6 +282,7 @@ class MetricLaplaceMixin:
                 return x, y
 
             first = checked(first)
+            self._check_output(first[0])
             self.model.eval()
             self._prepare_last_layer(first)
 
@@ -317,13 +330,13 @@ class MetricLaplaceMixin:
         if skipped:
             warnings.warn(
                 f"{skipped} of {n_batches} batches contributed no pair and were skipped.",
-                stacklevel=2,
+                stacklevel=3,  # past keeps_module_modes, to the caller
             )
         if single_class and self.hessian_method != HessianMethod.POSITIVES:
             warnings.warn(
                 f"{single_class} of {n_batches} batches had a single class, so no negative "
                 "pairs; shuffle the loader so batches mix classes.",
-                stacklevel=2,
+                stacklevel=3,  # past keeps_module_modes, to the caller
             )
         if not all(bool(torch.isfinite(t).all()) for t in curvature_tensors(total)):
             raise ValueError(
@@ -428,6 +441,7 @@ class MetricLaplaceMixin:
             return f_mu.detach(), f_var.detach()
         return f_mu, f_var
 
+    @keeps_module_modes
     def __call__(
         self,
         x: torch.Tensor,
@@ -467,6 +481,7 @@ class MetricLaplaceMixin:
         covariance : torch.Tensor
             ``(batch, D, D)``, ``(batch, D)`` or ``(batch*D, batch*D)``.
         """
+        self._check_output(x)
         pred_type = parse_enum(PredType, pred_type, "pred_type")
         if pred_type == PredType.GP:
             raise ValueError("pred_type='gp' is not available; use 'glm' or 'nn'.")
@@ -528,6 +543,7 @@ class MetricLaplaceMixin:
         f_mu, f_var = self._glm_predictive_distribution(x, diagonal_output=diagonal_output)
         return gaussian_samples(f_mu, f_var, n_samples, generator)
 
+    @keeps_module_modes
     def predictive_samples(
         self,
         x: torch.Tensor,
@@ -537,9 +553,11 @@ class MetricLaplaceMixin:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Embedding samples ``(n_samples, batch, D)``, on the unit sphere when normalising."""
+        self._check_output(x)
         samples = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
         return project_to_sphere(samples) if self.pair_likelihood.normalize else samples
 
+    @keeps_module_modes
     def predictive_uncertainty(
         self,
         x: torch.Tensor,
@@ -562,6 +580,7 @@ class MetricLaplaceMixin:
         scores : torch.Tensor
             ``(batch,)``.
         """
+        self._check_output(x)
         _, cov = self(x, pred_type=pred_type, n_samples=n_samples)
         return uncertainty_score(cov, score)
 
@@ -665,7 +684,12 @@ class MetricLaplaceMixin:
 
     # ------------------------------------------------------------------ serialisation
     def state_dict(self) -> dict[str, Any]:
-        """Serialisable state; loadable with ``torch.load(..., weights_only=True)``."""
+        """Serialisable state; loadable with ``torch.load(..., weights_only=True)``.
+
+        As in laplace-torch, the state holds the posterior (mean, curvature, prior), *not* the
+        encoder: save the encoder's own ``state_dict`` beside it, and load it into the encoder
+        before :meth:`load_state_dict`, which checks that the weights equal the fitted mean.
+        """
         self._check_fitted()
         state = super().state_dict()
         state["likelihood"] = str(self.pair_likelihood.name)
@@ -676,8 +700,21 @@ class MetricLaplaceMixin:
         state["n_pairs"] = int(self.n_pairs)
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a fit saved by :meth:`state_dict` into an estimator of the same configuration."""
+    def load_state_dict(self, state_dict: dict[str, Any], check_weights: bool = True) -> None:
+        """Restore a fit saved by :meth:`state_dict` into an estimator of the same configuration.
+
+        Parameters
+        ----------
+        state_dict : dict
+        check_weights : bool, default=True
+            Check that the model's current weights (those the posterior covers) equal the
+            saved posterior mean, and raise a ``ValueError`` otherwise: the state does not hold
+            the encoder, so a freshly built encoder would predict with wrong means. Restore::
+
+                encoder.load_state_dict(torch.load("encoder.pt", weights_only=True))
+                la = Laplace(encoder, "contrastive", ...)   # same configuration
+                la.load_state_dict(torch.load("la.pt", weights_only=True))
+        """
         saved = state_dict.get("likelihood_config")
         if saved is None:
             raise ValueError("This state_dict was not written by a laplace-metric estimator.")
@@ -692,7 +729,28 @@ class MetricLaplaceMixin:
             diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current)}
             diff = {k: v for k, v in diff.items() if v[0] != v[1]}
             raise ValueError(f"Likelihood configuration differs from the saved one: {diff}.")
+        previous = dict(self.__dict__)
         super().load_state_dict(state_dict)
+        if check_weights:
+            current = parameters_to_vector(self._posterior_parameters()).detach()
+            saved_mean = self.mean.to(current)
+            if current.shape != saved_mean.shape or not torch.allclose(
+                current, saved_mean, rtol=1e-6, atol=1e-8
+            ):
+                self.__dict__.update(previous)
+                gap = (
+                    f"max abs difference {float((current - saved_mean).abs().max()):.3g}"
+                    if current.shape == saved_mean.shape
+                    else f"{current.numel()} vs {saved_mean.numel()} parameters"
+                )
+                raise ValueError(
+                    "The model's current weights differ from the posterior mean saved in this "
+                    f"state_dict ({gap}). A laplace-metric state_dict holds the posterior, not "
+                    "the encoder (as in laplace-torch): load the encoder's weights first, "
+                    "encoder.load_state_dict(torch.load('encoder.pt')), then build the "
+                    "estimator on it and load this state_dict (check_weights=False skips "
+                    "this check and keeps the model's weights)."
+                )
         self.pair_likelihood.load_state_dict(state_dict.get("likelihood_state", {}))
         signed = state_dict["H_signed"]
         if self._structure == HessianStructure.KRON:

@@ -8,7 +8,7 @@ canvas without pyplot, so nothing needs a display and no global figure list grow
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,8 @@ def plot_uncertainty_histograms(
     bins: int = 40,
     in_distribution: str | None = None,
     xlabel: str = "uncertainty score",
+    title: str | None = None,
+    log: bool = False,
 ) -> Figure:
     """Overlaid, density-normalised histograms of the uncertainty of several input sets.
 
@@ -80,6 +82,11 @@ def plot_uncertainty_histograms(
     in_distribution : str, optional
         Name of the in-distribution set, drawn filled (default: the first entry).
     xlabel : str, default='uncertainty score'
+    title : str, optional
+        E.g. the method, seed and data set.
+    log : bool, default=False
+        Histogram ``log10`` of the scores (for heavy-tailed scores such as the trace; they
+        must be positive); the x label says so.
 
     Returns
     -------
@@ -88,6 +95,11 @@ def plot_uncertainty_histograms(
     if not scores:
         raise ValueError("scores is empty; pass at least one named set of scores.")
     arrays = {name: _finite_1d(s, f"scores[{name!r}]") for name, s in scores.items()}
+    if log:
+        if any((a <= 0).any() for a in arrays.values()):
+            raise ValueError("log=True needs positive scores.")
+        arrays = {name: np.log10(a) for name, a in arrays.items()}
+        xlabel = f"log10 {xlabel}"
     in_distribution = next(iter(arrays)) if in_distribution is None else in_distribution
     if in_distribution not in arrays:
         raise ValueError(f"in_distribution {in_distribution!r} is not a key of scores.")
@@ -105,66 +117,121 @@ def plot_uncertainty_histograms(
             )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
+    if title:
+        ax.set_title(title, fontsize="medium")
     ax.legend()
     return _save(fig, path)
 
 
+def _robust_top(curves: Mapping[str, SparsificationCurve], keep: float = 0.1) -> float:
+    """Upper y-limit: the largest error while at least ``keep`` of the queries remain.
+
+    The last points of a sparsification curve average over a handful of queries and jump to
+    0 or 1; they would squash every other curve.
+    """
+    top = 0.0
+    for curve in curves.values():
+        retained = 1.0 - curve.fractions.numpy()
+        values = np.concatenate([curve.error.numpy(), curve.oracle.numpy()])
+        mask = np.concatenate([retained >= keep, retained >= keep])
+        if mask.any():
+            top = max(top, float(values[mask].max()))
+    return 1.1 * top if top > 0 else 1.0
+
+
 def plot_sparsification(
-    curves: SparsificationCurve | Mapping[str, SparsificationCurve],
+    curves: SparsificationCurve
+    | Mapping[str, SparsificationCurve]
+    | Mapping[str, Mapping[str, SparsificationCurve]],
     path: str | Path,
     ylabel: str = "error of retained queries (1 - recall@1)",
+    title: str | None = None,
 ) -> Figure:
     """Sparsification curves (solid) with their oracles (dashed); AUSE in the legend.
 
     Parameters
     ----------
-    curves : SparsificationCurve or mapping of str to SparsificationCurve
-        One curve or named curves (e.g. one per method).
+    curves : SparsificationCurve, mapping of str to SparsificationCurve, or mapping of str to such mappings
+        One curve, named curves (one panel), or named groups of named curves (one panel per
+        group, e.g. one per family of scores, with a shared y-axis).
     path : str or Path
         Output PNG.
     ylabel : str
+    title : str, optional
+        Figure title, e.g. the seed and data set.
 
     Returns
     -------
     Figure
+
+    Notes
+    -----
+    The y-axis ends a little above the largest error while at least 10% of the queries are
+    retained: the last points average over a few queries and would squash the other curves.
+    A lower area between a curve and its oracle (AUSE) is better.
     """
     if isinstance(curves, SparsificationCurve):
         curves = {"model": curves}
     if not curves:
         raise ValueError("curves is empty.")
-    many = len(curves) > 4
+    grouped = all(isinstance(c, Mapping) for c in curves.values())
+    panels = dict(curves) if grouped else {"": curves}
+    for group in panels.values():
+        if not group:
+            raise ValueError("curves has an empty group.")
+        for name, curve in group.items():
+            if not isinstance(curve, SparsificationCurve):
+                raise TypeError(
+                    f"curves[{name!r}] must be a SparsificationCurve, got {type(curve).__name__}."
+                )
+    many = not grouped and len(panels[""]) > 4
+    n = len(panels)
     # Wide figure with the legend to the right when there are many curves, so it hides none.
-    fig = _figure(figsize=(10, 4.5) if many else (6, 4))
-    ax = fig.add_subplot()
+    figsize = (4.6 * n, 4.8) if grouped else ((10, 4.5) if many else (6, 4))
+    fig = _figure(figsize=figsize)
+    axes = fig.subplots(1, n, squeeze=False, sharey=True)[0]
+    top = max(_robust_top(group) for group in panels.values())
     styles = ("-", "-.", ":")
-    for i, (name, curve) in enumerate(curves.items()):
-        if not isinstance(curve, SparsificationCurve):
-            raise TypeError(
-                f"curves[{name!r}] must be a SparsificationCurve, got {type(curve).__name__}."
+    for ax, (panel, group) in zip(axes, panels.items()):
+        for i, (name, curve) in enumerate(group.items()):
+            colour = f"C{i % 10}"
+            frac = curve.fractions.numpy()
+            ax.plot(
+                frac,
+                curve.error.numpy(),
+                color=colour,
+                ls=styles[(i // 10) % len(styles)],
+                label=f"{name} (AUSE {curve.error_area:.4f})",
             )
-        colour = f"C{i % 10}"
-        frac = curve.fractions.numpy()
-        ax.plot(
-            frac,
-            curve.error.numpy(),
-            color=colour,
-            ls=styles[(i // 10) % len(styles)],
-            label=f"{name} (AUSE {curve.error_area:.4f})",
-        )
-        ax.plot(frac, curve.oracle.numpy(), color=colour, ls="--", lw=0.8, alpha=0.4)
-    ax.plot([], [], color="grey", ls="--", lw=0.8, label="oracle (same colour)")
-    ax.set_xlabel("fraction of most uncertain queries removed")
-    ax.set_ylabel(ylabel)
-    if many:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
-        fig.subplots_adjust(left=0.08, right=0.58, bottom=0.12)
-    else:
-        ax.legend()
+            ax.plot(frac, curve.oracle.numpy(), color=colour, ls="--", lw=0.8, alpha=0.4)
+        ax.plot([], [], color="grey", ls="--", lw=0.8, label="oracle (same colour)")
+        ax.set_xlabel("fraction of most uncertain queries removed")
+        ax.set_ylim(0, top)
+        ax.grid(alpha=0.3)
+        if panel:
+            ax.set_title(panel, fontsize="medium")
+        if grouped:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
+        elif many:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+            fig.subplots_adjust(left=0.08, right=0.58, bottom=0.12)
+        else:
+            ax.legend()
+    axes[0].set_ylabel(ylabel)
+    if title:
+        fig.suptitle(title, y=1.0, va="bottom")
     return _save(fig, path)
 
 
-def plot_reliability_diagram(bins: ReliabilityBins, path: str | Path) -> Figure:
-    """Reliability diagram: per-bin accuracy vs confidence, gap to the diagonal, counts.
+def plot_reliability_diagram(
+    bins: ReliabilityBins, path: str | Path, title: str | None = None
+) -> Figure:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, and bin counts.
+
+    Each bar is the fraction of correct top-1 retrievals among the queries whose confidence
+    falls in the bin; the black tick on it is the bin's mean confidence, and the red outline
+    between them is the gap (its count-weighted mean is the ECE). A calibrated model has every
+    bar reach the diagonal.
 
     Parameters
     ----------
@@ -172,6 +239,8 @@ def plot_reliability_diagram(bins: ReliabilityBins, path: str | Path) -> Figure:
         From :func:`laplace_metric.metrics.reliability_diagram_data`.
     path : str or Path
         Output PNG.
+    title : str, optional
+        E.g. the method, seed and data set; the ECE is added below it.
 
     Returns
     -------
@@ -188,25 +257,48 @@ def plot_reliability_diagram(bins: ReliabilityBins, path: str | Path) -> Figure:
     filled = count > 0
     fig = _figure(figsize=(5, 6))
     ax, ax_count = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.bar(centres[filled], acc[filled], width=width[filled], edgecolor="k", label="accuracy")
     ax.bar(
         centres[filled],
-        conf[filled] - acc[filled],
-        bottom=acc[filled],
+        acc[filled],
         width=width[filled],
-        color="C3",
-        alpha=0.4,
-        hatch="//",
-        label="gap to confidence",
+        color="C0",
+        edgecolor="k",
+        lw=0.5,
+        label="accuracy in bin",
     )
+    gap = conf[filled] - acc[filled]
+    ax.bar(
+        centres[filled],
+        np.abs(gap),
+        bottom=np.minimum(acc[filled], conf[filled]),
+        width=width[filled],
+        fill=False,
+        edgecolor="C3",
+        lw=1.5,
+        label="gap to mean confidence",
+    )
+    ax.scatter(centres[filled], conf[filled], marker="_", s=200, color="k", label="mean confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set_ylabel("accuracy of top-1 retrieval")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"ECE = {bins.ece:.4f}")
-    ax.legend(loc="upper left")
+    ax.set_ylim(0, 1.02)
+    heading = f"ECE = {bins.ece:.4f}"
+    ax.set_title(f"{title}\n{heading}" if title else heading, fontsize="medium")
+    handles, labels = ax.get_legend_handles_labels()
+    order = [
+        labels.index(k)
+        for k in (
+            "accuracy in bin",
+            "mean confidence",
+            "gap to mean confidence",
+            "perfect calibration",
+        )
+    ]
+    ax.legend(
+        [handles[i] for i in order], [labels[i] for i in order], loc="upper left", fontsize="small"
+    )
     ax_count.bar(centres, count, width=width, color="grey", edgecolor="k")
-    ax_count.set_xlabel("confidence")
-    ax_count.set_ylabel("count")
+    ax_count.set_xlabel("confidence (agreement of weight samples with the mean's top-1 label)")
+    ax_count.set_ylabel("queries")
     ax_count.set_xlim(0, 1)
     return _save(fig, path)
 
@@ -217,13 +309,17 @@ def plot_embedding_2d(
     uncertainty: Tensor | np.ndarray,
     path: str | Path,
     max_marker_size: float = 80.0,
+    ood_labels: Collection[int] = (),
+    title: str | None = None,
+    size_label: str = "uncertainty",
 ) -> Figure:
     """Scatter 2-D (circle) or 3-D (sphere) embeddings; colour = class, size = uncertainty.
 
     3-D embeddings are shown with an equal-area (Lambert azimuthal) projection of each
     hemisphere: ``(x, y) * sqrt(2 / (1 + |z|))``, northern (``z >= 0``) and southern panels.
     Embeddings are L2-normalised for the plot. Marker area grows linearly with the
-    min-max scaled uncertainty; the title gives its range.
+    uncertainty, clipped to its 5th-95th percentile range so that one outlier does not set
+    every other size; the title gives that range.
 
     Parameters
     ----------
@@ -236,6 +332,13 @@ def plot_embedding_2d(
     path : str or Path
         Output PNG.
     max_marker_size : float, default=80
+    ood_labels : collection of int, default=()
+        Classes that are out of distribution (e.g. held-out digits): drawn as black-edged
+        triangles and marked "(OOD)" in the legend.
+    title : str, optional
+        E.g. the method, seed and data set.
+    size_label : str, default='uncertainty'
+        What the marker size shows.
 
     Returns
     -------
@@ -254,20 +357,28 @@ def plot_embedding_2d(
         raise ValueError(
             f"labels {lab.shape} and uncertainty {unc.shape} must both have shape ({emb.shape[0]},)."
         )
+    ood = {int(c) for c in ood_labels}
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     emb = emb / np.where(norms > 0, norms, 1.0)
-    span = unc.max() - unc.min()
-    sizes = 5 + max_marker_size * ((unc - unc.min()) / span if span > 0 else np.full_like(unc, 0.5))
+    lo, hi = np.percentile(unc, [5, 95]) if unc.size >= 20 else (unc.min(), unc.max())
+    span = hi - lo
+    scaled = np.clip((unc - lo) / span, 0, 1) if span > 0 else np.full_like(unc, 0.5)
+    sizes = 5 + max_marker_size * scaled
     if emb.shape[1] == 2:
-        panels = [("circle", emb, np.ones(len(emb), bool))]
+        panels = [("unit circle", emb, np.ones(len(emb), bool))]
+        axis_labels = ("z[0]", "z[1]")
     else:
         scale = np.sqrt(2.0 / (1.0 + np.abs(emb[:, 2])))[:, None]
         flat = emb[:, :2] * scale
-        panels = [("north (z >= 0)", flat, emb[:, 2] >= 0), ("south (z < 0)", flat, emb[:, 2] < 0)]
-    fig = _figure(figsize=(5 * len(panels) + 1.5, 5))
+        panels = [
+            ("northern hemisphere (z[2] >= 0)", flat, emb[:, 2] >= 0),
+            ("southern hemisphere (z[2] < 0)", flat, emb[:, 2] < 0),
+        ]
+        axis_labels = ("z[0] (equal-area projection)", "z[1] (equal-area projection)")
+    fig = _figure(figsize=(5 * len(panels) + 2, 5.4))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     classes = np.unique(lab)
-    for ax, (title, pts, mask) in zip(axes, panels):
+    for ax, (panel_title, pts, mask) in zip(axes, panels):
         limit = math.sqrt(2.0) if emb.shape[1] == 3 else 1.0
         ax.add_patch(Circle((0, 0), limit, fill=False, color="k", lw=0.5))
         for i, c in enumerate(classes):
@@ -275,19 +386,44 @@ def plot_embedding_2d(
             if not sel.any():
                 continue
             if c < 0:
-                ax.scatter(*pts[sel].T, s=sizes[sel], marker="x", color="grey", label=f"{c} (OOD)")
+                ax.scatter(
+                    *pts[sel].T, s=sizes[sel], marker="x", color="grey", label=f"{c} (noise, OOD)"
+                )
+            elif int(c) in ood:
+                ax.scatter(
+                    *pts[sel].T,
+                    s=sizes[sel],
+                    marker="^",
+                    color=f"C{i % 10}",
+                    edgecolors="k",
+                    linewidths=0.6,
+                    alpha=0.8,
+                    label=f"{c} (OOD)",
+                )
             else:
                 ax.scatter(*pts[sel].T, s=sizes[sel], color=f"C{i % 10}", alpha=0.6, label=str(c))
         ax.set_aspect("equal")
         ax.set_xlim(-1.1 * limit, 1.1 * limit)
         ax.set_ylim(-1.1 * limit, 1.1 * limit)
-        ax.set_title(title)
+        ax.set_xlabel(axis_labels[0])
+        ax.set_ylabel(axis_labels[1])
+        ax.set_title(panel_title, fontsize="medium")
     handles = {}  # one legend entry per class, whichever panel drew it
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
+    order = sorted(handles, key=lambda name: ("OOD" in name, int(name.split()[0])))
     fig.legend(
-        handles.values(), handles.keys(), title="class", loc="center right", fontsize="small"
+        [handles[k] for k in order],
+        order,
+        title="class",
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize="small",
     )
-    fig.suptitle(f"marker size: uncertainty ({unc.min():.3g} to {unc.max():.3g})")
+    heading = (
+        f"marker size: {size_label} ({lo:.3g} to {hi:.3g}, 5th-95th percentile; "
+        "larger = less certain)"
+    )
+    fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize="medium", y=1.0, va="bottom")
     return _save(fig, path)

@@ -1,22 +1,60 @@
-"""Retrieval-level uncertainty from posterior weight samples.
+"""Uncertainty scores of a fitted Laplace posterior: one entry point, named scores.
 
-:func:`posterior_retrieval` re-embeds both the queries *and* the database under each weight
+:class:`UncertaintyScorer` is the entry point. It draws one fixed set of weight samples from the
+posterior and scores queries by any of the :class:`PosteriorScore` options::
+
+    scorer = UncertaintyScorer(la, database=x_train)
+    s = scorer(x_test)                    # 'posterior_knn', the default
+    s = scorer(x_test, "sampled_std")     # LAM's score
+    s = scorer(x_test, "trace")           # trace of the linearised covariance
+
+The default, ``'posterior_knn'``, re-embeds both the queries *and* the database under each weight
 sample, so that what is measured is how far a query stays from its neighbours when the encoder
-varies as the posterior allows. In-distribution queries move with their neighbours;
-out-of-distribution queries do not.
+varies as the posterior allows: in-distribution queries move with their neighbours,
+out-of-distribution queries do not. The database embeddings are computed once per weight sample
+and cached, so repeated queries (test set, OOD sets, batches) do not re-embed it; the cache is
+dropped when the posterior changes (a new fit or prior precision).
+
+Why not the trace? On the unit sphere the linearised covariance is
+``P J Sigma J^T P / ||g||^2`` with ``P = I - z z^T``: its trace is dominated by the
+``1 / ||g(x)||^2`` factor of the normalisation. On the digits split held-out digits have small
+``||g||`` (flagged) and uniform noise has large ``||g||`` (looks *certain*); the trace without
+that factor flags noise (AUROC 1.00) but no longer held-out digits (0.26-0.51). See
+``docs/uncertainty.rst`` for the measurements.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
 import torch
 from torch.nn.utils import vector_to_parameters
 
+from laplace_metric.enums import parse_enum
+
+
+class PosteriorScore(str, Enum):
+    """Uncertainty scores of :class:`UncertaintyScorer` (higher = less certain)."""
+
+    POSTERIOR_KNN = "posterior_knn"
+    """Mean over weight samples of the distance to the ``k``-th nearest database embedding,
+    queries and database re-embedded under each sample (the default; needs a database)."""
+
+    SAMPLED_STD = "sampled_std"
+    """LAM's score: sum over dimensions of the standard deviation of the sampled (normalised)
+    embeddings, ``sum_d std_s[z_d(x; theta_s)]``."""
+
+    TRACE = "trace"
+    """Trace of the linearised (GLM) predictive covariance, ``tr(J Sigma J^T)``; the classic
+    Laplace score, measured to fail on uniform noise (see the module docstring)."""
+
 
 @dataclass
 class PosteriorRetrieval:
-    """Per-query results of :func:`posterior_retrieval`.
+    """Per-query results of :func:`posterior_retrieval` / :meth:`UncertaintyScorer.retrieval`.
 
     Attributes
     ----------
@@ -35,11 +73,232 @@ class PosteriorRetrieval:
     predicted: torch.Tensor
 
 
-@torch.no_grad()
-def _embed(la, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat(
-        [la.pair_likelihood.embed(la.model(chunk)) for chunk in x.split(batch_size)], dim=0
-    )
+def _check_tensor(x: Any, name: str, la) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"{name} must be a non-empty batch (n, ...), got shape {tuple(x.shape)}.")
+    param = next(la.model.parameters())
+    if x.is_floating_point() and x.dtype != param.dtype:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the model's parameters have dtype {param.dtype}; "
+            f"cast one of them, e.g. {name}.to({param.dtype})."
+        )
+    return x.to(la._device)
+
+
+class UncertaintyScorer:
+    """Uncertainty scores of a fitted laplace-metric estimator, from one set of weight samples.
+
+    Parameters
+    ----------
+    la : MetricLaplaceMixin
+        A fitted laplace-metric estimator.
+    database : torch.Tensor, optional
+        Database inputs ``(m, ...)``, e.g. the training inputs; needed for ``'posterior_knn'``
+        and :meth:`retrieval`. Embedded once per weight sample and cached.
+    database_labels : torch.Tensor, optional
+        Labels ``(m,)``; needed for the confidence of :meth:`retrieval`.
+    k : int, default=1
+        Neighbour whose distance ``'posterior_knn'`` reports.
+    n_samples : int, default=30
+        Weight samples (the same ones for every query and every score).
+    generator : torch.Generator, optional
+        Draws the weight samples; its state at construction is replayed on every call, so
+        every query sees the same samples. Default: a generator seeded with 0.
+    batch_size : int, default=1024
+        Inputs per forward pass.
+
+    Examples
+    --------
+    >>> scorer = UncertaintyScorer(la, database=x_train)            # doctest: +SKIP
+    >>> ood_score = scorer(x_test)                                  # doctest: +SKIP
+    >>> both = scorer.scores(x_test, ["posterior_knn", "sampled_std"])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        la,
+        database: torch.Tensor | None = None,
+        database_labels: torch.Tensor | None = None,
+        *,
+        k: int = 1,
+        n_samples: int = 30,
+        generator: torch.Generator | None = None,
+        batch_size: int = 1024,
+    ) -> None:
+        la._check_fitted()
+        if n_samples < 2:
+            raise ValueError(f"n_samples must be at least 2, got {n_samples}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        self.la = la
+        self.n_samples = int(n_samples)
+        self.batch_size = int(batch_size)
+        self.database = None if database is None else _check_tensor(database, "database", la)
+        if database is not None and not 1 <= k <= len(self.database):
+            raise ValueError(f"k must be in [1, {len(self.database)}], got {k}.")
+        self.k = int(k)
+        self.database_labels = None
+        if database_labels is not None:
+            if self.database is None:
+                raise ValueError("database_labels needs a database.")
+            if database_labels.shape != (len(self.database),):
+                raise ValueError(
+                    f"database_labels must have shape ({len(self.database)},), got "
+                    f"{tuple(database_labels.shape)}."
+                )
+            self.database_labels = database_labels.to(la._device)
+        if generator is None:
+            generator = torch.Generator(device=la._device).manual_seed(0)
+        elif not isinstance(generator, torch.Generator) or generator.device != la._device:
+            raise ValueError("Invalid random generator (check type and device).")
+        self._generator_device = generator.device
+        self._generator_state = generator.get_state()
+        self._cache_key: tuple | None = None
+        self._db_samples: torch.Tensor | None = None  # (S, m, D)
+        self._db_mean: torch.Tensor | None = None  # (m, D)
+
+    # ------------------------------------------------------------------ internals
+    @torch.no_grad()
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        la = self.la
+        return torch.cat(
+            [la.pair_likelihood.embed(la.model(c)) for c in x.split(self.batch_size)], dim=0
+        )
+
+    def _samples(self) -> torch.Tensor:
+        generator = torch.Generator(device=self._generator_device)
+        generator.set_state(self._generator_state)
+        return self.la.sample(self.n_samples, generator)
+
+    def _key(self) -> tuple:
+        la = self.la
+        return (la.mean, la.H, la.prior_precision.detach().clone(), la.temperature)
+
+    def _key_is_current(self) -> bool:
+        if self._cache_key is None:
+            return False
+        mean, H, prior, temperature = self._cache_key
+        la = self.la
+        return (
+            mean is la.mean
+            and H is la.H
+            and temperature == la.temperature
+            and torch.equal(prior, la.prior_precision.detach())
+        )
+
+    @torch.no_grad()
+    def _sampled(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Query embeddings ``(S, n, D)`` under the weight samples (refreshing the cache)."""
+        refresh = self.database is not None and not self._key_is_current()
+        if x is None and not refresh:
+            return None
+        la = self.la
+        params = la._posterior_parameters()
+        queries, database = [], []
+        training = la.model.training
+        la.model.eval()
+        try:
+            for sample in self._samples():
+                vector_to_parameters(sample, params)
+                if x is not None:
+                    queries.append(self._embed(x))
+                if refresh:
+                    database.append(self._embed(self.database))
+        finally:
+            vector_to_parameters(la.mean, params)
+            la.model.train(training)
+        if refresh:
+            self._db_samples = torch.stack(database)
+            self._db_mean = self._embed(self.database)
+            self._cache_key = self._key()
+        return torch.stack(queries) if x is not None else None
+
+    def _knn(self, z_q: torch.Tensor, z_db: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(z_q, z_db).topk(self.k, largest=False).values[..., -1]
+
+    def _trace(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [self.la.predictive_uncertainty(c, score="trace") for c in x.split(self.batch_size)]
+        )
+
+    # ------------------------------------------------------------------ public
+    def scores(
+        self, x: torch.Tensor, scores: Iterable[PosteriorScore | str] = tuple(PosteriorScore)
+    ) -> dict[str, torch.Tensor]:
+        """Several scores of ``x`` from one pass of the weight samples.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Queries ``(n, ...)``.
+        scores : iterable of PosteriorScore or str, default=all of them
+            ``'posterior_knn'`` needs a database; see :class:`PosteriorScore`.
+
+        Returns
+        -------
+        scores : dict of str to torch.Tensor
+            Score name -> ``(n,)`` scores, higher = less certain.
+        """
+        names = [parse_enum(PosteriorScore, s, "score") for s in scores]
+        x = _check_tensor(x, "x", self.la)
+        if PosteriorScore.POSTERIOR_KNN in names and self.database is None:
+            raise ValueError(
+                "score='posterior_knn' needs a database: UncertaintyScorer(la, database=x_train)"
+                ", or choose score='sampled_std' or 'trace', which need none."
+            )
+        sampled = None
+        if PosteriorScore.POSTERIOR_KNN in names or PosteriorScore.SAMPLED_STD in names:
+            sampled = self._sampled(x)
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            if name == PosteriorScore.POSTERIOR_KNN:
+                out[name.value] = self._knn(sampled, self._db_samples).mean(0)
+            elif name == PosteriorScore.SAMPLED_STD:
+                out[name.value] = sampled.std(0).sum(-1)
+            else:
+                out[name.value] = self._trace(x)
+        return out
+
+    def __call__(
+        self, x: torch.Tensor, score: PosteriorScore | str = PosteriorScore.POSTERIOR_KNN
+    ) -> torch.Tensor:
+        """One score per query, ``(n,)``, higher = less certain (default: ``'posterior_knn'``).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Queries ``(n, ...)``.
+        score : PosteriorScore or str, default='posterior_knn'
+            One of :class:`PosteriorScore`.
+
+        Returns
+        -------
+        scores : torch.Tensor
+        """
+        name = parse_enum(PosteriorScore, score, "score")
+        return self.scores(x, [name])[name.value]
+
+    def retrieval(self, x: torch.Tensor) -> PosteriorRetrieval:
+        """Posterior kNN distance, top-1 retrieval confidence and the top-1 label at the mean.
+
+        Needs ``database`` (and ``database_labels`` for ``confidence`` and ``predicted``, else
+        they are empty).
+        """
+        if self.database is None:
+            raise ValueError("retrieval needs a database: UncertaintyScorer(la, database=...).")
+        x = _check_tensor(x, "x", self.la)
+        sampled = self._sampled(x)
+        knn = self._knn(sampled, self._db_samples).mean(0)
+        empty = torch.empty(0, device=self.la._device)
+        if self.database_labels is None:
+            return PosteriorRetrieval(knn, empty, empty)
+        labels = self.database_labels
+        predicted = labels[torch.cdist(self._embed(x), self._db_mean).argmin(-1)]
+        top1 = labels[torch.cdist(sampled, self._db_samples).argmin(-1)]  # (S, n)
+        confidence = (top1 == predicted).to(knn.dtype).mean(0)
+        return PosteriorRetrieval(knn, confidence, predicted)
 
 
 @torch.no_grad()
@@ -53,14 +312,16 @@ def posterior_retrieval(
     generator: torch.Generator | None = None,
     batch_size: int = 1024,
 ) -> PosteriorRetrieval:
-    """Posterior-averaged k-NN distance and top-1 retrieval confidence.
+    """Posterior-averaged k-NN distance and top-1 retrieval confidence (one-shot).
 
     For weight samples ``theta_s ~ q(theta)`` of the fitted Laplace estimator ``la``,
 
         knn_distance(x) = 1/S sum_s d_k(z(x; theta_s), {z(x_db; theta_s)})
 
     where ``d_k`` is the Euclidean distance to the ``k``-th nearest database embedding, and
-    ``confidence(x) = 1/S sum_s [label_1(x; theta_s) == label_1(x; theta_MAP)]``.
+    ``confidence(x) = 1/S sum_s [label_1(x; theta_s) == label_1(x; theta_MAP)]``. To score
+    several query sets against one database, build one :class:`UncertaintyScorer` instead: it
+    embeds the database once per weight sample.
 
     Parameters
     ----------
@@ -81,42 +342,16 @@ def posterior_retrieval(
     -------
     result : PosteriorRetrieval
     """
-    la._check_fitted()
-    if k < 1 or k > len(database):
-        raise ValueError(f"k must be in [1, {len(database)}], got {k}.")
-    x, database = x.to(la._device), database.to(la._device)
-    has_labels = database_labels is not None
-    if has_labels:
-        database_labels = database_labels.to(la._device)
-        if database_labels.shape != (len(database),):
-            raise ValueError("database_labels must have shape (len(database),).")
-
-    def top1_and_knn():
-        z_db, z_q = _embed(la, database, batch_size), _embed(la, x, batch_size)
-        dist = torch.cdist(z_q, z_db)
-        knn = dist.topk(k, largest=False).values[:, -1]
-        top1 = database_labels[dist.argmin(1)] if has_labels else None
-        return knn, top1
-
-    params = la._posterior_parameters()
-    _, predicted = top1_and_knn()
-    knn_sum = torch.zeros(len(x), dtype=la._dtype, device=la._device)
-    agree = torch.zeros_like(knn_sum)
-    try:
-        for sample in la.sample(n_samples, generator):
-            vector_to_parameters(sample, params)
-            knn, top1 = top1_and_knn()
-            knn_sum += knn
-            if has_labels:
-                agree += (top1 == predicted).to(agree.dtype)
-    finally:
-        vector_to_parameters(la.mean, params)
-    empty = torch.empty(0, device=la._device)
-    return PosteriorRetrieval(
-        knn_distance=knn_sum / n_samples,
-        confidence=agree / n_samples if has_labels else empty,
-        predicted=predicted if has_labels else empty,
+    scorer = UncertaintyScorer(
+        la,
+        database,
+        database_labels,
+        k=k,
+        n_samples=n_samples,
+        generator=generator,
+        batch_size=batch_size,
     )
+    return scorer.retrieval(x)
 
 
-__all__ = ["PosteriorRetrieval", "posterior_retrieval"]
+__all__ = ["PosteriorRetrieval", "PosteriorScore", "UncertaintyScorer", "posterior_retrieval"]

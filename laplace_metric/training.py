@@ -71,8 +71,8 @@ def fit_online_lam(
     epochs: int = 10,
     lr: float = 1e-3,
     decay: float = 0.999,
-    prior_precision: float = 1.0,
-    prior_update: PriorUpdate | str = PriorUpdate.MARGLIK,
+    prior_precision: float = 1e4,
+    prior_update: PriorUpdate | str = PriorUpdate.FINAL,
     update_every: int = 1,
     optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
     progress_bar: bool = False,
@@ -95,16 +95,20 @@ def fit_online_lam(
     lr : float, default=1e-3
     decay : float, default=0.999
         EMA decay of the curvature (bias-corrected as in Adam).
-    prior_precision : float, default=1.0
-        Initial (``'marglik'``), fixed (``'fixed'``) or training-time (``'final'``) prior
+    prior_precision : float, default=1e4
+        Training-time (``'final'``), fixed (``'fixed'``) or initial (``'marglik'``) prior
         precision.
-    prior_update : {'marglik', 'fixed', 'final'}, default='marglik'
-        ``'marglik'`` re-optimises the prior precision on the marginal likelihood after each
-        epoch, so training samples from the evidence-tuned posterior. ``'final'`` trains with
-        the fixed ``prior_precision`` and tunes it on the marginal likelihood once at the end:
-        a strong training prior keeps the weight samples close to the mean (measured on the
-        digits open-set split: MAP@R 0.94 with ``prior_precision=1e4``, against 0.62-0.67 with
-        ``'marglik'``, whose evidence-optimal prior, about 40, makes the samples noisy).
+    prior_update : {'final', 'fixed', 'marglik'}, default='final'
+        ``'final'`` trains with the fixed ``prior_precision`` and tunes it on the marginal
+        likelihood once at the end: a strong training prior keeps the weight samples close to
+        the mean. ``'marglik'`` re-optimises the prior precision on the marginal likelihood
+        after each epoch, so training samples from the evidence-tuned posterior (about 40 on
+        digits), whose noisy samples hurt retrieval. The defaults were chosen on the
+        *validation* split of the digits open-set split (``examples/tune_online_lam.py``, 3
+        seeds, 30 epochs, all-layer diag): validation MAP@R 0.942 ± 0.007 and noise AUROC
+        0.998 for ``'final'`` with 1e4, against 0.926 (1e3), 0.803 (1e2), 0.941-0.942 but
+        noise AUROC 0.93-0.97 (3e4, 1e5, and ``'fixed'`` 1e4), and MAP@R 0.64 ± 0.05 for
+        ``'marglik'``.
     update_every : int, default=1
         Refresh the posterior used for sampling every this many steps.
     optimizer : type, default=torch.optim.Adam
@@ -139,7 +143,9 @@ def fit_online_lam(
         prior_precision=prior_precision,
         **laplace_kwargs,
     )
-    la._prepare_last_layer(next(iter(train_loader)))
+    first = unpack_batch(next(iter(train_loader)))
+    la._check_output(first[0])  # one (batch, D) embedding tensor, before any training
+    la._prepare_last_layer(first)
     model = la.model
     posterior_params = la._posterior_parameters()
     opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=lr)

@@ -165,7 +165,8 @@ def test_loss_is_batch_summed_nll_over_same_pairs():
     la.fit(loader(x, y, batch_size=6))
     expected = 0.0
     for xb, yb in loader(x, y, batch_size=6):
-        z = torch.nn.functional.normalize(model(xb), dim=-1)
+        with torch.no_grad():
+            z = torch.nn.functional.normalize(model(xb), dim=-1)
         i, j = torch.triu_indices(6, 6, offset=1)
         d = (z[i] - z[j]).square().sum(-1)
         pos = yb[i] == yb[j]

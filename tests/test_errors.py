@@ -95,11 +95,16 @@ def test_zero_norm_embedding_and_non_2d_output():
             return self.lin(x) * 0
 
     x, y = labelled_data(6, (5,))
-    with pytest.raises(ValueError, match="zero norm"):
+    with (
+        pytest.warns(UserWarning, match="Falling back"),
+        pytest.raises(ValueError, match="zero norm"),
+    ):
         Laplace(Zero(), "contrastive", "all", "diag").fit(loader(x, y, 6))
     model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Unflatten(1, (2, 3))).double()
+    with pytest.warns(UserWarning, match="Falling back"):
+        la = Laplace(model, "contrastive", "all", "diag")
     with pytest.raises(ValueError, match=r"shape \(batch, D\)"):
-        Laplace(model, "contrastive", "all", "diag").fit(loader(x, y, 6))
+        la.fit(loader(x, y, 6))
 
 
 def test_bad_pred_type():

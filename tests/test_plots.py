@@ -133,3 +133,68 @@ def test_embedding_plot_errors(tmp_path) -> None:
         P.plot_embedding_2d(
             torch.ones(2, 2), torch.zeros(2), torch.tensor([0.0, math.nan]), tmp_path / "e.png"
         )
+
+
+def test_titles_name_method_seed_and_data(tmp_path) -> None:
+    conf = torch.tensor([0.1, 0.5, 0.9, 1.0])
+    bins = M.reliability_diagram_data(conf, torch.tensor([0, 1, 1, 1]), n_bins=5)
+    fig = P.plot_reliability_diagram(bins, tmp_path / "r.png", title="LAM all-layer diag\nseed 2")
+    assert fig.axes[0].get_title() == f"LAM all-layer diag\nseed 2\nECE = {bins.ece:.4f}"
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == [
+        "accuracy in bin",
+        "mean confidence",
+        "gap to mean confidence",
+        "perfect calibration",
+    ]
+    fig = P.plot_uncertainty_histograms({"a": torch.rand(5)}, tmp_path / "h.png", title="m, seed 1")
+    assert fig.axes[0].get_title() == "m, seed 1"
+
+
+def test_sparsification_panels_per_family(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    err = (torch.rand(200, generator=gen) < 0.2).float()
+    good = M.sparsification_curve(err + torch.rand(200, generator=gen), err, n_steps=50)
+    bad = M.sparsification_curve(torch.rand(200, generator=gen), err, n_steps=50)
+    # a curve whose last points (a handful of queries) jump to 1 must not squash the others
+    spike = M.SparsificationCurve(bad.fractions, bad.error.clone(), bad.oracle)
+    spike.error[-2:] = 1.0
+    groups = {"baselines": {"kNN": good}, "LAM, trace": {"diag": bad, "kron": spike}}
+    fig = P.plot_sparsification(groups, tmp_path / "s.png", title="seed 0, digits")
+    check_png(fig, tmp_path / "s.png")
+    assert [ax.get_title() for ax in fig.axes] == ["baselines", "LAM, trace"]
+    assert fig._suptitle.get_text() == "seed 0, digits"
+    top = fig.axes[0].get_ylim()[1]
+    assert top < 0.9 and top >= bad.error[bad.fractions <= 0.9].max().item()
+    assert fig.axes[1].get_ylim() == fig.axes[0].get_ylim()  # shared y-axis
+    with pytest.raises(ValueError, match="empty group"):
+        P.plot_sparsification({"a": {}}, tmp_path / "x.png")
+
+
+def test_embedding_plot_marks_ood_labels_axes_and_clips_sizes(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(100, 3, generator=gen)
+    labels = torch.arange(100) % 4  # class 3 is OOD
+    unc = torch.rand(100, generator=gen)
+    unc[0] = 1e6  # one outlier must not shrink every other marker
+    fig = P.plot_embedding_2d(emb, labels, unc, tmp_path / "e.png", ood_labels=[3], title="t")
+    check_png(fig, tmp_path / "e.png")
+    for ax in fig.axes:
+        assert ax.get_xlabel().startswith("z[0]") and ax.get_ylabel().startswith("z[1]")
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["0", "1", "2", "3 (OOD)"]
+    sizes = np.concatenate([c.get_sizes() for ax in fig.axes for c in ax.collections])
+    assert np.median(sizes) > 25  # min-max scaling would put nearly all at the minimum, 5
+    assert sizes.max() == pytest.approx(85.0)
+    assert fig._suptitle.get_text().startswith("t\nmarker size: uncertainty")
+
+
+def test_uncertainty_histograms_log_scale(tmp_path) -> None:
+    fig = P.plot_uncertainty_histograms(
+        {"a": torch.tensor([1.0, 10.0, 100.0])}, tmp_path / "l.png", xlabel="trace", log=True
+    )
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "log10 trace"
+    assert ax.get_xlim()[1] < 3
+    with pytest.raises(ValueError, match="positive"):
+        P.plot_uncertainty_histograms({"a": torch.zeros(3)}, tmp_path / "z.png", log=True)

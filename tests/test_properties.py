@@ -21,6 +21,10 @@ from tests.conftest import make_mlp
 
 STRUCTURES = ["diag", "kron", "full"]
 METHODS = ["positives", "fixed", "full"]
+# Hypothesis draws random labels, so some batches hold one class: the single-class warning is
+# expected here (its own test is in tests/test_errors.py).
+pytestmark = pytest.mark.filterwarnings("ignore:.*had a single class:UserWarning")
+
 SETTINGS = settings(
     max_examples=6,
     deadline=None,

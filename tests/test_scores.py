@@ -1,0 +1,111 @@
+"""The uncertainty entry point: named scores, the database cache, and brute-force checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from laplace import Laplace
+from torch.nn.utils import vector_to_parameters
+
+from laplace_metric import PosteriorScore, UncertaintyScorer, posterior_retrieval
+from tests.conftest import labelled_data, loader, make_mlp
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    x, y = labelled_data(40, (5,), n_classes=3)
+    la = Laplace(make_mlp(), "contrastive", "all", "diag")
+    la.fit(loader(x, y, 20))
+    return la, x, y
+
+
+def brute_force_embeddings(la, x, n_samples, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    params = la._posterior_parameters()
+    with torch.no_grad():
+        for sample in la.sample(n_samples, gen):
+            vector_to_parameters(sample, params)
+            out.append(torch.nn.functional.normalize(la.model(x), dim=-1))
+    vector_to_parameters(la.mean, params)
+    return torch.stack(out)
+
+
+def test_default_is_posterior_knn_and_matches_brute_force(fitted):
+    la, x, y = fitted
+    queries, database = x[:7], x[7:]
+    scorer = UncertaintyScorer(la, database=database, n_samples=6)
+    z_q = brute_force_embeddings(la, queries, 6)
+    z_db = brute_force_embeddings(la, database, 6)
+    expected_knn = torch.cdist(z_q, z_db).min(-1).values.mean(0)
+    torch.testing.assert_close(scorer(queries), expected_knn)
+    torch.testing.assert_close(scorer(queries, "posterior_knn"), expected_knn)
+    # LAM's score: sum over dimensions of the per-dimension std of the normalised samples
+    torch.testing.assert_close(scorer(queries, "sampled_std"), z_q.std(0).sum(-1))
+    torch.testing.assert_close(scorer(queries, "trace"), la.predictive_uncertainty(queries))
+    both = scorer.scores(queries)
+    assert set(both) == {s.value for s in PosteriorScore}
+
+
+def test_database_is_embedded_once_per_posterior(fitted, monkeypatch):
+    la, x, y = fitted
+    scorer = UncertaintyScorer(la, database=x[7:], n_samples=4)
+    calls = []
+    embed = scorer._embed
+
+    def counting(inputs):
+        calls.append(len(inputs))
+        return embed(inputs)
+
+    monkeypatch.setattr(scorer, "_embed", counting)
+    first = scorer(x[:5])
+    n_db = len(x) - 7
+    assert calls.count(n_db) == 4 + 1  # one per weight sample, plus the posterior mean
+    calls.clear()
+    again = scorer(x[:5])
+    scorer(x[5:7])
+    assert n_db not in calls  # cached: repeated queries do not re-embed the database
+    torch.testing.assert_close(first, again)  # the same weight samples every call
+    # a new posterior (prior precision) invalidates the cache
+    la.prior_precision = 3.0
+    try:
+        changed = scorer(x[:5])
+        assert calls.count(n_db) == 4 + 1
+        assert not torch.allclose(changed, first)
+    finally:
+        la.prior_precision = 1.0
+
+
+def test_retrieval_matches_posterior_retrieval(fitted):
+    la, x, y = fitted
+    gen = torch.Generator().manual_seed(3)
+    one_shot = posterior_retrieval(la, x[:8], x[8:], y[8:], n_samples=5, generator=gen)
+    scorer = UncertaintyScorer(
+        la, x[8:], y[8:], n_samples=5, generator=torch.Generator().manual_seed(3)
+    )
+    result = scorer.retrieval(x[:8])
+    torch.testing.assert_close(result.knn_distance, one_shot.knn_distance)
+    torch.testing.assert_close(result.confidence, one_shot.confidence)
+    assert ((result.confidence >= 0) & (result.confidence <= 1)).all()
+    # the top-1 label at the mean
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(la.model(x), dim=-1)
+    expected = y[8:][torch.cdist(z[:8], z[8:]).argmin(-1)]
+    assert torch.equal(result.predicted, expected)
+
+
+def test_scorer_errors(fitted):
+    la, x, y = fitted
+    with pytest.raises(ValueError, match="needs a database"):
+        UncertaintyScorer(la)(x)
+    assert UncertaintyScorer(la, n_samples=3)(x, "sampled_std").shape == (len(x),)
+    with pytest.raises(ValueError, match="Unknown score 'entropy'"):
+        UncertaintyScorer(la, x)(x, "entropy")
+    with pytest.raises(TypeError, match="dtype torch.float32"):
+        UncertaintyScorer(la, x)(x.float())
+    with pytest.raises(ValueError, match="k must be in"):
+        UncertaintyScorer(la, x, k=0)
+    with pytest.raises(ValueError, match="n_samples"):
+        UncertaintyScorer(la, x, n_samples=1)
+    with pytest.raises(AttributeError, match="not fitted"):
+        UncertaintyScorer(Laplace(make_mlp(), "contrastive", "all", "diag"), x)
