@@ -142,13 +142,13 @@ class BenchConfig:
 
     dims: Sequence[int] = (3, 32)
     seeds: Sequence[int] = (0, 1, 2)
-    n_train: int = 5000
+    n_train: int = 4000
     n_val: int = 1000
     n_test: int = 2000
     n_ood: int = 2000
-    epochs: int = 6
+    epochs: int = 5
     batch_size: int = 128
-    margin: float = 1.0
+    margin: float = 0.5
     lr: float = 1e-3
     dropout: float = 0.25
     n_members: int = 3
@@ -907,6 +907,8 @@ def run(config: BenchConfig) -> dict:
 
             results.append(run_seed(config, dim, seed, on_stage))
             bar.update(1)
+            partial = {"dim": dim, "per_seed": [r.rows for r in results]}
+            (output_dir / f"partial_D{dim}.json").write_text(json.dumps(partial, default=float))
         report["data_source"] = results[0].source
         table = aggregate(results)
         checks = verdict(table)
