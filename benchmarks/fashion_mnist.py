@@ -749,6 +749,73 @@ def tune(config: BenchConfig, dim: int, seed: int = 0) -> dict:
     return {"dim": dim, "curves": curves, "margin": float(best[0]), "epochs": best[1]}
 
 
+# ---------------------------------------------------------------------------- diagnosis
+def _spearman(a: Tensor, b: Tensor) -> float:
+    rank_a, rank_b = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([rank_a, rank_b]))[0, 1])
+
+
+def diagnose_lam_std(config: BenchConfig, dim: int, seed: int = 0) -> dict:
+    """Why LAM's std score fails on the last-layer diag posterior: what it reduces to.
+
+    Trains the deterministic encoder of ``run_seed`` and fits the same post-hoc posterior, then
+    reports the prior precision against the curvature, and the OOD AUROC of the LAM-std score
+    next to simple functions of the features ``f`` and the raw embedding ``g = W f + b``:
+    ``||f|| / ||g||`` (what the score becomes when the posterior is the isotropic prior, since
+    the std of ``W f`` is then proportional to ``||f||`` and the normalisation divides by
+    ``||g||``), ``1 / ||g||`` and the std of the *unnormalised* samples. A diagnosis only: none
+    of these is tuned or reported as a method.
+    """
+    data = load_data(config, seed)
+    loader = _loader(data, config, seed)
+    likelihood = ContrastiveLikelihood(margin=config.margin)
+    torch.manual_seed(1000 * seed)
+    det = train(lam_encoder(dim), loader, config, 1000 * seed)
+    feats = _all_feats(det, data)
+    la = metric_laplace(det, likelihood, "last_layer", "diag")
+    la.fit(loader)
+    la.optimize_prior_precision(method="marglik")
+    prior = float(la.prior_precision.reshape(-1)[0])
+    curvature = la.H.detach().double()
+    samples = laplace_head_samples(la, det[-1], config.n_samples, seed)
+
+    def raw_std(f: Tensor) -> Tensor:
+        raw = torch.stack([f @ w.T + b for w, b in zip(samples.weight, samples.bias)])
+        return raw.std(0).sum(-1)
+
+    weight, bias = det[-1].weight.detach(), det[-1].bias.detach()
+    norm_g = {k: (f @ weight.T + bias).norm(dim=-1) for k, f in feats.items()}
+    candidates = {
+        "LAM std (normalised samples)": lambda k: samples.lam_std(feats[k]),
+        "std of unnormalised samples": lambda k: raw_std(feats[k]),
+        "||f|| / ||g||": lambda k: feats[k].norm(dim=-1) / norm_g[k],
+        "1 / ||g||": lambda k: 1 / norm_g[k],
+        "||f||": lambda k: feats[k].norm(dim=-1),
+    }
+    with torch.no_grad():
+        scores = {name: (fn("test"), fn("ood")) for name, fn in candidates.items()}
+    both = {k: torch.cat(v) for k, v in scores.items()}
+    lam = both["LAM std (normalised samples)"]
+    return {
+        "dim": dim,
+        "seed": seed,
+        "prior_precision": prior,
+        "curvature_median": float(curvature.median()),
+        "curvature_mean": float(curvature.mean()),
+        "fraction_curvature_below_prior": float((curvature < prior).double().mean()),
+        "auroc": {k: ood_auroc(a.double(), b.double()) for k, (a, b) in scores.items()},
+        "spearman_with_lam_std": {k: _spearman(lam, v) for k, v in both.items()},
+        "mean_norm_g": {
+            "FashionMNIST test": float(norm_g["test"].mean()),
+            "MNIST": float(norm_g["ood"].mean()),
+        },
+        "mean_norm_f": {
+            "FashionMNIST test": float(feats["test"].norm(dim=-1).mean()),
+            "MNIST": float(feats["ood"].norm(dim=-1).mean()),
+        },
+    }
+
+
 # ---------------------------------------------------------------------------- reporting
 def aggregate(results: Sequence[SeedResult]) -> dict[str, dict[str, tuple[float, float]]]:
     """``{method: {metric: (mean, std)}}`` over seeds (NaN-free metrics only)."""
@@ -951,12 +1018,13 @@ def _jsonable(obj):
 
 
 # ---------------------------------------------------------------------------- command line
-def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, bool]:
-    """The command-line flags as a :class:`BenchConfig` and the ``--tune`` switch."""
+def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, str]:
+    """The command-line flags as a :class:`BenchConfig` and the mode (run, tune, diagnose)."""
     defaults = BenchConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny CI run (< 2 min)")
     parser.add_argument("--tune", action="store_true", help="choose margin and epochs on val")
+    parser.add_argument("--diagnose", action="store_true", help="what LAM's std score measures")
     parser.add_argument("--dims", type=int, nargs="+", default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     for name in ("n_train", "n_val", "n_test", "n_ood", "epochs", "n_members", "n_samples"):
@@ -991,21 +1059,22 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, bool]:
             threads=args.threads,
             progress=not args.no_progress,
         ),
-        args.tune,
+        "tune" if args.tune else "diagnose" if args.diagnose else "run",
     )
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Entry point: ``--tune`` prints the validation curves, otherwise runs the benchmark."""
-    config, do_tune = parse_args(argv)
-    if do_tune:
-        torch.set_num_threads(config.threads)
-        out = [tune(config, dim) for dim in config.dims]
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.output_dir) / "tune.json").write_text(json.dumps(out, indent=1))
-        print(json.dumps(out, indent=1))
-        return {"tune": out}
-    return run(config)
+    """Entry point: ``--tune`` / ``--diagnose`` write their JSON, otherwise the benchmark runs."""
+    config, mode = parse_args(argv)
+    if mode == "run":
+        return run(config)
+    torch.set_num_threads(config.threads)
+    step = tune if mode == "tune" else diagnose_lam_std
+    out = [step(config, dim) for dim in config.dims]
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(config.output_dir) / f"{mode}.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+    return {mode: out}
 
 
 if __name__ == "__main__":
