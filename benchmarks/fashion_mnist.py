@@ -991,7 +991,7 @@ def run(config: BenchConfig) -> dict:
     elapsed = time.perf_counter() - start
     report["seconds"] = elapsed
     footer = (
-        f"FashionMNIST train subset {config.n_train} (val {config.n_val}, unused here), test "
+        f"FashionMNIST train subset {config.n_train} (val {config.n_val}, used by --tune only), test "
         f"{config.n_test}; MNIST test {config.n_ood} as OOD (positive class). Seeds "
         f"{list(config.seeds)}, {config.epochs} epochs, batch {config.batch_size} (all pairs), "
         f"margin {config.margin} (squared distance), {config.n_samples} samples. Total "
