@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn.utils import vector_to_parameters
+
+from laplace_metric.predictive import PosteriorEmbedder, knn_and_top1
 
 
 @dataclass
@@ -33,13 +34,6 @@ class PosteriorRetrieval:
     knn_distance: torch.Tensor
     confidence: torch.Tensor
     predicted: torch.Tensor
-
-
-@torch.no_grad()
-def _embed(la, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat(
-        [la.pair_likelihood.embed(la.model(chunk)) for chunk in x.split(batch_size)], dim=0
-    )
 
 
 @torch.no_grad()
@@ -76,6 +70,9 @@ def posterior_retrieval(
     n_samples : int, default=30
     generator : torch.Generator, optional
     batch_size : int, default=1024
+        Rows per forward pass. For a last-layer posterior the backbone runs once per input
+        (its features are cached) and each weight sample re-runs only the last layer; the
+        distance computations run in query chunks that fit ``la.memory_budget``.
 
     Returns
     -------
@@ -91,26 +88,21 @@ def posterior_retrieval(
         if database_labels.shape != (len(database),):
             raise ValueError("database_labels must have shape (len(database),).")
 
-    def top1_and_knn():
-        z_db, z_q = _embed(la, database, batch_size), _embed(la, x, batch_size)
-        dist = torch.cdist(z_q, z_db)
-        knn = dist.topk(k, largest=False).values[:, -1]
-        top1 = database_labels[dist.argmin(1)] if has_labels else None
-        return knn, top1
+    embedder = PosteriorEmbedder(la, batch_size)
+    f_db, f_q = embedder.features(database), embedder.features(x)
 
-    params = la._posterior_parameters()
-    _, predicted = top1_and_knn()
+    def top1_and_knn(sample):
+        z_db, z_q = embedder.embed(f_db, sample), embedder.embed(f_q, sample)
+        return knn_and_top1(z_q, z_db, k, database_labels, la.memory_budget)
+
+    _, predicted = top1_and_knn(None)
     knn_sum = torch.zeros(len(x), dtype=la._dtype, device=la._device)
     agree = torch.zeros_like(knn_sum)
-    try:
-        for sample in la.sample(n_samples, generator):
-            vector_to_parameters(sample, params)
-            knn, top1 = top1_and_knn()
-            knn_sum += knn
-            if has_labels:
-                agree += (top1 == predicted).to(agree.dtype)
-    finally:
-        vector_to_parameters(la.mean, params)
+    for sample in embedder.samples(n_samples, generator):
+        knn, top1 = top1_and_knn(sample)
+        knn_sum += knn
+        if has_labels:
+            agree += (top1 == predicted).to(agree.dtype)
     empty = torch.empty(0, device=la._device)
     return PosteriorRetrieval(
         knn_distance=knn_sum / n_samples,
