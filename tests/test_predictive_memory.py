@@ -287,3 +287,22 @@ def test_sizes_parse_and_format(monkeypatch):
         la.memory_budget = "lots"
     assert chunk_size(10, 100, 350) == 3 and chunk_size(10, 100, 50) == 1
     assert chunk_size(10, 100, 350, batch_size=4) == 4
+
+
+def test_named_module_subnetwork_equals_last_layer(device):
+    """A subnetwork over a named head module (laplace-torch's ``ModuleNameSubnetMask``) is the
+    same posterior as last-layer Laplace when the head is the last layer."""
+    from laplace.utils.subnetmask import ModuleNameSubnetMask
+
+    model = make_mlp().to(device)
+    indices = ModuleNameSubnetMask(model, ["4"]).select()
+    x, y = labelled_data(24, (5,))
+    x, y = x.to(device), y.to(device)
+    estimators = [
+        Laplace(model, "contrastive", "subnetwork", "full", subnetwork_indices=indices),
+        Laplace(model, "contrastive", "last_layer", "full"),
+    ]
+    for la in estimators:
+        la.fit(loader(x, y, 8))
+    (m_sub, c_sub), (m_ll, c_ll) = (la(x[:6]) for la in estimators)
+    assert rel(m_sub, m_ll) < 1e-14 and rel(c_sub, c_ll) < 1e-12
