@@ -122,6 +122,7 @@ def build_model(name: str):
             mlp_dim=768,
             num_classes=EMBED_DIM,
         )
+        model.heads.head.reset_parameters()  # torchvision zero-initialises the head
         return model, (3, 32, 32)
     if name == "mlp":
         model = nn.Sequential(
