@@ -94,6 +94,7 @@ class Stage:
             message = f"{exc_type.__name__}: {exc}".replace("\n", " ")
             entry["error"] = message[:400]
         self.results[self.name] = entry
+        print("RESULT " + json.dumps(self.results), flush=True)  # partial results survive a timeout
         return exc is not None and not isinstance(exc, KeyboardInterrupt)
 
 
@@ -139,9 +140,9 @@ def build_model(name: str):
 
 def run_cell(model_name: str, method: str) -> dict:
     import torch
+    from laplace import Laplace
 
     import laplace_metric  # noqa: F401  (registers the likelihoods)
-    from laplace import Laplace
     from laplace_metric import posterior_retrieval
 
     lib, subset, structure = method.split("-")
@@ -184,9 +185,7 @@ def run_cell(model_name: str, method: str) -> dict:
             for chunk in torch.cat([queries[:N_QUERIES], database]).split(1024):
                 model(chunk)
         with Stage(results, "retrieval"):
-            posterior_retrieval(
-                la, queries[:N_QUERIES], database, db_labels, n_samples=N_SAMPLES
-            )
+            posterior_retrieval(la, queries[:N_QUERIES], database, db_labels, n_samples=N_SAMPLES)
     return results
 
 
@@ -196,8 +195,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    import laplace_metric  # noqa: F401
     import torchvision  # noqa: F401
+
+    import laplace_metric  # noqa: F401
 
     size = _rss_kb("VmSize") * 1024
     cap = size + int(args.cap_gb * 1e9)
@@ -228,11 +228,15 @@ def measure(model: str, method: str, args: argparse.Namespace) -> dict:
         proc = subprocess.run(
             command, capture_output=True, text=True, timeout=args.timeout, env=env
         )
-    except subprocess.TimeoutExpired:
-        return {"model": model, "method": method, "error": f"timed out after {args.timeout} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        partial = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        result = json.loads(partial[-1][len("RESULT ") :]) if partial else {}
+        result.update(model=model, method=method, error=f"timed out after {args.timeout:.0f} s")
+        return result
+    results = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if results:
+        return json.loads(results[-1][len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
     return {"model": model, "method": method, "error": f"exit {proc.returncode}: {tail[0]}"}
 

@@ -317,12 +317,38 @@ def jacobian_glm(
     return f_mu, la.functional_variance(Js)
 
 
-def _glm_one(la, x: torch.Tensor, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def jacobian_glm_diagonal(
+    la: MetricLaplaceMixin, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension GLM variances ``(B, D)`` from the Jacobians, never forming ``D x D``.
+
+    ``O(B D P)`` for a diagonal posterior (``sum_p J[d, p]^2 sigma_p``) and after one
+    Kronecker-factored product for ``kron``; dense posteriors square ``J S``.
+    """
+    Js, f_mu = la.backend.jacobians(x, enable_backprop=la.enable_backprop)
+    if la._structure == HessianStructure.DIAG:
+        var = torch.einsum("bdp,p,bdp->bd", Js, la.posterior_variance, Js)
+    elif la._structure == HessianStructure.KRON:
+        var = (Js * la.posterior_precision.bmm(Js, exponent=-1)).sum(-1)
+    else:
+        var = (Js @ la.posterior_scale).square().sum(-1)
+    return f_mu, var
+
+
+def _glm_one(
+    la, x: torch.Tensor, joint: bool, diagonal_output: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     if _uses_structured_path(la, x):
         with torch.set_grad_enabled(la.enable_backprop):
-            return structured_glm(la, x, joint)
-    with torch.enable_grad():
-        return jacobian_glm(la, x, joint)
+            mean, cov = structured_glm(la, x, joint)
+    else:
+        with torch.enable_grad():
+            if diagonal_output and not joint:
+                return jacobian_glm_diagonal(la, x)
+            mean, cov = jacobian_glm(la, x, joint)
+    if diagonal_output:
+        cov = torch.diagonal(cov, dim1=-2, dim2=-1)
+    return mean, cov
 
 
 def glm_chunks(
@@ -356,9 +382,7 @@ def glm_chunks(
         )
     size = chunk_size(len(x), per_query, budget, batch_size)
     for chunk in split(x, size):
-        mean, cov = _glm_one(la, chunk, joint=False)
-        if diagonal_output:
-            cov = torch.diagonal(cov, dim1=-2, dim2=-1)
+        mean, cov = _glm_one(la, chunk, joint=False, diagonal_output=diagonal_output)
         if not la.enable_backprop:
             mean, cov = mean.detach(), cov.detach()
         yield mean, cov
@@ -544,6 +568,7 @@ __all__ = [
     "glm_joint",
     "knn_and_top1",
     "jacobian_glm",
+    "jacobian_glm_diagonal",
     "linear_head",
     "draw_weight_samples",
     "nn_embedding_samples",

@@ -96,6 +96,8 @@ def test_chunked_predictions_equal_unchunked(subset, structure, device):
     for batch_size in (1, 5):
         m, c = la(x, batch_size=batch_size)
         assert rel(m, mean) < 1e-14 and rel(c, cov) < 1e-12
+    _, var = la(x, diagonal_output=True, batch_size=5)
+    assert rel(var, cov.diagonal(dim1=-2, dim2=-1)) < 1e-12
     scores = la.predictive_uncertainty(x)
     assert rel(la.predictive_uncertainty(x, batch_size=4), scores) < 1e-12
     assert rel(scores, cov.diagonal(dim1=-2, dim2=-1).sum(-1)) < 1e-12
