@@ -252,7 +252,7 @@ def _fmt_stage(entry: dict | None) -> str:
 def _ratio(ours: dict | None, floor: dict | None, key: str) -> str:
     if not ours or not floor or "error" in ours or "error" in floor or floor[key] <= 0:
         return "-"
-    return f"{ours[key] / floor[key]:.2f}x"
+    return f"{ours[key] / floor[key]:.2g}x"
 
 
 def table(rows: list[dict]) -> str:
@@ -302,10 +302,24 @@ def main() -> None:
     parser.add_argument("--cap-gb", type=float, default=6.0)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per cell")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="print the table of saved --json results (later files replace earlier cells)",
+    )
     parser.add_argument("--cell", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell is not None:
         child(args)
+        return
+    if args.from_json is not None:
+        merged: dict = {}
+        for path in args.from_json:
+            for row in json.loads(path.read_text()):
+                merged[(row["model"], row["method"])] = row
+        print(table(list(merged.values())))
         return
     rows = []
     for model in args.models:
