@@ -176,6 +176,13 @@ def check_fits(
     raise MemoryBudgetError(message)
 
 
+def check_batch_size(batch_size: int) -> int:
+    """``batch_size`` if it is a positive integer, else a ``ValueError``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    return batch_size
+
+
 def chunk_size(
     n_items: int,
     bytes_per_item: float,
@@ -205,9 +212,7 @@ def chunk_size(
         :func:`check_fits`) and at most ``max(n_items, 1)``.
     """
     if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        return min(batch_size, max(n_items, 1))
+        return min(check_batch_size(batch_size), max(n_items, 1))
     room = budget - fixed_bytes
     size = int(room // bytes_per_item) if bytes_per_item > 0 else n_items
     return max(1, min(size, max(n_items, 1)))
@@ -230,6 +235,7 @@ __all__ = [
     "BUDGET_ENV",
     "MemoryBudgetError",
     "available_memory",
+    "check_batch_size",
     "check_fits",
     "chunk_size",
     "default_budget",

@@ -40,6 +40,7 @@ from torch.nn.utils import vector_to_parameters
 
 from laplace_metric.memory import (
     MemoryBudgetError,
+    check_batch_size,
     check_fits,
     chunk_size,
     dtype_bytes,
@@ -435,8 +436,7 @@ class PosteriorEmbedder:
     def __init__(self, la: MetricLaplaceMixin, batch_size: int | None = None) -> None:
         la._check_fitted()
         self.la = la
-        # validates an explicit batch size
-        self.batch_size = chunk_size(2**62, 0, 1, batch_size or FORWARD_BATCH_SIZE)
+        self.batch_size = check_batch_size(FORWARD_BATCH_SIZE if batch_size is None else batch_size)
         self.last_layer = isinstance(la, LLLaplace)
         self.head = linear_head(la)
         self.params = la._posterior_parameters()

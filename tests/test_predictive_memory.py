@@ -289,6 +289,9 @@ def test_sizes_parse_and_format(monkeypatch):
         la.memory_budget = "lots"
     assert chunk_size(10, 100, 350) == 3 and chunk_size(10, 100, 50) == 1
     assert chunk_size(10, 100, 350, batch_size=4) == 4
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            chunk_size(10, 100, 350, batch_size=bad)
 
 
 def test_named_module_subnetwork_equals_last_layer(device):
