@@ -24,7 +24,7 @@ from laplace.utils.enums import (
     TuningMethod,
 )
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
 from laplace_metric.curvature.base import BatchCurvature, PairCurvatureInterface
@@ -44,7 +44,16 @@ from laplace_metric.distributed import (
 from laplace_metric.encoders import check_encoder_output, check_input_dtype, keeps_module_modes
 from laplace_metric.enums import HessianMethod, UncertaintyScore, parse_enum
 from laplace_metric.likelihoods import PairLikelihood, build_likelihood
+from laplace_metric.memory import dtype_bytes, resolve_budget
 from laplace_metric.mining import check_labels
+from laplace_metric.predictive import (
+    check_posterior_memory,
+    draw_weight_samples,
+    glm_chunks,
+    glm_joint,
+    iter_query_chunks,
+    nn_embedding_samples,
+)
 from laplace_metric.sampling import gaussian_samples, project_to_sphere
 from laplace_metric.uncertainty import uncertainty_score
 from laplace_metric.validation import PositivePairGaussianNLL
@@ -90,6 +99,12 @@ class MetricLaplaceMixin:
         for ``'bregman'``.
     backend : type[PairCurvatureInterface], optional
         Curvature backend; ``None`` picks the fastest one that supports the model.
+    memory_budget : int, float or str, optional
+        Bytes (or a size such as ``'8GB'``) that one step of fitting or prediction may
+        allocate: a posterior that does not fit raises
+        :class:`~laplace_metric.memory.MemoryBudgetError` before anything is allocated, and
+        prediction and sampling run in chunks that fit. ``None`` (default): half of the
+        free memory, see :func:`laplace_metric.memory.default_budget`.
     **kwargs
         Passed on to the laplace-torch estimator (``prior_precision``, ``temperature``,
         ``last_layer_name``, ``subnetwork_indices``, ...).
@@ -110,8 +125,10 @@ class MetricLaplaceMixin:
         divergence: nn.Module | None = None,
         likelihood_kwargs: dict[str, Any] | None = None,
         backend: type[PairCurvatureInterface] | None = None,
+        memory_budget: int | float | str | None = None,
         **kwargs: Any,
     ) -> None:
+        self.memory_budget = memory_budget
         if kwargs.get("sigma_noise", 1.0) != 1.0:
             raise ValueError("sigma_noise is fixed to 1 for pairwise likelihoods; use temperature.")
         self.pair_likelihood = build_likelihood(
@@ -153,6 +170,27 @@ class MetricLaplaceMixin:
                 self.model, self.pair_likelihood, **self._backend_kwargs
             )
         return self._backend
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes that one step of fitting or prediction may allocate (see ``memory_budget=``).
+
+        Set it to a number of bytes, a size string such as ``'8GB'``, or ``None`` for the
+        default (half the free memory of the model's device, re-read at each use).
+        """
+        device = self._device if getattr(self, "model", None) is not None else None
+        return resolve_budget(self._memory_budget, device)
+
+    @memory_budget.setter
+    def memory_budget(self, value: int | float | str | None) -> None:
+        if value is not None:
+            resolve_budget(value)  # validate now
+        self._memory_budget = value
+
+    def _init_H(self) -> None:
+        """Check the posterior against the memory budget, then let laplace-torch allocate it."""
+        check_posterior_memory(self)
+        super()._init_H()
 
     @property
     def hessian_method(self) -> HessianMethod:
@@ -285,6 +323,7 @@ class MetricLaplaceMixin:
             self._check_output(first[0])
             self.model.eval()
             self._prepare_last_layer(first)
+            check_posterior_memory(self)
 
             def all_batches():
                 yield first
@@ -419,27 +458,21 @@ class MetricLaplaceMixin:
         self._posterior_scale = None
 
     # ------------------------------------------------------------------ prediction
-    @torch.enable_grad()
     def _glm_predictive_distribution(
         self,
         X: torch.Tensor,
         joint: bool = False,
         diagonal_output: bool = False,
+        batch_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linearised predictive, in memory-bounded chunks (see :mod:`laplace_metric.predictive`)."""
         self._check_fitted()
         X = X.to(self._device)
         check_inputs(X)
-        Js, f_mu = self.backend.jacobians(X, enable_backprop=self.enable_backprop)
         if joint:
-            f_mu = f_mu.flatten()
-            f_var = self.functional_covariance(Js)
-        else:
-            f_var = self.functional_variance(Js)
-            if diagonal_output:
-                f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
-        if not self.enable_backprop:
-            return f_mu.detach(), f_var.detach()
-        return f_mu, f_var
+            return glm_joint(self, X)
+        means, covs = zip(*glm_chunks(self, X, diagonal_output, batch_size))
+        return torch.cat(means), torch.cat(covs)
 
     @keeps_module_modes
     def __call__(
@@ -452,6 +485,7 @@ class MetricLaplaceMixin:
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
         fitting: bool = False,
+        batch_size: int | None = None,
         **model_kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictive distribution of the embedding.
@@ -473,6 +507,9 @@ class MetricLaplaceMixin:
         diagonal_output : bool, default=False
             Return per-dimension variances ``(batch, D)`` instead of ``(batch, D, D)``.
         generator : torch.Generator, optional
+        batch_size : int, optional
+            Queries per chunk. ``None``: as many as fit ``memory_budget``. Results do not
+            depend on it.
 
         Returns
         -------
@@ -480,6 +517,11 @@ class MetricLaplaceMixin:
             ``(batch, D)`` (flattened ``(batch*D,)`` when ``joint``).
         covariance : torch.Tensor
             ``(batch, D, D)``, ``(batch, D)`` or ``(batch*D, batch*D)``.
+
+        Raises
+        ------
+        MemoryBudgetError
+            If one query (or the joint covariance) does not fit ``memory_budget``.
         """
         self._check_output(x)
         pred_type = parse_enum(PredType, pred_type, "pred_type")
@@ -487,17 +529,12 @@ class MetricLaplaceMixin:
             raise ValueError("pred_type='gp' is not available; use 'glm' or 'nn'.")
         if pred_type == PredType.GLM:
             return self._glm_predictive_distribution(
-                x, joint=joint, diagonal_output=diagonal_output
+                x, joint=joint, diagonal_output=diagonal_output, batch_size=batch_size
             )
         if joint:
             raise ValueError("joint=True is only available for pred_type='glm'.")
-        samples = self._nn_embedding_samples(x, n_samples, generator)
-        mean = samples.mean(0)
-        centred = samples - mean
-        dof = max(n_samples - 1, 1)
-        if diagonal_output:
-            return mean, centred.square().sum(0) / dof
-        return mean, torch.einsum("sbd,sbe->bde", centred, centred) / dof
+        samples = self._nn_embedding_samples(x, n_samples, generator, batch_size)
+        return _sample_moments(samples, diagonal_output)
 
     def _check_generator(self, generator: torch.Generator | None) -> None:
         if generator is not None and (
@@ -506,22 +543,19 @@ class MetricLaplaceMixin:
             raise ValueError("Invalid random generator (check type and device).")
 
     def _nn_embedding_samples(
-        self, x: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        n_samples: int,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        weights: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """Embeddings under weight samples; a last-layer posterior runs its backbone once."""
         self._check_fitted()
         self._check_generator(generator)
         x = x.to(self._device)
         check_inputs(x)
-        params = self._posterior_parameters()
-        outputs = []
-        try:
-            with torch.no_grad():
-                for sample in self.sample(n_samples, generator):
-                    vector_to_parameters(sample, params)
-                    outputs.append(self.pair_likelihood.embed(self.model(x)))
-        finally:
-            vector_to_parameters(self.mean, params)
-        return torch.stack(outputs)
+        return nn_embedding_samples(self, x, n_samples, generator, batch_size, weights)
 
     def functional_samples(
         self,
@@ -530,17 +564,21 @@ class MetricLaplaceMixin:
         n_samples: int = 100,
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
+        batch_size: int | None = None,
     ) -> torch.Tensor:
         """Samples ``(n_samples, batch, D)`` of the embedding before projecting to the sphere.
 
         ``'glm'`` draws from the linearised Gaussian; ``'nn'`` pushes weight samples through
-        the network (already normalised when the likelihood normalises).
+        the network (already normalised when the likelihood normalises). ``batch_size``:
+        queries per chunk of the predictive (``None``: fit ``memory_budget``).
         """
         pred_type = parse_enum(PredType, pred_type, "pred_type")
         if pred_type == PredType.NN:
-            return self._nn_embedding_samples(x, n_samples, generator)
+            return self._nn_embedding_samples(x, n_samples, generator, batch_size)
         self._check_generator(generator)
-        f_mu, f_var = self._glm_predictive_distribution(x, diagonal_output=diagonal_output)
+        f_mu, f_var = self._glm_predictive_distribution(
+            x, diagonal_output=diagonal_output, batch_size=batch_size
+        )
         return gaussian_samples(f_mu, f_var, n_samples, generator)
 
     @keeps_module_modes
@@ -551,10 +589,13 @@ class MetricLaplaceMixin:
         n_samples: int = 100,
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
+        batch_size: int | None = None,
     ) -> torch.Tensor:
         """Embedding samples ``(n_samples, batch, D)``, on the unit sphere when normalising."""
         self._check_output(x)
-        samples = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
+        samples = self.functional_samples(
+            x, pred_type, n_samples, diagonal_output, generator, batch_size
+        )
         return project_to_sphere(samples) if self.pair_likelihood.normalize else samples
 
     @keeps_module_modes
@@ -564,6 +605,8 @@ class MetricLaplaceMixin:
         score: UncertaintyScore | str = UncertaintyScore.TRACE,
         pred_type: PredType | str = PredType.GLM,
         n_samples: int = 100,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """A scalar uncertainty per input (higher = less certain), e.g. for OOD detection.
 
@@ -574,6 +617,11 @@ class MetricLaplaceMixin:
             See :func:`laplace_metric.uncertainty.uncertainty_score`.
         pred_type : {'glm', 'nn'}, default='glm'
         n_samples : int, default=100
+        batch_size : int, optional
+            Queries per chunk (``None``: as many as fit ``memory_budget``); the scores do not
+            depend on it (for ``'nn'``, every chunk uses the same weight samples).
+        generator : torch.Generator, optional
+            For ``'nn'``.
 
         Returns
         -------
@@ -581,8 +629,31 @@ class MetricLaplaceMixin:
             ``(batch,)``.
         """
         self._check_output(x)
-        _, cov = self(x, pred_type=pred_type, n_samples=n_samples)
-        return uncertainty_score(cov, score)
+        score = parse_enum(UncertaintyScore, score, "score")
+        pred_type = parse_enum(PredType, pred_type, "pred_type")
+        diagonal = score != UncertaintyScore.LOGDET
+        if pred_type == PredType.GLM:
+            self._check_fitted()
+            x = x.to(self._device)
+            check_inputs(x)
+            return torch.cat(
+                [
+                    uncertainty_score(cov, score)
+                    for _, cov in glm_chunks(self, x, diagonal, batch_size)
+                ]
+            )
+        if pred_type != PredType.NN:
+            raise ValueError("pred_type='gp' is not available; use 'glm' or 'nn'.")
+        self._check_fitted()
+        self._check_generator(generator)
+        weights = draw_weight_samples(self, n_samples, generator)
+        D = int(self.n_outputs)
+        per_query = (2 * n_samples * D + D * D) * dtype_bytes(self._dtype)
+        scores = []
+        for chunk in iter_query_chunks(self, x, batch_size, per_query):
+            samples = self._nn_embedding_samples(chunk, n_samples, None, batch_size, weights)
+            scores.append(uncertainty_score(_sample_moments(samples, diagonal)[1], score))
+        return torch.cat(scores)
 
     # ------------------------------------------------------------------ prior precision
     def optimize_prior_precision(
@@ -760,6 +831,19 @@ class MetricLaplaceMixin:
         self.H_signed = signed
         self.n_pairs = int(state_dict["n_pairs"])
         self._set_posterior_curvature()
+
+
+def _sample_moments(
+    samples: torch.Tensor, diagonal_output: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(B, D)`` and unbiased covariance ``(B, D, D)`` (or variances) of samples."""
+    n_samples = samples.shape[0]
+    mean = samples.mean(0)
+    centred = samples - mean
+    dof = max(n_samples - 1, 1)
+    if diagonal_output:
+        return mean, centred.square().sum(0) / dof
+    return mean, torch.einsum("sbd,sbe->bde", centred, centred) / dof
 
 
 def _plugin_key(subset: SubsetOfWeights, structure: HessianStructure) -> tuple[str, str, str]:

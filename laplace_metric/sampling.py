@@ -12,7 +12,11 @@ def psd_sqrt(cov: torch.Tensor) -> torch.Tensor:
     embeddings (no variance along the radial direction).
     """
     eigvals, eigvecs = torch.linalg.eigh((cov + cov.transpose(-1, -2)) / 2)
-    return (eigvecs * eigvals.clamp(min=0).sqrt()[..., None, :]) @ eigvecs.transpose(-1, -2)
+    # eigenvalues within round-off of zero are zero: their square roots (~1e-8 in float64)
+    # would otherwise turn round-off in ``cov`` into noise in the samples
+    tol = eigvals.abs().amax(-1, keepdim=True) * cov.shape[-1] * torch.finfo(cov.dtype).eps
+    eigvals = torch.where(eigvals > tol, eigvals, torch.zeros_like(eigvals))
+    return (eigvecs * eigvals.sqrt()[..., None, :]) @ eigvecs.transpose(-1, -2)
 
 
 def gaussian_samples(

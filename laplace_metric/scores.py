@@ -31,9 +31,9 @@ from enum import Enum
 from typing import Any
 
 import torch
-from torch.nn.utils import vector_to_parameters
 
 from laplace_metric.enums import parse_enum
+from laplace_metric.predictive import PosteriorEmbedder, knn_and_top1
 
 
 class PosteriorScore(str, Enum):
@@ -158,19 +158,13 @@ class UncertaintyScorer:
         self._cache_key: tuple | None = None
         self._db_samples: torch.Tensor | None = None  # (S, m, D)
         self._db_mean: torch.Tensor | None = None  # (m, D)
+        self._query_mean: torch.Tensor | None = None  # (n, D) of the last queries
 
     # ------------------------------------------------------------------ internals
-    @torch.no_grad()
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        la = self.la
-        return torch.cat(
-            [la.pair_likelihood.embed(la.model(c)) for c in x.split(self.batch_size)], dim=0
-        )
-
-    def _samples(self) -> torch.Tensor:
+    def _generator(self) -> torch.Generator:
         generator = torch.Generator(device=self._generator_device)
         generator.set_state(self._generator_state)
-        return self.la.sample(self.n_samples, generator)
+        return generator
 
     def _key(self) -> tuple:
         la = self.la
@@ -190,33 +184,51 @@ class UncertaintyScorer:
 
     @torch.no_grad()
     def _sampled(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        """Query embeddings ``(S, n, D)`` under the weight samples (refreshing the cache)."""
+        """Query embeddings ``(S, n, D)`` under the weight samples (refreshing the cache);
+        the queries' embeddings at the posterior mean are kept in ``_query_mean``.
+
+        A last-layer posterior runs the backbone once per input and samples only the head.
+        """
         refresh = self.database is not None and not self._key_is_current()
         if x is None and not refresh:
             return None
         la = self.la
-        params = la._posterior_parameters()
+        embedder = PosteriorEmbedder(la, self.batch_size)
+        f_x = None if x is None else embedder.features(x)
+        self._query_mean = None if f_x is None else embedder.embed(f_x)
+        f_db = embedder.features(self.database) if refresh else None
         queries, database = [], []
         training = la.model.training
         la.model.eval()
         try:
-            for sample in self._samples():
-                vector_to_parameters(sample, params)
-                if x is not None:
-                    queries.append(self._embed(x))
+            for sample in embedder.samples(self.n_samples, self._generator()):
+                if f_x is not None:
+                    queries.append(embedder.embed(f_x, sample))
                 if refresh:
-                    database.append(self._embed(self.database))
+                    database.append(embedder.embed(f_db, sample))
+            if refresh:
+                self._db_mean = embedder.embed(f_db)
         finally:
-            vector_to_parameters(la.mean, params)
             la.model.train(training)
         if refresh:
             self._db_samples = torch.stack(database)
-            self._db_mean = self._embed(self.database)
             self._cache_key = self._key()
         return torch.stack(queries) if x is not None else None
 
+    def _knn_top1(
+        self, z_q: torch.Tensor, z_db: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``k``-th neighbour distance and top-1 label per sample, ``(S, n)`` each, with the
+        distance matrices in query chunks that fit ``la.memory_budget``."""
+        knn, top1 = [], []
+        for q, db in zip(z_q, z_db):
+            d, t = knn_and_top1(q, db, self.k, self.database_labels, self.la.memory_budget)
+            knn.append(d)
+            top1.append(t)
+        return torch.stack(knn), (torch.stack(top1) if top1[0] is not None else None)
+
     def _knn(self, z_q: torch.Tensor, z_db: torch.Tensor) -> torch.Tensor:
-        return torch.cdist(z_q, z_db).topk(self.k, largest=False).values[..., -1]
+        return self._knn_top1(z_q, z_db)[0]
 
     def _trace(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(
@@ -290,13 +302,16 @@ class UncertaintyScorer:
             raise ValueError("retrieval needs a database: UncertaintyScorer(la, database=...).")
         x = _check_tensor(x, "x", self.la)
         sampled = self._sampled(x)
-        knn = self._knn(sampled, self._db_samples).mean(0)
+        knn_all, _ = self._knn_top1(sampled, self._db_samples)
+        knn = knn_all.mean(0)
         empty = torch.empty(0, device=self.la._device)
         if self.database_labels is None:
             return PosteriorRetrieval(knn, empty, empty)
-        labels = self.database_labels
-        predicted = labels[torch.cdist(self._embed(x), self._db_mean).argmin(-1)]
-        top1 = labels[torch.cdist(sampled, self._db_samples).argmin(-1)]  # (S, n)
+        budget = self.la.memory_budget
+        _, predicted = knn_and_top1(
+            self._query_mean, self._db_mean, 1, self.database_labels, budget
+        )
+        _, top1 = self._knn_top1(sampled, self._db_samples)  # (S, n)
         confidence = (top1 == predicted).to(knn.dtype).mean(0)
         return PosteriorRetrieval(knn, confidence, predicted)
 
@@ -337,6 +352,9 @@ def posterior_retrieval(
     n_samples : int, default=30
     generator : torch.Generator, optional
     batch_size : int, default=1024
+        Rows per forward pass. For a last-layer posterior the backbone runs once per input
+        (its features are cached) and each weight sample re-runs only the last layer; the
+        distance computations run in query chunks that fit ``la.memory_budget``.
 
     Returns
     -------

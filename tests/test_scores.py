@@ -51,13 +51,7 @@ def test_database_is_embedded_once_per_posterior(fitted, monkeypatch):
     la, x, y = fitted
     scorer = UncertaintyScorer(la, database=x[7:], n_samples=4)
     calls = []
-    embed = scorer._embed
-
-    def counting(inputs):
-        calls.append(len(inputs))
-        return embed(inputs)
-
-    monkeypatch.setattr(scorer, "_embed", counting)
+    handle = la.model.register_forward_pre_hook(lambda mod, args: calls.append(len(args[0])))
     first = scorer(x[:5])
     n_db = len(x) - 7
     assert calls.count(n_db) == 4 + 1  # one per weight sample, plus the posterior mean
@@ -74,6 +68,7 @@ def test_database_is_embedded_once_per_posterior(fitted, monkeypatch):
         assert not torch.allclose(changed, first)
     finally:
         la.prior_precision = 1.0
+        handle.remove()
 
 
 def test_retrieval_matches_posterior_retrieval(fitted):

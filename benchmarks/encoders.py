@@ -1,0 +1,340 @@
+"""Time and peak memory of LAM on real encoder architectures, against stock laplace-torch.
+
+Models (random weights, nothing downloaded; 3x32x32 inputs, a 128-d head): torchvision
+``resnet18``, ``resnet50``, a ViT-Tiny-sized ``torchvision.models.VisionTransformer`` (patch 4,
+12 layers, 3 heads, width 192), and the MLP 784-256-256-128 of issue #12 (on flattened 1x28x28
+inputs). Data: 512 random images of 10 classes, batches of 64; 32 queries.
+
+Each cell runs in a fresh subprocess (so the peak memory is the cell's own) under an
+address-space cap (``--cap-gb`` above the interpreter's size after imports; default 6 GB), with
+``--threads`` intra-op threads. Per stage it records the wall time and the peak resident set
+size above the stage's starting RSS (``VmHWM`` in ``/proc/self/status``, reset before each
+stage through ``/proc/self/clear_refs``):
+
+* ``fit``: ``la.fit(loader)``;
+* ``glm32``: the GLM predictive ``la(x)`` of 32 queries;
+* ``score256``: ``la.predictive_uncertainty`` (stock: ``la(x)``) of 256 queries;
+* ``retrieval`` (laplace-metric last-layer cells): ``posterior_retrieval`` of the 32 queries
+  against a 2048-image database with 10 weight samples, also as a multiple of one plain forward
+  pass over the same 2080 images.
+
+Methods: ``lam-<subset>-<structure>`` is laplace-metric (``likelihood='contrastive'``, default
+backend, default ``memory_budget``); ``stock-<subset>-<structure>`` is stock
+``laplace.Laplace(model, 'regression', ...)`` with its default ``CurvlinopsGGN`` on D = 128
+regression outputs (per-sample curvature; the floor). A failing stage is recorded with its
+error message. All-layer LAM cells on the image models are off by default (``--all-layer``):
+they need the hook-based curvature backend of issue #12.
+
+Run ``nice -n 10 python benchmarks/encoders.py`` (``--models resnet18 --methods lam-ll-kron``
+to select cells; ``--json out.json`` to keep the raw results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EMBED_DIM, N_TRAIN, N_CLASSES, BATCH, N_QUERIES, N_SCORE, N_DB, N_SAMPLES = (
+    128,
+    512,
+    10,
+    64,
+    32,
+    256,
+    2048,
+    10,
+)
+MODELS = ("resnet18", "resnet50", "vit_tiny", "mlp")
+LAST_LAYER = ("ll-diag", "ll-kron", "ll-full")
+METHODS = tuple(f"{lib}-{m}" for m in LAST_LAYER for lib in ("stock", "lam"))
+ALL_LAYER = ("lam-all-diag", "lam-all-kron", "stock-all-diag", "stock-all-kron")
+#: The MLP's all-layer cells are cheap and run by default.
+MLP_METHODS = ("stock-all-diag", "lam-all-diag", "stock-ll-kron", "lam-ll-kron")
+
+
+# ---------------------------------------------------------------------- one cell (child)
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+class Stage:
+    """Wall time and peak RSS above the starting RSS of one stage."""
+
+    def __init__(self, results: dict, name: str) -> None:
+        self.results, self.name = results, name
+
+    def __enter__(self) -> Stage:
+        import gc
+
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            pass
+        self.rss0 = _rss_kb("VmRSS")
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        elapsed = time.perf_counter() - self.t0
+        peak = max(_rss_kb("VmHWM") - self.rss0, 0) * 1024
+        entry = {"time": elapsed, "peak_bytes": peak}
+        if exc is not None:
+            message = f"{exc_type.__name__}: {exc}".replace("\n", " ")
+            entry["error"] = message[:400]
+        self.results[self.name] = entry
+        print("RESULT " + json.dumps(self.results), flush=True)  # partial results survive a timeout
+        return exc is not None and not isinstance(exc, KeyboardInterrupt)
+
+
+def build_model(name: str):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if name == "resnet18":
+        from torchvision.models import resnet18
+
+        return resnet18(num_classes=EMBED_DIM), (3, 32, 32)
+    if name == "resnet50":
+        from torchvision.models import resnet50
+
+        return resnet50(num_classes=EMBED_DIM), (3, 32, 32)
+    if name == "vit_tiny":
+        from torchvision.models import VisionTransformer
+
+        model = VisionTransformer(
+            image_size=32,
+            patch_size=4,
+            num_layers=12,
+            num_heads=3,
+            hidden_dim=192,
+            mlp_dim=768,
+            num_classes=EMBED_DIM,
+        )
+        model.heads.head.reset_parameters()  # torchvision zero-initialises the head
+        return model, (3, 32, 32)
+    if name == "mlp":
+        model = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 256),
+            nn.ReLU(),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Linear(256, EMBED_DIM),
+        )
+        return model, (1, 28, 28)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def run_cell(model_name: str, method: str) -> dict:
+    import torch
+    from laplace import Laplace
+
+    import laplace_metric  # noqa: F401  (registers the likelihoods)
+    from laplace_metric import posterior_retrieval
+
+    lib, subset, structure = method.split("-")
+    subset = {"ll": "last_layer", "all": "all"}[subset]
+    model, shape = build_model(model_name)
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N_TRAIN, *shape, generator=gen)
+    y = torch.arange(N_TRAIN) % N_CLASSES
+    y = y[torch.randperm(N_TRAIN, generator=gen)]
+    queries = torch.randn(N_SCORE, *shape, generator=gen)
+    results: dict = {"model": model_name, "method": method}
+    if lib == "lam":
+        la = Laplace(model, "contrastive", subset_of_weights=subset, hessian_structure=structure)
+        data = torch.utils.data.TensorDataset(x, y)
+        results["memory_budget"] = la.memory_budget
+    else:
+        targets = torch.randn(N_TRAIN, EMBED_DIM, generator=gen)
+        data = torch.utils.data.TensorDataset(x, targets)
+        la = Laplace(model, "regression", subset_of_weights=subset, hessian_structure=structure)
+    loader = torch.utils.data.DataLoader(data, batch_size=BATCH)
+    with Stage(results, "fit"):
+        la.fit(loader)
+    results["n_params"] = int(la.n_params) if la.n_params is not None else None
+    results["backend"] = type(la.backend).__name__
+    if "error" in results["fit"]:
+        return results
+    with Stage(results, "glm32"):
+        mean, cov = la(queries[:N_QUERIES], pred_type="glm")
+        assert cov.shape == (N_QUERIES, EMBED_DIM, EMBED_DIM), tuple(cov.shape)
+    with Stage(results, "score256"):
+        if lib == "lam":
+            la.predictive_uncertainty(queries)
+        else:
+            la(queries, pred_type="glm")
+    if lib == "lam" and subset == "last_layer":
+        database = torch.randn(N_DB, *shape, generator=gen)
+        db_labels = torch.arange(N_DB) % N_CLASSES
+        with Stage(results, "forward"), torch.no_grad():
+            for chunk in torch.cat([queries[:N_QUERIES], database]).split(1024):
+                model(chunk)
+        with Stage(results, "retrieval"):
+            posterior_retrieval(la, queries[:N_QUERIES], database, db_labels, n_samples=N_SAMPLES)
+    return results
+
+
+def child(args: argparse.Namespace) -> None:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import torchvision  # noqa: F401
+
+    import laplace_metric  # noqa: F401
+
+    size = _rss_kb("VmSize") * 1024
+    cap = size + int(args.cap_gb * 1e9)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    try:
+        results = run_cell(args.cell[0], args.cell[1])
+    except Exception as exc:  # a cell must not crash the table
+        traceback.print_exc()
+        results = {"model": args.cell[0], "method": args.cell[1], "error": f"{exc!r}"[:400]}
+    print("RESULT " + json.dumps(results))
+
+
+# ---------------------------------------------------------------------- the table (parent)
+def measure(model: str, method: str, args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--cell",
+        model,
+        method,
+        "--threads",
+        str(args.threads),
+        "--cap-gb",
+        str(args.cap_gb),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    try:
+        proc = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout, env=env
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        partial = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        result = json.loads(partial[-1][len("RESULT ") :]) if partial else {}
+        result.update(model=model, method=method, error=f"timed out after {args.timeout:.0f} s")
+        return result
+    results = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if results:
+        return json.loads(results[-1][len("RESULT ") :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+    return {"model": model, "method": method, "error": f"exit {proc.returncode}: {tail[0]}"}
+
+
+def _fmt_stage(entry: dict | None) -> str:
+    if entry is None:
+        return "-"
+    if "error" in entry:
+        return "fails"
+    return f"{entry['time']:.2f} s, {entry['peak_bytes'] / 1e6:.0f} MB"
+
+
+def _ratio(ours: dict | None, floor: dict | None, key: str) -> str:
+    if not ours or not floor or "error" in ours or "error" in floor or floor[key] <= 0:
+        return "-"
+    return f"{ours[key] / floor[key]:.2g}x"
+
+
+def table(rows: list[dict]) -> str:
+    by_key = {(r["model"], r["method"]): r for r in rows}
+    lines = [
+        "| model | method | P | fit | GLM, 32 queries | score, 256 queries | "
+        "retrieval (x forward) | fit time / floor | GLM time / floor | GLM memory / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    errors = []
+    for r in rows:
+        floor = by_key.get((r["model"], r["method"].replace("lam-", "stock-")))
+        is_lam = r["method"].startswith("lam-")
+        retrieval = r.get("retrieval")
+        ret = "-"
+        if retrieval and "error" not in retrieval and "forward" in r:
+            ret = f"{retrieval['time']:.2f} s ({retrieval['time'] / r['forward']['time']:.1f}x)"
+        elif retrieval:
+            ret = "fails"
+        cells = [
+            r["model"],
+            r["method"],
+            f"{r['n_params']:,}" if r.get("n_params") else "-",
+            _fmt_stage(r.get("fit")) if "error" not in r else "fails",
+            _fmt_stage(r.get("glm32")),
+            _fmt_stage(r.get("score256")),
+            ret,
+            _ratio(r.get("fit"), floor and floor.get("fit"), "time") if is_lam else "",
+            _ratio(r.get("glm32"), floor and floor.get("glm32"), "time") if is_lam else "",
+            _ratio(r.get("glm32"), floor and floor.get("glm32"), "peak_bytes") if is_lam else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+        for stage in ("fit", "glm32", "score256", "retrieval"):
+            if r.get(stage, {}).get("error"):
+                errors.append(f"- {r['model']} {r['method']} {stage}: {r[stage]['error']}")
+        if "error" in r:
+            errors.append(f"- {r['model']} {r['method']}: {r['error']}")
+    return "\n".join(lines) + ("\n\nFailures:\n" + "\n".join(errors) if errors else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--methods", nargs="+", default=None, help="default: all but all-layer")
+    parser.add_argument("--all-layer", action="store_true", help="add the all-layer cells")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cap-gb", type=float, default=6.0)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per cell")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="print the table of saved --json results (later files replace earlier cells)",
+    )
+    parser.add_argument("--cell", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.cell is not None:
+        child(args)
+        return
+    if args.from_json is not None:
+        merged: dict = {}
+        for path in args.from_json:
+            for row in json.loads(path.read_text()):
+                merged[(row["model"], row["method"])] = row
+        print(table(list(merged.values())))
+        return
+    rows = []
+    for model in args.models:
+        methods = args.methods or list(MLP_METHODS if model == "mlp" else METHODS)
+        if args.all_layer and args.methods is None and model != "mlp":
+            methods += list(ALL_LAYER)
+        for method in methods:
+            result = measure(model, method, args)
+            print(json.dumps(result), flush=True)
+            rows.append(result)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

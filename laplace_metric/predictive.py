@@ -1,0 +1,586 @@
+"""Memory-planned prediction and sampling for the laplace-metric estimators.
+
+Three things live here, each used by :class:`laplace_metric.estimators.MetricLaplaceMixin`:
+
+* **Posterior size checks** (:func:`check_posterior_memory`): before a dense ``P x P``
+  curvature is allocated, compare its size with the estimator's ``memory_budget`` and name
+  the structures and subsets that would fit.
+* **The GLM predictive in chunks** (:func:`glm_chunks`): queries are processed in chunks
+  whose working memory fits the budget. For a last-layer posterior over an ``nn.Linear``
+  head, ``J Sigma J^T`` is computed from the head's input features ``phi`` without forming
+  the ``D x P`` Jacobian: the raw output's Jacobian is ``J_i = (I_D (x) phi_i^T | I_D)``
+  (weight then bias), so
+
+  - diag: ``(J Sigma J^T)[d, d] = sum_n sigma_W[d, n] phi[n]^2 + sigma_b[d]``;
+  - kron (precision eigendecomposed as ``(Q_1 (x) Q_2) diag(w^-1) (Q_1 (x) Q_2)^T``, output
+    factor first): ``Q_1 diag(w @ (Q_2^T phi)^2) Q_1^T`` plus the bias block, exact for any
+    prior or damping;
+  - full (``Sigma = S S^T``): ``(J S)(J S)^T`` with ``J S = sum_n phi[n] S[(., n), :] + S_b``,
+    never forming ``J``.
+
+  The normalisation Jacobian ``(I - z z^T) / ||g||`` is applied to the ``D x D`` result.
+* **Posterior embeddings with a frozen backbone** (:class:`PosteriorEmbedder`): for a
+  last-layer posterior the backbone runs once per input; each weight sample only re-runs the
+  head on the cached features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from laplace.lllaplace import LLLaplace
+from laplace.subnetlaplace import SubnetLaplace
+from laplace.utils.enums import HessianStructure, SubsetOfWeights
+from torch import nn
+from torch.nn.utils import vector_to_parameters
+
+from laplace_metric.memory import (
+    MemoryBudgetError,
+    check_batch_size,
+    check_fits,
+    chunk_size,
+    dtype_bytes,
+    format_bytes,
+    split,
+)
+
+if TYPE_CHECKING:
+    from laplace_metric.estimators import MetricLaplaceMixin
+
+#: Dense ``P x P`` matrices alive at once for a full structure (signed curvature, PSD
+#: curvature and posterior precision or scale).
+FULL_COPIES = 3
+#: Working copies of a ``D x P`` Jacobian per query on the Jacobian path (raw, normalised,
+#: parameter selection / posterior product).
+JACOBIAN_COPIES = 4
+#: Extra copies that laplace-torch's Kronecker ``inv_square_form`` makes of the Jacobians.
+KRON_JACOBIAN_COPIES = 3
+#: Rows per forward pass when the budget does not bound them (activations are not planned).
+FORWARD_BATCH_SIZE = 256
+
+
+# ---------------------------------------------------------------------------- sizes
+def _kron_bytes(shapes: list[torch.Size], itemsize: int) -> int:
+    """Kronecker factors (signed, PSD, eigenvectors and eigenvalues) of parameters ``shapes``."""
+    total = 0
+    for shape in shapes:
+        if len(shape) == 1:
+            total += shape[0] ** 2
+        else:
+            n_in = int(torch.Size(shape[1:]).numel())
+            total += shape[0] ** 2 + n_in**2
+    return 4 * total * itemsize
+
+
+def structure_bytes(structure: HessianStructure, shapes: list[torch.Size], itemsize: int) -> int:
+    """Memory of a posterior of ``structure`` over parameters of ``shapes``.
+
+    ``diag``: six length-``P`` vectors; ``kron``: four copies of every Kronecker factor;
+    ``full``: :data:`FULL_COPIES` dense ``P x P`` matrices.
+    """
+    n_params = sum(int(torch.Size(s).numel()) for s in shapes)
+    if structure == HessianStructure.DIAG:
+        return 6 * n_params * itemsize
+    if structure == HessianStructure.KRON:
+        return _kron_bytes(shapes, itemsize)
+    return FULL_COPIES * n_params**2 * itemsize
+
+
+def _last_module_with_parameters(model: nn.Module) -> tuple[str, nn.Module] | None:
+    found = None
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            found = (name, module)
+    return found
+
+
+def _posterior_shapes(la: MetricLaplaceMixin) -> list[torch.Size] | None:
+    if isinstance(la, LLLaplace):
+        if la.model.last_layer is None:
+            return None
+        return [p.shape for p in la.model.last_layer.parameters()]
+    if isinstance(la, SubnetLaplace):
+        return [torch.Size([int(la.n_params)])]
+    return [p.shape for p in la.params]
+
+
+def check_posterior_memory(la: MetricLaplaceMixin) -> None:
+    """Raise :class:`~laplace_metric.memory.MemoryBudgetError` if the posterior's curvature
+    does not fit ``la.memory_budget``, naming the structures and subsets that would.
+
+    A no-op while a last-layer estimator has not located its last layer yet.
+    """
+    shapes = _posterior_shapes(la)
+    if shapes is None:
+        return
+    itemsize = dtype_bytes(la._dtype)
+    budget = la.memory_budget
+    structure = la._structure
+    needed = structure_bytes(structure, shapes, itemsize)
+    if needed <= budget:
+        return
+    n_params = sum(int(torch.Size(s).numel()) for s in shapes)
+    is_subnet = isinstance(la, SubnetLaplace)
+    allowed = (
+        (HessianStructure.DIAG, HessianStructure.FULL)
+        if is_subnet
+        else (HessianStructure.DIAG, HessianStructure.KRON, HessianStructure.FULL)
+    )
+    alternatives = []
+    for other in allowed:
+        if other == structure:
+            continue
+        size = structure_bytes(other, shapes, itemsize)
+        if size <= budget:
+            alternatives.append(f"hessian_structure='{other.value}' ({format_bytes(size)})")
+    if la._subset == SubsetOfWeights.ALL:
+        last = _last_module_with_parameters(la.model)
+        if last is not None:
+            last_shapes = [p.shape for p in last[1].parameters(recurse=False)]
+            for option in (structure, HessianStructure.KRON, HessianStructure.DIAG):
+                size = structure_bytes(option, last_shapes, itemsize)
+                if size <= budget:
+                    n_last = sum(int(torch.Size(s).numel()) for s in last_shapes)
+                    alternatives.append(
+                        f"subset_of_weights='last_layer' with hessian_structure="
+                        f"'{option.value}' ({n_last:,} parameters in '{last[0]}', "
+                        f"{format_bytes(size)})"
+                    )
+                    break
+    what = f"A {structure.value} posterior over {n_params:,} parameters"
+    if structure == HessianStructure.FULL:
+        what += (
+            f" ({FULL_COPIES} dense P x P matrices in {str(la._dtype).removeprefix('torch.')}, "
+            f"{format_bytes(n_params**2 * itemsize)} each)"
+        )
+    check_fits(needed, budget, what, alternatives)
+
+
+# ---------------------------------------------------------------------------- GLM predictive
+def linear_head(la: MetricLaplaceMixin) -> nn.Linear | None:
+    """The last layer of a last-layer posterior when it is an ``nn.Linear``, else ``None``."""
+    if not isinstance(la, LLLaplace):
+        return None
+    last = la.model.last_layer
+    return last if type(last) is nn.Linear else None
+
+
+def _jacobian_params(la: MetricLaplaceMixin) -> int:
+    """Columns of the Jacobians the backend computes (before any subnetwork selection)."""
+    if isinstance(la, LLLaplace):
+        return int(la.n_params)
+    return sum(p.numel() for p in la.params)
+
+
+def glm_bytes_per_query(la: MetricLaplaceMixin, structured: bool) -> int:
+    """Working memory of the GLM predictive for one query."""
+    itemsize = dtype_bytes(la._dtype)
+    D = int(la.n_outputs)
+    if structured:
+        head = la.model.last_layer
+        n_in = head.in_features
+        if la._structure == HessianStructure.FULL:
+            return (2 * D * int(la.n_params) + 4 * D * D + 3 * n_in) * itemsize
+        return (3 * n_in + 2 * D * n_in + 6 * D * D) * itemsize
+    copies = JACOBIAN_COPIES + (
+        KRON_JACOBIAN_COPIES if la._structure == HessianStructure.KRON else 0
+    )
+    return (copies * D * _jacobian_params(la) + 4 * D * D) * itemsize
+
+
+def _jacobian_alternatives(la: MetricLaplaceMixin) -> list[str]:
+    options = ["pred_type='nn' (weight samples, no Jacobians)"]
+    if la._subset == SubsetOfWeights.ALL:
+        options.append("subset_of_weights='last_layer'")
+    return options
+
+
+def _project(cov: torch.Tensor, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``P cov P`` with ``P = (I - z z^T) / ||g||`` per input, for ``cov`` ``(B, D, D)``."""
+    cz = cov @ z[:, :, None]  # (B, D, 1)
+    zc = z[:, None, :] @ cov  # (B, 1, D)
+    zcz = (zc @ z[:, :, None])[:, :, :1]  # (B, 1, 1)
+    out = cov - z[:, :, None] * zc - cz * z[:, None, :] + z[:, :, None] * zcz * z[:, None, :]
+    norms = g.norm(dim=-1)
+    return out / (norms**2)[:, None, None]
+
+
+def _project_joint(cov: torch.Tensor, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``P_i cov[i, :, j, :] P_j`` for a joint covariance ``(B, D, B, D)``."""
+    B, D = z.shape
+    eye = torch.eye(D, dtype=z.dtype, device=z.device)
+    proj = (eye - z[:, :, None] * z[:, None, :]) / g.norm(dim=-1)[:, None, None]  # (B, D, D)
+    return torch.einsum("ida,iajb,jeb->idje", proj, cov, proj)
+
+
+def _kron_inverse_weights(ls: list[torch.Tensor], delta: torch.Tensor, damping: bool):
+    if len(ls) == 1:
+        return 1 / (ls[0] + delta)
+    l1, l2 = ls
+    if damping:
+        return 1 / torch.outer(l1 + delta.sqrt(), l2 + delta.sqrt())
+    return 1 / (torch.outer(l1, l2) + delta)
+
+
+def _structured_raw_covariance(
+    la: MetricLaplaceMixin, phi: torch.Tensor, joint: bool
+) -> torch.Tensor:
+    """``J Sigma J^T`` of the raw head output from features ``phi`` ``(B, N)``.
+
+    Returns ``(B, D, D)``, or ``(B, D, B, D)`` when ``joint``.
+    """
+    head = la.model.last_layer
+    D, N = head.out_features, head.in_features
+    n_weight = D * N
+    has_bias = head.bias is not None
+    structure = la._structure
+    if structure == HessianStructure.DIAG:
+        var = la.posterior_variance
+        var_w = var[:n_weight].reshape(D, N)
+        if joint:
+            c = torch.einsum("in,dn,jn->ijd", phi, var_w, phi)
+            if has_bias:
+                c = c + var[n_weight:]
+            eye = torch.eye(D, dtype=phi.dtype, device=phi.device)
+            return c[:, :, :, None].transpose(1, 2) * eye[None, :, None, :]
+        diag = phi.square() @ var_w.T
+        if has_bias:
+            diag = diag + var[n_weight:]
+        return torch.diag_embed(diag)
+    if structure == HessianStructure.KRON:
+        precision = la.posterior_precision
+        Q1, Q2 = precision.eigenvectors[0]
+        w = _kron_inverse_weights(precision.eigenvalues[0], precision.deltas[0], precision.damping)
+        psi = phi @ Q2  # (B, N)
+        if joint:
+            s = torch.einsum("kl,il,jl->ijk", w, psi, psi)
+            cov = torch.einsum("dk,ijk,ek->idje", Q1, s, Q1)
+        else:
+            s = psi.square() @ w.T  # (B, D)
+            cov = (Q1[None] * s[:, None, :]) @ Q1.T
+        if has_bias:
+            Qb = precision.eigenvectors[1][0]
+            wb = _kron_inverse_weights(
+                precision.eigenvalues[1], precision.deltas[1], precision.damping
+            )
+            bias = (Qb * wb) @ Qb.T
+            if joint:
+                cov = cov + bias[None, :, None, :]
+            else:
+                cov = cov + bias
+        return cov
+    scale = la.posterior_scale  # (P, P), Sigma = S S^T
+    js = torch.einsum("bn,dnp->bdp", phi, scale[:n_weight].reshape(D, N, -1))
+    if has_bias:
+        js = js + scale[n_weight:]
+    if joint:
+        flat = js.reshape(-1, js.shape[-1])
+        return (flat @ flat.T).reshape(len(phi), D, len(phi), D)
+    return js @ js.transpose(-1, -2)
+
+
+def structured_glm(
+    la: MetricLaplaceMixin, x: torch.Tensor, joint: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM predictive of a last-layer ``nn.Linear`` posterior from the head's features.
+
+    Returns the embedding mean ``(B, D)`` and covariance ``(B, D, D)`` (``joint``: the mean
+    flattened to ``(B*D,)`` and the covariance ``(B*D, B*D)``).
+    """
+    g, phi = la.model.forward_with_features(x)
+    if phi.ndim != 2:
+        raise ValueError("structured_glm needs (batch, features) inputs to the last layer.")
+    cov = _structured_raw_covariance(la, phi, joint)
+    z = la.pair_likelihood.embed(g)
+    if la.pair_likelihood.normalize:
+        cov = _project_joint(cov, g, z) if joint else _project(cov, g, z)
+    if joint:
+        B, D = z.shape
+        return z.flatten(), cov.reshape(B * D, B * D)
+    return z, cov
+
+
+def _uses_structured_path(la: MetricLaplaceMixin, x: torch.Tensor) -> bool:
+    return linear_head(la) is not None and isinstance(x, torch.Tensor)
+
+
+def jacobian_glm(
+    la: MetricLaplaceMixin, x: torch.Tensor, joint: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM predictive from the backend's ``(B, D, P)`` Jacobians (any posterior)."""
+    Js, f_mu = la.backend.jacobians(x, enable_backprop=la.enable_backprop)
+    if joint:
+        return f_mu.flatten(), la.functional_covariance(Js)
+    return f_mu, la.functional_variance(Js)
+
+
+def _weighted_square_sum(Js: torch.Tensor, weights: torch.Tensor, block: int = 8192):
+    """``sum_p Js[..., p]^2 weights[p]`` over cache-sized column blocks (3x faster than one
+    ``Js.square() @ weights`` on a 128 x 300k Jacobian, measured; no full-size copy)."""
+    out = torch.zeros(Js.shape[:-1], dtype=Js.dtype, device=Js.device)
+    for start in range(0, Js.shape[-1], block):
+        out = out + Js[..., start : start + block].square() @ weights[start : start + block]
+    return out
+
+
+def jacobian_glm_diagonal(
+    la: MetricLaplaceMixin, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension GLM variances ``(B, D)`` from the Jacobians, never forming ``D x D``.
+
+    ``O(B D P)`` for a diagonal posterior (``sum_p J[d, p]^2 sigma_p``) and after one
+    Kronecker-factored product for ``kron``; dense posteriors square ``J S``.
+    """
+    Js, f_mu = la.backend.jacobians(x, enable_backprop=la.enable_backprop)
+    if la._structure == HessianStructure.DIAG:
+        var = _weighted_square_sum(Js, la.posterior_variance)
+    elif la._structure == HessianStructure.KRON:
+        var = (Js * la.posterior_precision.bmm(Js, exponent=-1)).sum(-1)
+    else:
+        var = (Js @ la.posterior_scale).square().sum(-1)
+    return f_mu, var
+
+
+def _glm_one(
+    la, x: torch.Tensor, joint: bool, diagonal_output: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _uses_structured_path(la, x):
+        with torch.set_grad_enabled(la.enable_backprop):
+            mean, cov = structured_glm(la, x, joint)
+    else:
+        with torch.enable_grad():
+            if diagonal_output and not joint:
+                return jacobian_glm_diagonal(la, x)
+            mean, cov = jacobian_glm(la, x, joint)
+    if diagonal_output:
+        cov = torch.diagonal(cov, dim1=-2, dim2=-1)
+    return mean, cov
+
+
+def glm_chunks(
+    la: MetricLaplaceMixin,
+    x: torch.Tensor,
+    diagonal_output: bool = False,
+    batch_size: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (non-joint) GLM predictive ``(mean, cov)`` of ``x``, chunk by chunk.
+
+    Each chunk's size is ``batch_size`` if given, else the most queries whose working memory
+    (:func:`glm_bytes_per_query`) fits ``la.memory_budget``.
+
+    Raises
+    ------
+    MemoryBudgetError
+        If a single query does not fit the budget.
+    """
+    structured = _uses_structured_path(la, x)
+    per_query = glm_bytes_per_query(la, structured)
+    budget = la.memory_budget
+    if batch_size is None:
+        check_fits(
+            per_query,
+            budget,
+            f"The GLM predictive of one query ({la.n_outputs} x {_jacobian_params(la):,} "
+            "Jacobian and working copies)"
+            if not structured
+            else "The GLM predictive of one query",
+            _jacobian_alternatives(la),
+        )
+    size = chunk_size(len(x), per_query, budget, batch_size)
+    for chunk in split(x, size):
+        mean, cov = _glm_one(la, chunk, joint=False, diagonal_output=diagonal_output)
+        if not la.enable_backprop:
+            mean, cov = mean.detach(), cov.detach()
+        yield mean, cov
+
+
+def glm_joint(la: MetricLaplaceMixin, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint GLM predictive ``(B*D,)``, ``(B*D, B*D)``; checked against the budget."""
+    structured = _uses_structured_path(la, x)
+    itemsize = dtype_bytes(la._dtype)
+    n = len(x) * int(la.n_outputs)
+    needed = len(x) * glm_bytes_per_query(la, structured) + 3 * n * n * itemsize
+    check_fits(
+        needed,
+        la.memory_budget,
+        f"The joint GLM predictive of {len(x)} queries",
+        ["fewer queries", "joint=False (per-query covariances, computed in chunks)"],
+    )
+    mean, cov = _glm_one(la, x, joint=True)
+    if not la.enable_backprop:
+        mean, cov = mean.detach(), cov.detach()
+    return mean, cov
+
+
+# ---------------------------------------------------------------------------- samples
+class PosteriorEmbedder:
+    """Embeddings of inputs under posterior weight samples, running a frozen backbone once.
+
+    For a last-layer posterior, :meth:`features` runs the backbone and caches the last
+    layer's inputs; :meth:`embed` then applies only the head at a weight sample (for an
+    ``nn.Linear`` head functionally, without touching the model's parameters). For any other
+    posterior the "features" are the inputs and :meth:`embed` runs the whole model.
+
+    Parameters
+    ----------
+    la : MetricLaplaceMixin
+        A fitted estimator.
+    batch_size : int, optional
+        Rows per forward pass; default :data:`FORWARD_BATCH_SIZE`.
+    """
+
+    def __init__(self, la: MetricLaplaceMixin, batch_size: int | None = None) -> None:
+        la._check_fitted()
+        self.la = la
+        self.batch_size = check_batch_size(FORWARD_BATCH_SIZE if batch_size is None else batch_size)
+        self.last_layer = isinstance(la, LLLaplace)
+        self.head = linear_head(la)
+        self.params = la._posterior_parameters()
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs of the sampled part: backbone features (last-layer) or ``x`` itself."""
+        if not self.last_layer:
+            return x
+        return torch.cat(
+            [self.la.model.forward_with_features(c)[1] for c in split(x, self.batch_size)]
+        )
+
+    @contextmanager
+    def _weights(self, sample: torch.Tensor | None):
+        if sample is None:
+            yield
+            return
+        vector_to_parameters(sample, self.params)
+        try:
+            yield
+        finally:
+            vector_to_parameters(self.la.mean, self.params)
+
+    @torch.no_grad()
+    def raw(self, features: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw outputs ``(n, D)`` at weight vector ``sample`` (``None``: the posterior mean)."""
+        if self.head is not None:
+            vector = self.la.mean if sample is None else sample
+            D, N = self.head.out_features, self.head.in_features
+            weight = vector[: D * N].reshape(D, N)
+            bias = vector[D * N :] if self.head.bias is not None else None
+            return F.linear(features, weight, bias)
+        module = self.la.model.last_layer if self.last_layer else self.la.model
+        with self._weights(sample):
+            return torch.cat([module(c) for c in split(features, self.batch_size)])
+
+    def embed(self, features: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings ``(n, D)`` at weight vector ``sample`` (``None``: the posterior mean)."""
+        return self.la.pair_likelihood.embed(self.raw(features, sample))
+
+    def samples(
+        self, n_samples: int, generator: torch.Generator | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Weight samples one at a time, drawn in blocks that fit a quarter of the budget.
+
+        Draws all ``n_samples`` at once (the same stream as ``la.sample``) when they fit.
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be positive, got {n_samples}.")
+        la = self.la
+        per_sample = int(la.mean.numel()) * dtype_bytes(la._dtype)
+        block = chunk_size(n_samples, per_sample, la.memory_budget // 4)
+        remaining = n_samples
+        while remaining > 0:
+            draw = min(block, remaining)
+            yield from la.sample(draw, generator)
+            remaining -= draw
+
+
+def draw_weight_samples(
+    la: MetricLaplaceMixin, n_samples: int, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """``n_samples`` weight vectors, kept to reuse across query chunks (checked to fit)."""
+    check_fits(
+        n_samples * int(la.mean.numel()) * dtype_bytes(la._dtype),
+        la.memory_budget,
+        f"{n_samples} weight samples of {int(la.mean.numel()):,} parameters",
+        ["fewer samples", "pred_type='glm'"],
+    )
+    return list(PosteriorEmbedder(la).samples(n_samples, generator))
+
+
+def nn_embedding_samples(
+    la: MetricLaplaceMixin,
+    x: torch.Tensor,
+    n_samples: int,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    weights: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Embeddings ``(n_samples, B, D)`` of ``x`` under weight samples (frozen backbone once).
+
+    ``weights``: reuse these weight samples instead of drawing ``n_samples`` new ones.
+    """
+    embedder = PosteriorEmbedder(la, batch_size)
+    if weights is not None:
+        n_samples = len(weights)
+    if batch_size is None:
+        itemsize = dtype_bytes(la._dtype)
+        per_query = n_samples * int(la.n_outputs) * itemsize * 2
+        out_bytes = len(x) * per_query
+        check_fits(
+            out_bytes,
+            la.memory_budget,
+            f"{n_samples} embedding samples of {len(x)} queries",
+            ["fewer samples or queries at a time"],
+        )
+    features = embedder.features(x)
+    samples = embedder.samples(n_samples, generator) if weights is None else weights
+    return torch.stack([embedder.embed(features, w) for w in samples])
+
+
+@torch.no_grad()
+def knn_and_top1(
+    z_q: torch.Tensor,
+    z_db: torch.Tensor,
+    k: int,
+    db_labels: torch.Tensor | None,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Distance to the ``k``-th nearest database embedding and the top-1 database label,
+    over query chunks whose ``(chunk, len(z_db))`` distance matrix fits ``budget``."""
+    per_query = 3 * len(z_db) * z_db.element_size()
+    size = chunk_size(len(z_q), per_query, budget)
+    knn, top1 = [], []
+    for chunk in split(z_q, size):
+        dist = torch.cdist(chunk, z_db)
+        knn.append(dist.topk(k, largest=False).values[:, -1])
+        if db_labels is not None:
+            top1.append(db_labels[dist.argmin(1)])
+    return torch.cat(knn), (torch.cat(top1) if db_labels is not None else None)
+
+
+def iter_query_chunks(
+    la: MetricLaplaceMixin, x: torch.Tensor, batch_size: int | None, per_query: float
+) -> Iterator[torch.Tensor]:
+    """Chunks of ``x`` whose memory ``per_query`` each fits the budget (or ``batch_size``)."""
+    yield from split(x, chunk_size(len(x), per_query, la.memory_budget, batch_size))
+
+
+__all__ = [
+    "MemoryBudgetError",
+    "PosteriorEmbedder",
+    "check_posterior_memory",
+    "glm_bytes_per_query",
+    "glm_chunks",
+    "glm_joint",
+    "knn_and_top1",
+    "jacobian_glm",
+    "jacobian_glm_diagonal",
+    "linear_head",
+    "draw_weight_samples",
+    "nn_embedding_samples",
+    "structure_bytes",
+    "structured_glm",
+]
