@@ -45,6 +45,7 @@ from laplace_metric.likelihoods import (
     PairLikelihood,
     build_likelihood,
 )
+from laplace_metric.memory import MemoryBudgetError
 from laplace_metric.mining import PairBudgetMiner, Pairs, mine_pairs
 from laplace_metric.registry import metric_laplace
 from laplace_metric.scores import (
@@ -68,6 +69,7 @@ __all__ = [
     "ContrastiveLikelihood",
     "ESTIMATORS",
     "HessianMethod",
+    "MemoryBudgetError",
     "MetricDiagLLLaplace",
     "MetricDiagLaplace",
     "MetricDiagSubnetLaplace",
