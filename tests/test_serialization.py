@@ -41,15 +41,18 @@ def build(subset: str, structure: str, method: str, dtype: torch.dtype = torch.f
 
 
 def predictions(la, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    mean, cov = la(x)
-    _, var = la(x, diagonal_output=True)
+    # one explicit chunk: the default chunking follows the free memory, which differs between
+    # processes, and bit-for-bit equality needs the same floating-point summation order
+    batch = len(x)
+    mean, cov = la(x, batch_size=batch)
+    _, var = la(x, diagonal_output=True, batch_size=batch)
     gen = torch.Generator().manual_seed(0)
     return {
         "mean": mean,
         "cov": cov,
         "var": var,
-        "samples": la.predictive_samples(x, n_samples=5, generator=gen),
-        "score": la.predictive_uncertainty(x),
+        "samples": la.predictive_samples(x, n_samples=5, generator=gen, batch_size=batch),
+        "score": la.predictive_uncertainty(x, batch_size=batch),
         "log_marglik": la.log_marginal_likelihood().detach().reshape(1),
     }
 
