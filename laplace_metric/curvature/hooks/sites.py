@@ -124,10 +124,14 @@ class Recorder:
     ----------
     module : torch.nn.Module
         The (private copy of the) module whose requires-grad parameters are inferred.
+    record : bool, default=True
+        ``False`` only swaps in the attention recomputation (plain operations, which have
+        batching rules for ``torch.func``) and records nothing.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, record: bool = True) -> None:
         self.module = module
+        self.record = record
         self.sites: list[Site] = []
         self._handles: list[Any] = []
         self._patched: list[nn.Module] = []
@@ -142,6 +146,8 @@ class Recorder:
         for prefix, sub in self.module.named_modules():
             if isinstance(sub, nn.MultiheadAttention):
                 self._patch_attention(prefix, sub)
+            elif not self.record:
+                continue
             elif isinstance(sub, nn.Linear):
                 self._hook(sub, prefix, SiteKind.LINEAR)
             elif isinstance(sub, (nn.Conv1d, nn.Conv2d)) and conv_site_reason(sub) is None:
@@ -220,7 +226,7 @@ class Recorder:
             batch, tokens, width = x.shape
             heads = mha.num_heads
             proj = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
-            if proj.requires_grad and (weight is not None or bias is not None):
+            if recorder.record and proj.requires_grad and (weight is not None or bias is not None):
                 recorder.sites.append(Site(SiteKind.LINEAR, mha, weight, bias, x.detach(), proj))
             q, k, v = proj.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(width // heads)
@@ -304,7 +310,7 @@ def functional_grads(
 
     step = max(1, min(batch, max_elements // max(n_cols * per_sample_elements, 1)))
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    with torch.enable_grad():
+    with torch.enable_grad(), Recorder(module, record=False):
         for start in range(0, batch, step):
             part = slice(start, min(start + step, batch))
             grads = torch.func.vmap(per_sample)(inputs[part], columns[:, part].transpose(0, 1))
