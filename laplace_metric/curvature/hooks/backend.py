@@ -13,8 +13,8 @@ from torch import nn
 from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.curvature.graph import (
+    FOLD_CHUNK_ELEMENTS,
     PairGraph,
-    fold_diag,
     fold_diag_outer,
     fold_gram,
     fold_input_factor,
@@ -49,6 +49,54 @@ class KFACApproximation(str, Enum):
 
 #: One recorded weight or bias: the calls (site, output gradients ``[c, B, T, out]``).
 Entries = list[tuple[Site, torch.Tensor]]
+
+
+def _uniform_blocks(graph: PairGraph) -> list[tuple[torch.Tensor, float, float] | torch.Tensor]:
+    """Components of the graph, each as ``(index, a, b)`` when its block is ``a I + b 1 1^T``
+    (all pairs of a class with equal weights: the ``positives`` graph, all-active negatives
+    within a component), else the index alone. Cached on the graph."""
+    cached = getattr(graph, "_uniform", None)
+    if cached is not None:
+        return cached
+    _, _, components = graph.blocks()
+    result: list = []
+    for index in components:
+        block = graph.matrix[index][:, index]
+        off, diag = block[0, 1], block[0, 0]
+        pattern = torch.full_like(block, float(off))
+        pattern.diagonal().fill_(float(diag))
+        if torch.equal(block, pattern):
+            result.append((index, float(diag - off), float(off)))
+        else:
+            result.append(index)
+    graph._uniform = result
+    return result
+
+
+def fold_diag(grads: torch.Tensor, graph: PairGraph) -> torch.Tensor:
+    """``sum_r sum_ij A_ij g_ri * g_rj`` from per-sample gradients ``[R, B, *shape]``.
+
+    Equal to :func:`laplace_metric.curvature.graph.fold_diag`, with a fast path for components
+    whose block is ``a I + b 1 1^T``: ``a sum_i g_i^2 + b (sum_i g_i)^2`` at the cost of the
+    per-sample GGN instead of ``k`` times it.
+    """
+    singletons, weights, _ = graph.blocks()
+    flat = grads.flatten(start_dim=2)
+    result = torch.einsum("i,rip->p", weights.to(flat.dtype), flat[:, singletons].square())
+    for part in _uniform_blocks(graph):
+        if isinstance(part, tuple):
+            index, a, b = part
+            sub = flat[:, index]
+            result += a * sub.square().sum(dim=(0, 1)) + b * sub.sum(dim=1).square().sum(dim=0)
+            continue
+        block = graph.matrix[part][:, part].to(flat.dtype)
+        sub = flat[:, part]
+        step = max(1, FOLD_CHUNK_ELEMENTS // max(sub.shape[0] * sub.shape[1], 1))
+        for start in range(0, sub.shape[2], step):
+            cols = slice(start, start + step)
+            piece = sub[:, :, cols]
+            result[cols] += (piece * torch.einsum("ij,rjp->rip", block, piece)).sum(dim=(0, 1))
+    return result.reshape(grads.shape[2:])
 
 
 class HookPairGGN(PairCurvatureInterface):
@@ -357,7 +405,8 @@ class HookPairGGN(PairCurvatureInterface):
 
     # ------------------------------------------------------------------ per-pair path
     def _pair_graph_terms(self, inputs: torch.Tensor, terms: PairTerms):
-        """The pair batch and a graph that reproduces ``sum_m s_m V_m V_m^T`` on it."""
+        """The pair batch ``cat([x_a, x_b])`` and a graph that reproduces the per-pair sums on it
+        (each pair a two-sample component)."""
         first, second, signs = terms.pairs.first, terms.pairs.second, terms.signs
         m = len(signs)
         idx = torch.arange(m, device=signs.device)
@@ -366,14 +415,19 @@ class HookPairGGN(PairCurvatureInterface):
             graph = PairGraph(matrix, torch.diag(torch.ones_like(signs)), matrix, m)
             return inputs[second], terms.second_factor, graph
         a, b = idx, idx + m
+        # the GGN of V_m = u_a + u_b; the Kronecker factors of Q_m = q_a - q_b and
+        # e_m = (x_a - x_b) / 2, as in the reference's per-pair path (the second factor
+        # carries the pair's minus sign)
         matrix = signs.new_zeros(2 * m, 2 * m)
+        outputs = signs.new_zeros(2 * m, 2 * m)
         diff = signs.new_zeros(2 * m, 2 * m)
-        for i, j in ((a, a), (b, b), (a, b), (b, a)):
+        for i, j, cross in ((a, a, 1.0), (b, b, 1.0), (a, b, -1.0), (b, a, -1.0)):
             matrix[i, j] = signs
-        diff[a, a], diff[b, b], diff[a, b], diff[b, a] = 0.25, 0.25, -0.25, -0.25
+            outputs[i, j] = cross * signs
+            diff[i, j] = cross / 4
         rows = torch.cat([inputs[first], inputs[second]])
         factor = torch.cat([terms.first_factor, terms.second_factor])
-        return rows, factor, PairGraph(matrix, diff, matrix, m)
+        return rows, factor, PairGraph(matrix, diff, outputs, m)
 
     def _pair(self, structure: str, module, inputs, g, terms: PairTerms):
         rows, factor, graph = self._pair_graph_terms(inputs, terms)
