@@ -109,8 +109,8 @@ class HookPairGGN(PairCurvatureInterface):
     in-projection and out-projection of ``nn.MultiheadAttention`` self-attention (recomputed
     in plain operations). The square-root columns ``S_i = terms.factor[i]`` (raw-output space:
     the likelihood's normalisation is already folded in) are back-propagated from the
-    encoder output ``g`` to every site output at once, ``c`` columns per
-    ``torch.autograd.grad`` call (``is_grads_batched``), so residual connections, attention
+    encoder output ``g`` to every site output at once, ``c`` columns per forward/backward
+    pass of the batch repeated ``c`` times, so residual connections, attention
     and functional code need no per-layer derivative table. With ``q`` the gradient at a site
     output and ``x`` its input:
 
@@ -184,8 +184,11 @@ class HookPairGGN(PairCurvatureInterface):
         sync_copy(module, twin)
         return twin
 
-    def _record(self, module: nn.Module, inputs: Any) -> tuple[nn.Module, torch.Tensor, list[Site]]:
-        """One forward pass of the private copy recording the sites."""
+    def _record(
+        self, module: nn.Module, inputs: Any, batch: int | None = None
+    ) -> tuple[nn.Module, torch.Tensor, list[Site]]:
+        """One forward pass of the private copy recording the sites (inputs of the first
+        ``batch`` rows only: the rows repeat the batch)."""
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(
                 f"HookPairGGN needs tensor inputs, got {type(inputs).__name__}; use "
@@ -197,9 +200,14 @@ class HookPairGGN(PairCurvatureInterface):
                 reason = batchnorm_reason(sub)
                 if reason is not None:
                     raise ValueError(f"HookPairGGN: '{name}': {reason}.")
-        with Recorder(twin) as recorder, torch.enable_grad():
+        with Recorder(twin, batch=batch) as recorder, torch.enable_grad():
             g = twin(inputs)
         return twin, g, recorder.sites
+
+    def _per_sample_elements(self, module: nn.Module, inputs: torch.Tensor) -> int:
+        """Elements of one sample's site outputs and embedding (a probe pass on one sample)."""
+        _, probe, sites = self._record(module, inputs[:1])
+        return sum(s.output.numel() for s in sites) + probe.numel()
 
     def _others(self, twin: nn.Module, sites: list[Site]) -> list[str]:
         """Inferred parameters that no site covers (they get ``torch.func`` gradients)."""
@@ -215,6 +223,12 @@ class HookPairGGN(PairCurvatureInterface):
     ) -> Iterator[tuple[nn.Module, list[Site], dict[str, Entries], dict[str, torch.Tensor]]]:
         """Back-propagate ``columns [R, B, D]`` in chunks (all at once if ``all_columns``).
 
+        ``c`` columns are back-propagated by one forward and one backward pass of the batch
+        repeated ``c`` times, with ``c`` such that the repeated site outputs hold at most
+        :attr:`max_elements` numbers (on a loaded CPU, resnet18, batch 64: 16 columns took
+        9.9 s this way against 37 s with ``is_grads_batched``, whose vmap falls back to loops;
+        one retained-graph backward per column was about as fast).
+
         Yields
         ------
         twin : torch.nn.Module
@@ -224,56 +238,41 @@ class HookPairGGN(PairCurvatureInterface):
         others : dict
             Parameter name -> per-sample gradients ``[c, B, *shape]`` (``torch.func``).
         """
-        twin, g, sites = self._record(module, inputs)
-        others = self._others(twin, sites)
-        batch = g.shape[0]
-        per_column = sum(s.output.numel() for s in sites) + g.numel()
-        per_sample = max(1, per_column // batch)
+        batch = inputs.shape[0]
+        per_sample = self._per_sample_elements(module, inputs)
         n_cols = columns.shape[0]
-        step = max(1, min(n_cols, self.max_elements // max(per_column, 1)))
+        step = max(1, min(n_cols, self.max_elements // max(batch * per_sample, 1)))
         if all_columns:
             step = n_cols
-        outputs = [s.output for s in sites]
+        others = None
         for start in range(0, n_cols, step):
-            cols = columns[start : start + step].to(g.dtype)
-            grads = self._backward(g, outputs, cols)
+            cols = columns[start : start + step]
+            n = cols.shape[0]
+            rows = inputs.repeat(n, *([1] * (inputs.dim() - 1))) if n > 1 else inputs
+            twin, g, sites = self._record(module, rows, batch)
+            if others is None:
+                others = self._others(twin, sites)
+            cols = cols.to(g.dtype).reshape(n * batch, -1)
+            outputs = [s.output for s in sites]
+            grads = torch.autograd.grad(g, outputs, cols, allow_unused=True) if outputs else []
+            del g, outputs
             entries: dict[str, Entries] = {}
             for site, q in zip(sites, grads):
-                q = torch.zeros_like(site.output).expand(len(cols), *site.output.shape) if (
-                    q is None
-                ) else q
-                q = site.columns(q.detach())
+                shape = (n, batch, *site.output.shape[1:])
+                q = site.output.new_zeros(shape) if q is None else q.reshape(shape)
+                site.output = None  # release the graph
+                q = site.columns(q)
                 for name in (site.weight, site.bias):
                     if name is not None:
                         entries.setdefault(name, []).append((site, q))
+            del grads
             extra = {}
             if others:
                 extra = functional_grads(
-                    twin, inputs, others, cols, per_sample * 4, self.max_elements
+                    twin, inputs, others, cols.reshape(n, batch, -1), per_sample * 4,
+                    self.max_elements,
                 )
             yield twin, sites, entries, extra
-        del g, sites, outputs
-
-    def _backward(
-        self, g: torch.Tensor, outputs: list[torch.Tensor], cols: torch.Tensor
-    ) -> list[torch.Tensor | None]:
-        """Gradients ``[c, B, *out]`` at every site output for the columns ``cols [c, B, D]``."""
-        if not outputs:
-            return []
-        try:
-            return list(
-                torch.autograd.grad(
-                    g, outputs, cols, retain_graph=True, allow_unused=True, is_grads_batched=True
-                )
-            )
-        except RuntimeError:  # an operation without a batching rule: one column at a time
-            per_col = [
-                torch.autograd.grad(g, outputs, col, retain_graph=True, allow_unused=True)
-                for col in cols
-            ]
-            return [
-                None if parts[0] is None else torch.stack(parts) for parts in zip(*per_col)
-            ]
 
     # ------------------------------------------------------------------ per-sample factors
     def _row_slices(self, n_rows: int, per_row: int) -> list[slice]:

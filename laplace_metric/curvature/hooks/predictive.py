@@ -81,9 +81,7 @@ def predictive_covariance(
     batch, dim = g.shape
     eye = torch.eye(dim, dtype=g.dtype, device=g.device)
     # all D columns of a sample chunk in one pass: both sides of C_i[d, e] are needed at once
-    _, probe, probe_sites = backend._record(module, inputs[:1])
-    per_sample = sum(s.output.numel() for s in probe_sites) + probe.numel()
-    del probe, probe_sites
+    per_sample = backend._per_sample_elements(module, inputs)
     step = max(1, min(batch, backend.max_elements // max(dim * per_sample, 1)))
     chunks = []
     for start in range(0, batch, step):

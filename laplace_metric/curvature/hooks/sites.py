@@ -52,8 +52,9 @@ class Site:
     inputs : torch.Tensor
         Detached input ``(B, T, in)`` (LINEAR: flattened leading dims; AFFINE: ``xhat`` with the
         parameter's elements last); the raw input for CONV (unfolded on first use).
-    output : torch.Tensor
-        The layer output, attached to the autograd graph of the hooked forward pass.
+    output : torch.Tensor or None
+        The layer output, attached to the autograd graph of the hooked forward pass (set to
+        ``None`` once its gradient is taken).
     """
 
     kind: SiteKind
@@ -61,7 +62,7 @@ class Site:
     weight: str | None
     bias: str | None
     inputs: torch.Tensor
-    output: torch.Tensor
+    output: torch.Tensor | None
     _unfolded: torch.Tensor | None = None
 
     @property
@@ -124,14 +125,17 @@ class Recorder:
     ----------
     module : torch.nn.Module
         The (private copy of the) module whose requires-grad parameters are inferred.
+    batch : int, optional
+        Keep the inputs of the first ``batch`` rows only (the rows repeat one batch).
     record : bool, default=True
         ``False`` only swaps in the attention recomputation (plain operations, which have
         batching rules for ``torch.func``) and records nothing.
     """
 
-    def __init__(self, module: nn.Module, record: bool = True) -> None:
+    def __init__(self, module: nn.Module, record: bool = True, batch: int | None = None) -> None:
         self.module = module
         self.record = record
+        self.batch = batch
         self.sites: list[Site] = []
         self._handles: list[Any] = []
         self._patched: list[nn.Module] = []
@@ -177,7 +181,7 @@ class Recorder:
         def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             if not out.requires_grad:
                 return None
-            x = args[0].detach()
+            x = args[0].detach()[: self.batch]
             if kind == SiteKind.LINEAR:
                 x = x.reshape(x.shape[0], -1, x.shape[-1])
             elif kind == SiteKind.AFFINE:
@@ -227,7 +231,8 @@ class Recorder:
             heads = mha.num_heads
             proj = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
             if recorder.record and proj.requires_grad and (weight is not None or bias is not None):
-                recorder.sites.append(Site(SiteKind.LINEAR, mha, weight, bias, x.detach(), proj))
+                kept = x.detach()[: recorder.batch]
+                recorder.sites.append(Site(SiteKind.LINEAR, mha, weight, bias, kept, proj))
             q, k, v = proj.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(width // heads)
             attn = scores.softmax(dim=-1)
