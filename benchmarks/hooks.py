@@ -44,8 +44,13 @@ def build_model(name: str):
         model = torchvision.models.resnet50(num_classes=128)
     elif name == "vit":
         model = torchvision.models.VisionTransformer(
-            image_size=32, patch_size=4, num_layers=2, num_heads=4, hidden_dim=64,
-            mlp_dim=128, num_classes=128,
+            image_size=32,
+            patch_size=4,
+            num_layers=2,
+            num_heads=4,
+            hidden_dim=64,
+            mlp_dim=128,
+            num_classes=128,
         )
         torch.nn.init.normal_(model.heads.head.weight, std=0.05)  # torchvision zeroes the head
     else:
@@ -70,7 +75,10 @@ def run_cell(cell: str, images: int, queries: int, batch: int) -> dict:
         torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=False
     )
     la = Laplace(
-        model, "contrastive", subset_of_weights="all", hessian_structure=structure,
+        model,
+        "contrastive",
+        subset_of_weights="all",
+        hessian_structure=structure,
         backend=HookPairGGN,
     )
     start = time.perf_counter()
@@ -106,8 +114,16 @@ def main() -> None:
     limit = int(args.limit_gb * 2**30)
     for cell in args.cells:
         cmd = [
-            sys.executable, __file__, "--child", cell, "--images", str(args.images),
-            "--queries", str(args.queries), "--batch", str(args.batch),
+            sys.executable,
+            __file__,
+            "--child",
+            cell,
+            "--images",
+            str(args.images),
+            "--queries",
+            str(args.queries),
+            "--batch",
+            str(args.batch),
         ]
         start = time.perf_counter()
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -131,6 +147,7 @@ def main() -> None:
             row["error"] = stderr.strip().splitlines()[-1][:300] if stderr.strip() else ""
         row["peak_rss_gb"] = round(usage.ru_maxrss / 2**20, 2)
         print(json.dumps(row), flush=True)
+
 
 if __name__ == "__main__":
     main()

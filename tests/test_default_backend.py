@@ -70,8 +70,11 @@ def test_hooks_with_warning_naming_the_layer(model, layer):
 @pytest.mark.parametrize(
     "model, structure, reason",
     [
-        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)), "diag",
-         "track_running_stats"),
+        (
+            nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)),
+            "diag",
+            "track_running_stats",
+        ),
         (nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 2)), "kron", "'0.weight'"),
     ],
 )

@@ -76,7 +76,12 @@ def residual_cnn() -> nn.Module:
 def tiny_vit() -> nn.Module:
     torch.manual_seed(0)
     model = torchvision.models.VisionTransformer(
-        image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+        image_size=8,
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
         num_classes=3,
     ).double()
     with torch.no_grad():  # torchvision zeroes the head and uses tiny token initialisations
@@ -191,8 +196,9 @@ def test_kron_vit(method, device):
     finally:
         handle.remove()
     names = [n for n, _ in model.named_parameters()]
-    in_proj = got.hessian.kfacs[names.index("encoder.layers.encoder_layer_0.self_attention."
-                                            "in_proj_weight")]
+    in_proj = got.hessian.kfacs[
+        names.index("encoder.layers.encoder_layer_0.self_attention.in_proj_weight")
+    ]
     assert rel_error(in_proj[1], fold_input_factor(ln_out["x"], terms.graph)) < TOL
 
 

@@ -20,7 +20,6 @@ from laplace_metric.curvature.graph import (
     fold_input_factor,
     fold_output_factor,
 )
-from laplace_metric.enums import parse_enum
 from laplace_metric.curvature.hooks.sites import (
     Recorder,
     Site,
@@ -31,6 +30,7 @@ from laplace_metric.curvature.hooks.sites import (
     functional_grads,
     weight_grads,
 )
+from laplace_metric.enums import parse_enum
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 
 
@@ -269,7 +269,11 @@ class HookPairGGN(PairCurvatureInterface):
             extra = {}
             if others:
                 extra = functional_grads(
-                    twin, inputs, others, cols.reshape(n, batch, -1), per_sample * 4,
+                    twin,
+                    inputs,
+                    others,
+                    cols.reshape(n, batch, -1),
+                    per_sample * 4,
                     self.max_elements,
                 )
             yield twin, sites, entries, extra
@@ -347,8 +351,9 @@ class HookPairGGN(PairCurvatureInterface):
         shape = next(b.shape[:2] for b in blocks if b is not None)
         return torch.cat(
             [
-                b if b is not None else torch.zeros(*shape, p.numel(), dtype=p.dtype,
-                                                    device=p.device)
+                b
+                if b is not None
+                else torch.zeros(*shape, p.numel(), dtype=p.dtype, device=p.device)
                 for b, (_, p) in zip(blocks, self._named_params(twin))
             ],
             dim=2,

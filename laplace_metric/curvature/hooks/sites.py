@@ -81,8 +81,9 @@ class Site:
             return q.flatten(start_dim=3).transpose(2, 3)
         if self.kind == SiteKind.AFFINE and isinstance(self.layer, _BATCH_NORMS):
             return q.movedim(2, -1).reshape(c, b, -1, q.shape[2])
-        return q.reshape(c, b, -1, self.inputs.shape[-1] if self.kind == SiteKind.AFFINE else
-                         q.shape[-1])
+        return q.reshape(
+            c, b, -1, self.inputs.shape[-1] if self.kind == SiteKind.AFFINE else q.shape[-1]
+        )
 
     @property
     def n_locations(self) -> int:
@@ -223,8 +224,15 @@ class Recorder:
             )
             if not plain:
                 return stock(
-                    mha, query, key, value, key_padding_mask, need_weights, attn_mask,
-                    average_attn_weights, is_causal,
+                    mha,
+                    query,
+                    key,
+                    value,
+                    key_padding_mask,
+                    need_weights,
+                    attn_mask,
+                    average_attn_weights,
+                    is_causal,
                 )
             x = query if mha.batch_first else query.transpose(0, 1)
             batch, tokens, width = x.shape
