@@ -12,10 +12,9 @@ from torch import nn
 
 from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.base import PairCurvatureInterface
-from laplace_metric.curvature.graph import (
-    FOLD_CHUNK_ELEMENTS,
-    PairGraph,
-    fold_diag_outer,
+from laplace_metric.curvature.graph import PairGraph, fold_diag_outer
+from laplace_metric.curvature.hooks.folds import (
+    fold_diag,
     fold_gram,
     fold_input_factor,
     fold_output_factor,
@@ -49,54 +48,6 @@ class KFACApproximation(str, Enum):
 
 #: One recorded weight or bias: the calls (site, output gradients ``[c, B, T, out]``).
 Entries = list[tuple[Site, torch.Tensor]]
-
-
-def _uniform_blocks(graph: PairGraph) -> list[tuple[torch.Tensor, float, float] | torch.Tensor]:
-    """Components of the graph, each as ``(index, a, b)`` when its block is ``a I + b 1 1^T``
-    (all pairs of a class with equal weights: the ``positives`` graph, all-active negatives
-    within a component), else the index alone. Cached on the graph."""
-    cached = getattr(graph, "_uniform", None)
-    if cached is not None:
-        return cached
-    _, _, components = graph.blocks()
-    result: list = []
-    for index in components:
-        block = graph.matrix[index][:, index]
-        off, diag = block[0, 1], block[0, 0]
-        pattern = torch.full_like(block, float(off))
-        pattern.diagonal().fill_(float(diag))
-        if torch.equal(block, pattern):
-            result.append((index, float(diag - off), float(off)))
-        else:
-            result.append(index)
-    graph._uniform = result
-    return result
-
-
-def fold_diag(grads: torch.Tensor, graph: PairGraph) -> torch.Tensor:
-    """``sum_r sum_ij A_ij g_ri * g_rj`` from per-sample gradients ``[R, B, *shape]``.
-
-    Equal to :func:`laplace_metric.curvature.graph.fold_diag`, with a fast path for components
-    whose block is ``a I + b 1 1^T``: ``a sum_i g_i^2 + b (sum_i g_i)^2`` at the cost of the
-    per-sample GGN instead of ``k`` times it.
-    """
-    singletons, weights, _ = graph.blocks()
-    flat = grads.flatten(start_dim=2)
-    result = torch.einsum("i,rip->p", weights.to(flat.dtype), flat[:, singletons].square())
-    for part in _uniform_blocks(graph):
-        if isinstance(part, tuple):
-            index, a, b = part
-            sub = flat[:, index]
-            result += a * sub.square().sum(dim=(0, 1)) + b * sub.sum(dim=1).square().sum(dim=0)
-            continue
-        block = graph.matrix[part][:, part].to(flat.dtype)
-        sub = flat[:, part]
-        step = max(1, FOLD_CHUNK_ELEMENTS // max(sub.shape[0] * sub.shape[1], 1))
-        for start in range(0, sub.shape[2], step):
-            cols = slice(start, start + step)
-            piece = sub[:, :, cols]
-            result[cols] += (piece * torch.einsum("ij,rjp->rip", block, piece)).sum(dim=(0, 1))
-    return result.reshape(grads.shape[2:])
 
 
 class HookPairGGN(PairCurvatureInterface):
