@@ -13,6 +13,10 @@ Every cell runs in a fresh subprocess under an address-space limit of ``--limit-
 the reported peak is the child's peak resident set size
 (``ru_maxrss`` of ``os.wait4`` on that child).
 
+``--phase predict`` times the predictive alone with a unit posterior; ``--timeout`` kills a
+cell after that many seconds and still reports its peak RSS so far (the passes are
+chunked, so the peak is reached within the first chunk of the first batch).
+
 Run ``python benchmarks/hooks.py`` (``--cells resnet18-diag vit-kron`` for a subset).
 """
 
@@ -25,6 +29,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -58,8 +63,22 @@ def build_model(name: str):
     return model.eval()
 
 
-def run_cell(cell: str, images: int, queries: int, batch: int) -> dict:
-    """Fit and predict in this process; returns timings."""
+def synthetic_posterior(la, structure: str):
+    """A unit posterior (``--phase predict`` without a fit): variances 1, or identity Kronecker
+    factors with prior precision 1 (the cost of the predictive does not depend on the values)."""
+    import torch
+    from laplace.utils import Kron
+
+    params = [p for p in la.model.parameters() if p.requires_grad]
+    if structure == "diag":
+        return torch.ones(sum(p.numel() for p in params))
+    kron = Kron.init_from_model(params, torch.device("cpu"), torch.float32)
+    kron = Kron([[torch.eye(f.shape[0]) for f in factors] for factors in kron.kfacs])
+    return kron.decompose() + torch.tensor(1.0)
+
+
+def run_cell(cell: str, images: int, queries: int, batch: int, phase: str) -> dict:
+    """Fit and/or predict in this process; returns timings."""
     import torch
     from laplace import Laplace
 
@@ -81,10 +100,18 @@ def run_cell(cell: str, images: int, queries: int, batch: int) -> dict:
         hessian_structure=structure,
         backend=HookPairGGN,
     )
-    start = time.perf_counter()
-    la.fit(loader)
-    fit_s = time.perf_counter() - start
-    posterior = la.posterior_variance if structure == "diag" else la.posterior_precision
+    fit_s = None
+    if phase != "predict":
+        start = time.perf_counter()
+        la.fit(loader)
+        fit_s = round(time.perf_counter() - start, 1)
+        print(json.dumps({"fit_s": fit_s}), flush=True)
+    if phase == "fit":
+        return {"cell": cell, "phase": phase, "fit_s": fit_s}
+    if phase == "predict":
+        posterior = synthetic_posterior(la, structure)
+    else:
+        posterior = la.posterior_variance if structure == "diag" else la.posterior_precision
     start = time.perf_counter()
     z, cov = predictive_covariance(la.backend, x[:queries], posterior)
     predict_s = time.perf_counter() - start
@@ -92,7 +119,8 @@ def run_cell(cell: str, images: int, queries: int, batch: int) -> dict:
     return {
         "cell": cell,
         "params": sum(p.numel() for p in model.parameters()),
-        "fit_s": round(fit_s, 1),
+        "phase": phase,
+        "fit_s": fit_s,
         "predict_s": round(predict_s, 1),
         "finite": bool(torch.isfinite(cov).all()),
         "trace_mean": float(trace.mean()),
@@ -106,10 +134,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--limit-gb", type=float, default=6.0)
+    parser.add_argument("--phase", choices=["fit", "predict", "both"], default="both")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per cell")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_cell(args.child, args.images, args.queries, args.batch)))
+        result = run_cell(args.child, args.images, args.queries, args.batch, args.phase)
+        print(json.dumps(result))
         return
     limit = int(args.limit_gb * 2**30)
     for cell in args.cells:
@@ -135,15 +166,24 @@ def main() -> None:
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
             )
+            timer = None
+            if args.timeout:
+                timer = threading.Timer(args.timeout, proc.kill)
+                timer.start()
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+            if timer is not None:
+                timer.cancel()
             proc.returncode = os.waitstatus_to_exitcode(status)
             out.seek(0)
             err.seek(0)
             stdout, stderr = out.read(), err.read()
         row = {"cell": cell, "rc": proc.returncode, "wall_s": round(time.perf_counter() - start, 1)}
-        if proc.returncode == 0:
-            row.update(json.loads(stdout.strip().splitlines()[-1]))
-        else:
+        lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        for line in lines:
+            row.update(line)
+        if proc.returncode == -9 and args.timeout:
+            row["error"] = f"killed at the {args.timeout:.0f} s time limit"
+        elif proc.returncode != 0:
             row["error"] = stderr.strip().splitlines()[-1][:300] if stderr.strip() else ""
         row["peak_rss_gb"] = round(usage.ru_maxrss / 2**20, 2)
         print(json.dumps(row), flush=True)

@@ -70,9 +70,11 @@ def structure(graph: PairGraph, which: str = "matrix") -> Structure:
 
 
 def _sums(flat: torch.Tensor, struct: Structure) -> torch.Tensor:
-    """Per uniform component sums ``[R, n_uniform + 1, P]`` of ``flat [R, B, P]``."""
-    out = flat.new_zeros(flat.shape[0], len(struct.offsets), flat.shape[2])
-    return out.index_add_(1, struct.labels, flat)
+    """Per uniform component sums ``[R, n_uniform + 1, P]`` of ``flat [R, B, P]`` (a product
+    with the ``(n_uniform + 1) x B`` membership matrix: a GEMM, unlike a scatter)."""
+    member = torch.zeros(len(struct.offsets), flat.shape[1], dtype=flat.dtype, device=flat.device)
+    member[struct.labels, torch.arange(flat.shape[1], device=flat.device)] = 1.0
+    return member @ flat
 
 
 def fold_diag(grads: torch.Tensor, graph: PairGraph) -> torch.Tensor:
@@ -80,9 +82,12 @@ def fold_diag(grads: torch.Tensor, graph: PairGraph) -> torch.Tensor:
     struct = structure(graph)
     flat = grads.flatten(start_dim=2)
     dtype = flat.dtype
-    result = torch.einsum("rbp,b->p", flat.square(), struct.weights.to(dtype))
-    if len(struct.offsets) > 1:
-        result += torch.einsum("rcp,c->p", _sums(flat, struct).square(), struct.offsets.to(dtype))
+    sums = _sums(flat, struct) if len(struct.offsets) > 1 else None
+    squares = flat.square()
+    result = struct.weights.to(dtype) @ squares.sum(dim=0)
+    del squares
+    if sums is not None:
+        result += struct.offsets.to(dtype) @ sums.square_().sum(dim=0)
     for index, block in struct.general:
         sub = flat[:, index]
         block = block.to(dtype)
