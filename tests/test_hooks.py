@@ -309,3 +309,22 @@ def test_fit_through_laplace():
         else:
             assert isinstance(la.H_facs, Kron)
             assert_close(la.H_facs, ref.H_facs, TOL)
+
+
+@pytest.mark.parametrize("subset", ["last_layer", "subnetwork"])
+def test_last_layer_and_subnetwork(subset):
+    from laplace import Laplace
+
+    from tests.conftest import loader
+
+    model = tiny_vit()
+    x, y = labelled_data(8, (3, 8, 8))
+    kwargs = dict(subset_of_weights=subset, hessian_structure="diag")
+    if subset == "subnetwork":
+        kwargs["subnetwork_indices"] = torch.arange(0, 200, 7)
+    fits = []
+    for backend in (HookPairGGN, ReferencePairGGN):
+        la = Laplace(model, "contrastive", backend=backend, **kwargs)
+        la.fit(loader(x, y, 4))
+        fits.append(la.H)
+    assert rel_error(fits[0], fits[1]) < TOL
