@@ -155,6 +155,8 @@ def main() -> None:
             str(args.queries),
             "--batch",
             str(args.batch),
+            "--phase",
+            args.phase,
         ]
         start = time.perf_counter()
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
