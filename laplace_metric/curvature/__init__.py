@@ -66,8 +66,7 @@ def default_backend(
         warnings.warn(f"Using HookPairGGN: {reason}", UserWarning, stacklevel=2)
         return HookPairGGN
     warnings.warn(
-        f"Falling back to the slower exact ReferencePairGGN: {reason}; HookPairGGN: "
-        f"{hooks_reason}",
+        f"Falling back to the slower exact ReferencePairGGN: {reason}; HookPairGGN: {hooks_reason}",
         UserWarning,
         stacklevel=2,
     )
