@@ -21,6 +21,7 @@ from laplace_metric import registry as _registry  # noqa: E402
 from laplace_metric.curvature import (
     AsdlPairGGN,
     BackPackPairGGN,
+    HookPairGGN,
     PairCurvatureInterface,
     ReferencePairGGN,
     default_backend,
@@ -68,6 +69,7 @@ __all__ = [
     "BregmanLikelihood",
     "ContrastiveLikelihood",
     "ESTIMATORS",
+    "HookPairGGN",
     "HessianMethod",
     "MemoryBudgetError",
     "MetricDiagLLLaplace",

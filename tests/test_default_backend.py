@@ -1,4 +1,5 @@
-"""``default_backend``: BackPACK when it supports the model, else the reference with a warning."""
+"""``default_backend``: BackPACK when it supports the model, else HookPairGGN, else the reference,
+with a warning naming the backend and the reason."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from laplace_metric.curvature import BackPackPairGGN, ReferencePairGGN, default_backend
+from laplace_metric.curvature import (
+    BackPackPairGGN,
+    HookPairGGN,
+    ReferencePairGGN,
+    default_backend,
+)
 
 torch.set_num_threads(1)
 
@@ -55,9 +61,26 @@ def test_backpack_when_supported(model, structure):
         (Functional(), "softplus"),
     ],
 )
-def test_reference_with_warning_naming_the_layer(model, layer):
+def test_hooks_with_warning_naming_the_layer(model, layer):
     with pytest.warns(UserWarning, match=layer) as record:
-        assert default_backend(model, "diag") is ReferencePairGGN
+        assert default_backend(model, "diag") is HookPairGGN
+    assert "HookPairGGN" in str(record[0].message)
+
+
+@pytest.mark.parametrize(
+    "model, structure, reason",
+    [
+        (
+            nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)),
+            "diag",
+            "track_running_stats",
+        ),
+        (nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 2)), "kron", "'0.weight'"),
+    ],
+)
+def test_reference_when_hooks_cannot(model, structure, reason):
+    with pytest.warns(UserWarning, match=reason) as record:
+        assert default_backend(model, structure) is ReferencePairGGN
     assert "ReferencePairGGN" in str(record[0].message)
 
 

@@ -10,6 +10,12 @@ from torch import nn
 from laplace_metric.curvature.asdl import AsdlPairGGN
 from laplace_metric.curvature.backpack import BackPackPairGGN, backpack_support_error
 from laplace_metric.curvature.base import BatchCurvature, PairCurvatureInterface
+from laplace_metric.curvature.hooks import (
+    HookPairGGN,
+    KFACApproximation,
+    hooks_support_error,
+    predictive_covariance,
+)
 from laplace_metric.curvature.reference import ReferencePairGGN
 
 
@@ -33,15 +39,16 @@ def default_backend(
     """The backend used when ``backend=None``.
 
     :class:`BackPackPairGGN` when it supports every layer of the model (of its last layer for
-    last-layer Laplace), else the exact :class:`ReferencePairGGN` with a warning naming the
-    unsupported layer.
+    last-layer Laplace); else :class:`HookPairGGN` (any module graph) when it supports the
+    model for ``structure``; else the exact :class:`ReferencePairGGN`. Each fallback warns
+    once, naming the backend picked and why.
 
     Parameters
     ----------
     model : torch.nn.Module
         The encoder.
     structure : HessianStructure or str
-        ``'diag'``, ``'kron'`` or ``'full'`` (all supported by both backends).
+        ``'diag'``, ``'kron'`` or ``'full'``.
     last_layer : bool, default=False
         Whether only the last layer is inferred.
 
@@ -53,8 +60,15 @@ def default_backend(
     reason = backpack_support_error(target)
     if reason is None:
         return BackPackPairGGN
+    value = structure.value if isinstance(structure, HessianStructure) else str(structure)
+    hooks_reason = hooks_support_error(target, value)
+    if hooks_reason is None:
+        warnings.warn(f"Using HookPairGGN: {reason}", UserWarning, stacklevel=2)
+        return HookPairGGN
     warnings.warn(
-        f"Falling back to the slower exact ReferencePairGGN: {reason}", UserWarning, stacklevel=2
+        f"Falling back to the slower exact ReferencePairGGN: {reason}; HookPairGGN: {hooks_reason}",
+        UserWarning,
+        stacklevel=2,
     )
     return ReferencePairGGN
 
@@ -63,7 +77,11 @@ __all__ = [
     "AsdlPairGGN",
     "BackPackPairGGN",
     "BatchCurvature",
+    "HookPairGGN",
+    "KFACApproximation",
     "PairCurvatureInterface",
     "ReferencePairGGN",
     "default_backend",
+    "hooks_support_error",
+    "predictive_covariance",
 ]

@@ -1,0 +1,195 @@
+"""Time and peak memory of all-layer fits with :class:`HookPairGGN` on real encoders (issue #12).
+
+Cells (random weights, eval mode, float32, CPU): torchvision ``resnet18`` and ``resnet50`` with a
+128-d ``fc``, and a small torchvision ``VisionTransformer`` (image 32, patch 4, 2 layers, 4 heads,
+width 64, MLP 128, 128-d head); 3x32x32 inputs, ``--images`` (512) random images of 10 classes,
+batch 64, contrastive likelihood with ``hessian_method='positives'``. Each cell fits an
+all-layer ``diag`` or ``kron`` Laplace and predicts ``--queries`` (32) inputs with
+:func:`~laplace_metric.curvature.hooks.predictive_covariance` (the estimator's GLM predictive
+forms a ``B x D x P`` Jacobian: 32 x 128 x 11.7M for resnet18, which cannot fit).
+
+Every cell runs in a fresh subprocess under an address-space limit of ``--limit-gb`` (6 GB;
+``RLIMIT_AS``, which also counts the ~3.8 GB of virtual memory that importing torch maps);
+the reported peak is the child's peak resident set size
+(``ru_maxrss`` of ``os.wait4`` on that child).
+
+``--phase predict`` times the predictive alone with a unit posterior; ``--timeout`` kills a
+cell after that many seconds and still reports its peak RSS so far (the passes are
+chunked, so the peak is reached within the first chunk of the first batch).
+
+Run ``python benchmarks/hooks.py`` (``--cells resnet18-diag vit-kron`` for a subset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = ["resnet18-diag", "resnet18-kron", "vit-diag", "vit-kron", "resnet50-diag"]
+
+
+def build_model(name: str):
+    """The encoders, random weights, eval mode, 128-d output."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    if name == "resnet18":
+        model = torchvision.models.resnet18(num_classes=128)
+    elif name == "resnet50":
+        model = torchvision.models.resnet50(num_classes=128)
+    elif name == "vit":
+        model = torchvision.models.VisionTransformer(
+            image_size=32,
+            patch_size=4,
+            num_layers=2,
+            num_heads=4,
+            hidden_dim=64,
+            mlp_dim=128,
+            num_classes=128,
+        )
+        torch.nn.init.normal_(model.heads.head.weight, std=0.05)  # torchvision zeroes the head
+    else:
+        raise ValueError(name)
+    return model.eval()
+
+
+def synthetic_posterior(la, structure: str):
+    """A unit posterior (``--phase predict`` without a fit): variances 1, or identity Kronecker
+    factors with prior precision 1 (the cost of the predictive does not depend on the values)."""
+    import torch
+    from laplace.utils import Kron
+
+    params = [p for p in la.model.parameters() if p.requires_grad]
+    if structure == "diag":
+        return torch.ones(sum(p.numel() for p in params))
+    kron = Kron.init_from_model(params, torch.device("cpu"), torch.float32)
+    kron = Kron([[torch.eye(f.shape[0]) for f in factors] for factors in kron.kfacs])
+    return kron.decompose() + torch.tensor(1.0)
+
+
+def run_cell(cell: str, images: int, queries: int, batch: int, phase: str) -> dict:
+    """Fit and/or predict in this process; returns timings."""
+    import torch
+    from laplace import Laplace
+
+    import laplace_metric  # noqa: F401
+    from laplace_metric.curvature.hooks import HookPairGGN, predictive_covariance
+
+    name, structure = cell.split("-")
+    model = build_model(name)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(images, 3, 32, 32, generator=gen)
+    y = torch.arange(images) % 10
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=False
+    )
+    la = Laplace(
+        model,
+        "contrastive",
+        subset_of_weights="all",
+        hessian_structure=structure,
+        backend=HookPairGGN,
+    )
+    fit_s = None
+    if phase != "predict":
+        start = time.perf_counter()
+        la.fit(loader)
+        fit_s = round(time.perf_counter() - start, 1)
+        print(json.dumps({"fit_s": fit_s}), flush=True)
+    if phase == "fit":
+        return {"cell": cell, "phase": phase, "fit_s": fit_s}
+    if phase == "predict":
+        posterior = synthetic_posterior(la, structure)
+    else:
+        posterior = la.posterior_variance if structure == "diag" else la.posterior_precision
+    start = time.perf_counter()
+    z, cov = predictive_covariance(la.backend, x[:queries], posterior)
+    predict_s = time.perf_counter() - start
+    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return {
+        "cell": cell,
+        "params": sum(p.numel() for p in model.parameters()),
+        "phase": phase,
+        "fit_s": fit_s,
+        "predict_s": round(predict_s, 1),
+        "finite": bool(torch.isfinite(cov).all()),
+        "trace_mean": float(trace.mean()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cells", nargs="+", default=CELLS)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--limit-gb", type=float, default=6.0)
+    parser.add_argument("--phase", choices=["fit", "predict", "both"], default="both")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per cell")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = run_cell(args.child, args.images, args.queries, args.batch, args.phase)
+        print(json.dumps(result))
+        return
+    limit = int(args.limit_gb * 2**30)
+    for cell in args.cells:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            cell,
+            "--images",
+            str(args.images),
+            "--queries",
+            str(args.queries),
+            "--batch",
+            str(args.batch),
+            "--phase",
+            args.phase,
+        ]
+        start = time.perf_counter()
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=err,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+            )
+            timer = None
+            if args.timeout:
+                timer = threading.Timer(args.timeout, proc.kill)
+                timer.start()
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+            if timer is not None:
+                timer.cancel()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        row = {"cell": cell, "rc": proc.returncode, "wall_s": round(time.perf_counter() - start, 1)}
+        lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        for line in lines:
+            row.update(line)
+        if proc.returncode == -9 and args.timeout:
+            row["error"] = f"killed at the {args.timeout:.0f} s time limit"
+        elif proc.returncode != 0:
+            row["error"] = stderr.strip().splitlines()[-1][:300] if stderr.strip() else ""
+        row["peak_rss_gb"] = round(usage.ru_maxrss / 2**20, 2)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The linearised predictive covariance of the embedding without a ``B x D x P`` Jacobian.
+
+``J Sigma J^T`` is a sum over the posterior's blocks, one per parameter. With the rows of
+the per-sample Jacobian back-propagated as columns to every site (gradient ``q`` at the layer
+output, input ``x``), a Linear weight on ``(B, in)`` with diagonal variances ``sigma`` gives
+``C_i[d, e] = sum_o q_i^d[o] q_i^e[o] (sigma x_i^2)[o]``; with a Kronecker block
+``(Q_1 (x) Q_2) diag(1 / (l_1 l_2^T + delta)) (Q_1 (x) Q_2)^T`` (laplace-torch's
+``KronDecomposed``) the same holds for the rotated ``q Q_1``, ``x Q_2`` with weights
+``1 / (l_1 l_2^T + delta)``. Shared weights form rotated per-sample gradients a block of output
+rows at a time; other parameters use their per-sample gradients. The normalisation Jacobian
+``(I - z z^T) / ||g||`` is applied at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from laplace.utils import KronDecomposed
+
+from laplace_metric.curvature.hooks.sites import SiteKind, weight_grads
+
+if TYPE_CHECKING:
+    from laplace_metric.curvature.hooks.backend import HookPairGGN
+
+
+def _weighted_gram(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_p w_p G[d, b, p] G[e, b, p]``, shape ``(b, D, D)``."""
+    flat = grads.flatten(start_dim=2)
+    return torch.einsum("dbp,ebp->bde", flat * weights.flatten(), flat)
+
+
+def _block_inverse(posterior: KronDecomposed, k: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Eigenvectors and the inverse eigenvalues of block ``k`` of a ``KronDecomposed``."""
+    ls, qs, delta = posterior.eigenvalues[k], posterior.eigenvectors[k], posterior.deltas[k]
+    if len(ls) == 1:
+        return [qs[0]], 1.0 / (ls[0] + delta)
+    l1, l2 = ls
+    if posterior.damping:
+        root = torch.sqrt(delta)
+        return list(qs), 1.0 / torch.outer(l1 + root, l2 + root)
+    return list(qs), 1.0 / (torch.outer(l1, l2) + delta)
+
+
+def predictive_covariance(
+    backend: HookPairGGN, x: torch.Tensor, posterior: torch.Tensor | KronDecomposed
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance ``J Sigma J^T`` of the linearised predictive of the embedding.
+
+    Parameters
+    ----------
+    backend : HookPairGGN
+        The backend of the fitted estimator (its model, likelihood and ``last_layer``).
+    x : torch.Tensor
+        Query inputs ``(B, ...)``.
+    posterior : torch.Tensor or laplace.utils.KronDecomposed
+        Diagonal posterior variances ``(P,)`` (``DiagLaplace.posterior_variance``), or the
+        Kronecker posterior *precision* (``KronLaplace.posterior_precision``), in the order of
+        the backend's parameters.
+
+    Returns
+    -------
+    z : torch.Tensor
+        Embeddings ``(B, D)`` (normalised if the likelihood normalises).
+    covariance : torch.Tensor
+        ``(B, D, D)``.
+    """
+    if backend.subnetwork_indices is not None:
+        raise ValueError("predictive_covariance does not support subnetwork Laplace.")
+    kron = isinstance(posterior, KronDecomposed)
+    if not kron and not isinstance(posterior, torch.Tensor):
+        raise TypeError(
+            "posterior must be the diagonal posterior variances (a tensor) or a KronDecomposed "
+            f"posterior precision, got {type(posterior).__name__}."
+        )
+    module, inputs = backend._target(x)
+    twin = backend._private(module)
+    with torch.no_grad():
+        g = twin(inputs)
+    batch, dim = g.shape
+    eye = torch.eye(dim, dtype=g.dtype, device=g.device)
+    # all D columns of a sample chunk in one pass: both sides of C_i[d, e] are needed at once
+    per_sample = backend._per_sample_elements(module, inputs)
+    step = max(1, min(batch, backend.max_elements // max(dim * per_sample, 1)))
+    chunks = []
+    for start in range(0, batch, step):
+        rows = inputs[start : start + step]
+        columns = eye[:, None, :].expand(dim, rows.shape[0], dim)
+        for twin, _, entries, others in backend._passes(module, rows, columns, all_columns=True):
+            chunks.append(_covariance(backend, twin, entries, others, posterior, kron))
+    cov = torch.cat(chunks)
+    z = backend.likelihood.embed(g)
+    if backend.likelihood.normalize:
+        proj = (eye - z[:, :, None] * z[:, None, :]) / g.norm(dim=-1)[:, None, None]
+        cov = proj @ cov @ proj
+    return z, cov
+
+
+def _covariance(
+    backend: HookPairGGN, twin: Any, entries: dict, others: dict, posterior: Any, kron: bool
+) -> torch.Tensor:
+    """``(b, D, D)`` for one chunk of samples with all ``D`` columns."""
+    cov = None
+    offset = 0
+    for k, (name, param) in enumerate(backend._named_params(twin)):
+        size = param.numel()
+        if kron:
+            vecs, weights = _block_inverse(posterior, k)
+        else:
+            vecs, weights = [], posterior[offset : offset + size].view(param.shape)
+        offset += size
+        part = _block(backend, name, param, entries, others, vecs, weights)
+        if part is not None:
+            cov = part if cov is None else cov + part
+    return cov
+
+
+def _block(
+    backend: HookPairGGN,
+    name: str,
+    param: torch.Tensor,
+    entries: dict,
+    others: dict,
+    vecs: list[torch.Tensor],
+    weights: torch.Tensor,
+) -> torch.Tensor | None:
+    calls = entries.get(name)
+    site = calls[0][0] if calls else None
+    is_weight = site is not None and site.kind != SiteKind.AFFINE and name == site.weight
+    if not is_weight:
+        if name not in others and calls is None:
+            return None
+        grads = backend._param_grads(name, param, entries, others)
+        if len(vecs) == 1:
+            grads = grads.flatten(start_dim=2) @ vecs[0]
+        elif len(vecs) == 2:
+            grads = grads.reshape(*grads.shape[:2], vecs[0].shape[0], vecs[1].shape[0])
+            grads = torch.einsum("cboi,ou,ij->cbuj", grads, vecs[0], vecs[1])
+        return _weighted_gram(grads, weights)
+    weights = weights.reshape(weights.shape[0], -1)
+    if vecs:  # rotate into the eigenbases of the two factors
+        q1, q2 = vecs
+        calls = [
+            (replace(s, kind=SiteKind.LINEAR, inputs=s.x @ q2, _unfolded=None), q @ q1)
+            for s, q in calls
+        ]
+        site = calls[0][0]
+    q = calls[0][1]
+    if len(calls) == 1 and site.kind == SiteKind.LINEAR and site.n_locations == 1:
+        scale = site.x[:, 0].square() @ weights.T  # (b, out)
+        return torch.einsum("dbo,ebo->bde", q[:, :, 0] * scale, q[:, :, 0])
+    n_cols, n_samples, _, n_out = q.shape
+    total = None
+    for rows in backend._row_slices(n_out, n_cols * n_samples * weights.shape[1]):
+        part = _weighted_gram(weight_grads(calls, rows), weights[rows])
+        total = part if total is None else total + part
+    return total

@@ -1,0 +1,330 @@
+"""HookPairGGN against the exact torch.func reference (float64, 1e-10 relative).
+
+Model families: an MLP, a CNN, a residual CNN with eval-mode BatchNorm and in-place
+operations, and a tiny torchvision VisionTransformer (LayerNorm, MultiheadAttention, class
+token, positional embedding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from laplace.utils import Kron
+from torch import nn
+
+import laplace_metric  # noqa: F401  (registers the likelihoods)
+from laplace_metric.curvature import HookPairGGN, KFACApproximation, ReferencePairGGN
+from laplace_metric.curvature.graph import fold_input_factor, fold_output_factor
+from laplace_metric.curvature.hooks import predictive_covariance
+from laplace_metric.curvature.reference import layer_sensitivities, output_columns, unfold_input
+from laplace_metric.likelihoods import ContrastiveLikelihood
+from tests.bruteforce import assert_close, rel_error
+from tests.conftest import labelled_data, make_cnn, make_mlp
+
+torch.set_num_threads(1)
+
+TOL = 1e-10
+METHODS = ["positives", "fixed", "full"]
+
+
+class Block(nn.Module):
+    """torchvision-style BasicBlock: in-place ReLU and ``out += identity``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class ResidualCNN(nn.Module):
+    def __init__(self, out_dim: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.blocks = nn.Sequential(Block(3), Block(3))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        return self.fc(self.pool(self.blocks(x)).flatten(1))
+
+
+def residual_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = ResidualCNN().double()
+    with torch.no_grad():
+        for sub in model.modules():
+            if isinstance(sub, nn.BatchNorm2d):
+                sub.running_mean.uniform_(-0.5, 0.5)
+                sub.running_var.uniform_(0.5, 2.0)
+                sub.weight.uniform_(0.5, 1.5)
+                sub.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=8,
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+        num_classes=3,
+    ).double()
+    with torch.no_grad():  # torchvision zeroes the head and uses tiny token initialisations
+        model.heads.head.weight.normal_()
+        model.class_token.normal_()
+        model.encoder.pos_embedding.normal_()
+    return model.eval()
+
+
+MODELS = {
+    "mlp": (make_mlp, (5,)),
+    "cnn": (make_cnn, (1, 8, 8)),
+    "rescnn": (residual_cnn, (1, 6, 6)),
+    "vit": (tiny_vit, (3, 8, 8)),
+}
+
+
+def setup(name: str, method: str, device: torch.device, n: int = 10):
+    build, shape = MODELS[name]
+    model = build().to(device)
+    x, y = labelled_data(n, shape)
+    x, y = x.to(device), y.to(device)
+    lik = ContrastiveLikelihood(hessian_method=method)
+    if method != "positives":  # a partly active hinge: between the middle negative distances
+        with torch.no_grad():
+            z = lik.embed(model(x))
+        first, second = torch.triu_indices(n, n, offset=1, device=device)
+        neg = y[first] != y[second]
+        dist = (z[first] - z[second]).square().sum(-1)[neg].sort().values
+        middle = len(dist) // 2
+        margin = float(dist[middle - 1 : middle + 1].mean())
+        assert bool((dist < margin).any()) and bool((dist > margin).any())
+        lik = ContrastiveLikelihood(margin=margin, hessian_method=method)
+    return model, x, y, lik
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("method", METHODS)
+def test_diag_and_full_equal_the_reference(name, method, device):
+    model, x, y, lik = setup(name, method, device)
+    hooks, ref = HookPairGGN(model, lik), ReferencePairGGN(model, lik)
+    for structure in ("diag", "full"):
+        got = getattr(hooks, structure)(x, y)
+        want = getattr(ref, structure)(x, y)
+        assert got.n_pairs == want.n_pairs > 0
+        assert_close(got.hessian, want.hessian, TOL)
+        assert torch.equal(got.loss, want.loss)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "rescnn"])
+@pytest.mark.parametrize("method", METHODS)
+def test_kron_expand_equals_the_reference(name, method, device):
+    model, x, y, lik = setup(name, method, device)
+    got = HookPairGGN(model, lik).kron(x, y).hessian
+    assert_close(got, ReferencePairGGN(model, lik).kron(x, y).hessian, TOL)
+
+
+def reference_layer_factors(model, x, y, lik, reduce=False):
+    """Kronecker factors of every Linear/Conv weight the stock forward calls, written with the
+    reference's sensitivities (independent of the hooks)."""
+    terms = lik.graph_terms(model(x).detach(), y)
+    inputs, sens = layer_sensitivities(model, x)
+    layers = dict(model.named_modules())
+    result = {}
+    for name in sens:
+        layer = layers[name]
+        q = output_columns(layer, sens[name], terms.factor).permute(3, 0, 1, 2)
+        cols = unfold_input(layer, inputs[name])
+        if reduce:
+            q, cols = q.sum(2, keepdim=True), cols.mean(1, keepdim=True)
+        key = f"{name}.weight"
+        result[key] = [fold_output_factor(q, terms.graph), fold_input_factor(cols, terms.graph)]
+    return result
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_kron_vit(method, device):
+    """Linear/Conv weights equal the reference's factorisation, 1-D parameters and the (1, ...)
+    token parameters their exact dense block; the attention in-projection's input factor is
+    the factor of the LayerNorm output it reads."""
+    model, x, y, lik = setup("vit", method, device)
+    got = HookPairGGN(model, lik).kron(x, y)
+    full = ReferencePairGGN(model, lik).full(x, y).hessian
+    layers = reference_layer_factors(model, x, y, lik)
+    assert {"conv_proj.weight", "heads.head.weight"} <= set(layers)
+    offset, checked = 0, 0
+    for (name, param), factors in zip(model.named_parameters(), got.hessian.kfacs):
+        size = param.numel()
+        block = full[offset : offset + size, offset : offset + size]
+        offset += size
+        if name in layers:
+            for a, b in zip(factors, layers[name]):
+                assert rel_error(a, b) < TOL
+            checked += 1
+        elif param.ndim == 1:
+            assert rel_error(factors[0], block) < TOL
+            checked += 1
+        elif param.shape[0] == 1:  # [[n_pairs]] (x) block / n_pairs
+            assert factors[0].item() == got.n_pairs
+            assert rel_error(torch.kron(factors[0], factors[1]), block) < TOL
+            checked += 1
+        else:
+            assert "self_attention" in name and len(factors) == 2
+    assert checked == sum(1 for _ in model.parameters()) - 2
+    # in_proj's input factor: the LayerNorm output it reads, as the graph folds it
+    ln_out = {}
+    handle = model.encoder.layers[0].ln_1.register_forward_hook(
+        lambda m, a, o: ln_out.setdefault("x", o.detach())
+    )
+    try:
+        terms = lik.graph_terms(model(x).detach(), y)
+    finally:
+        handle.remove()
+    names = [n for n, _ in model.named_parameters()]
+    in_proj = got.hessian.kfacs[
+        names.index("encoder.layers.encoder_layer_0.self_attention.in_proj_weight")
+    ]
+    assert rel_error(in_proj[1], fold_input_factor(ln_out["x"], terms.graph)) < TOL
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit"])
+def test_kfac_reduce(name, device):
+    model, x, y, lik = setup(name, "full", device)
+    got = HookPairGGN(model, lik, kfac_approximation="reduce").kron(x, y).hessian
+    want = reference_layer_factors(model, x, y, lik, reduce=True)
+    names = [n for n, _ in model.named_parameters()]
+    for key, factors in want.items():
+        for a, b in zip(got.kfacs[names.index(key)], factors):
+            assert rel_error(a, b) < TOL
+    expand = HookPairGGN(model, lik).kron(x, y).hessian
+    params = dict(model.named_parameters())
+    conv = names.index([k for k in want if params[k].ndim == 4][0])
+    assert rel_error(got.kfacs[conv][0], expand.kfacs[conv][0]) > 1e-3  # shared: differs
+    with pytest.raises(ValueError, match="kfac_approximation"):
+        HookPairGGN(model, lik, kfac_approximation="mean")
+    assert HookPairGGN(model, lik, kfac_approximation=KFACApproximation.REDUCE)
+
+
+@pytest.mark.parametrize("name", ["rescnn", "vit"])
+def test_per_pair_path_and_small_memory_budget(name, device, monkeypatch):
+    """The per-pair path (likelihoods that do not factor per sample) and a budget small enough
+    to chunk columns, output rows and torch.func samples give the same results."""
+    model, x, y, lik = setup(name, "full", device, n=8)
+    ref = ReferencePairGGN(model, lik)
+    want = {s: getattr(ref, s)(x, y).hessian for s in ("diag", "full")}
+    pairwise = HookPairGGN(model, lik)
+    pairwise.use_pair_graph = False
+    tiny = HookPairGGN(model, lik)
+    monkeypatch.setattr(tiny, "max_elements", 64)
+    for backend in (pairwise, tiny):
+        for structure, value in want.items():
+            assert_close(getattr(backend, structure)(x, y).hessian, value, TOL)
+    if name == "rescnn":
+        kron = ref.kron(x, y).hessian
+        assert_close(pairwise.kron(x, y).hessian, kron, TOL)
+        assert_close(tiny.kron(x, y).hessian, kron, TOL)
+
+
+@pytest.mark.parametrize("name", ["mlp", "rescnn", "vit"])
+def test_jacobians_and_predictive_covariance(name, device):
+    model, x, y, lik = setup(name, "positives", device)
+    hooks, ref = HookPairGGN(model, lik), ReferencePairGGN(model, lik)
+    jac, z = ref.jacobians(x[:4])
+    got_jac, got_z = hooks.jacobians(x[:4])
+    assert rel_error(got_jac, jac) < TOL and rel_error(got_z, z) < TOL
+    gen = torch.Generator().manual_seed(0)
+    variances = torch.rand(jac.shape[-1], generator=gen, dtype=x.dtype).to(device)
+    mean, cov = predictive_covariance(hooks, x[:4], variances)
+    assert rel_error(mean, z) < TOL
+    assert rel_error(cov, torch.einsum("bdp,p,bep->bde", jac, variances, jac)) < TOL
+    kron = hooks.kron(x, y).hessian
+    for damping in (False, True):
+        precision = kron.decompose(damping=damping) * 3.0 + torch.tensor(0.7, dtype=x.dtype)
+        precision.damping = damping
+        _, cov = hooks.predictive_covariance(x[:4], precision)
+        assert rel_error(cov, precision.inv_square_form(jac)) < TOL
+    with pytest.raises(TypeError, match="KronDecomposed"):
+        predictive_covariance(hooks, x[:4], kron)
+
+
+def test_user_model_untouched_and_tracked():
+    model, x, y, lik = setup("vit", "positives", torch.device("cpu"))
+    hooks = HookPairGGN(model, lik)
+    before = hooks.diag(x, y).hessian
+    for sub in model.modules():
+        assert not sub._forward_hooks and not sub._backward_hooks
+        assert "forward" not in vars(sub)
+    with torch.no_grad():
+        model.heads.head.weight.mul_(2.0)
+    after = hooks.diag(x, y).hessian
+    assert_close(after, ReferencePairGGN(model, lik).diag(x, y).hessian, TOL)
+    assert rel_error(after, before) > 1e-3
+
+
+def test_errors():
+    lik = ContrastiveLikelihood()
+    x, y = labelled_data(6, (2,))
+    tokens = torch.randint(0, 5, (6, 2))
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2)).double()
+    with pytest.raises(ValueError, match="'0.weight'"):
+        HookPairGGN(model, lik).kron(tokens, y)
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double().train()
+    with pytest.raises(ValueError, match="training mode"):
+        HookPairGGN(model, lik).diag(x, y)
+    with pytest.raises(TypeError, match="tensor inputs"):
+        HookPairGGN(model.eval(), lik)._record(model, {"x": x})
+
+
+def test_fit_through_laplace():
+    """The estimator accepts the backend (all-layer diag and kron on the residual CNN)."""
+    from laplace import Laplace
+
+    from tests.conftest import loader
+
+    model = residual_cnn()
+    x, y = labelled_data(12, (1, 6, 6))
+    for structure in ("diag", "kron"):
+        kwargs = dict(subset_of_weights="all", hessian_structure=structure)
+        la = Laplace(model, "contrastive", backend=HookPairGGN, **kwargs)
+        la.fit(loader(x, y, 6))
+        ref = Laplace(model, "contrastive", backend=ReferencePairGGN, **kwargs)
+        ref.fit(loader(x, y, 6))
+        if structure == "diag":
+            assert rel_error(la.H, ref.H) < TOL
+        else:
+            assert isinstance(la.H_facs, Kron)
+            assert_close(la.H_facs, ref.H_facs, TOL)
+
+
+@pytest.mark.parametrize("subset", ["last_layer", "subnetwork"])
+def test_last_layer_and_subnetwork(subset):
+    from laplace import Laplace
+
+    from tests.conftest import loader
+
+    model = tiny_vit()
+    x, y = labelled_data(8, (3, 8, 8))
+    kwargs = dict(subset_of_weights=subset, hessian_structure="diag")
+    if subset == "subnetwork":
+        kwargs["subnetwork_indices"] = torch.arange(0, 200, 7)
+    fits = []
+    for backend in (HookPairGGN, ReferencePairGGN):
+        la = Laplace(model, "contrastive", backend=backend, **kwargs)
+        la.fit(loader(x, y, 4))
+        fits.append(la.H)
+    assert rel_error(fits[0], fits[1]) < TOL
