@@ -63,7 +63,12 @@ def default_backend(
     value = structure.value if isinstance(structure, HessianStructure) else str(structure)
     hooks_reason = hooks_support_error(target, value)
     if hooks_reason is None:
-        warnings.warn(f"Using HookPairGGN: {reason}", UserWarning, stacklevel=2)
+        why = reason.split("; use ")[0].rstrip(".")  # BackPACK's advice names other backends
+        warnings.warn(
+            f"Falling back to HookPairGGN (hook-based, architecture-agnostic): {why}.",
+            UserWarning,
+            stacklevel=2,
+        )
         return HookPairGGN
     warnings.warn(
         f"Falling back to the slower exact ReferencePairGGN: {reason}; HookPairGGN: {hooks_reason}",

@@ -14,6 +14,7 @@ attention, functional code), because nothing here knows how a layer propagates d
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -323,7 +324,9 @@ def functional_grads(
 
     step = max(1, min(batch, max_elements // max(n_cols * per_sample_elements, 1)))
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    with torch.enable_grad(), Recorder(module, record=False):
+    with torch.enable_grad(), Recorder(module, record=False), warnings.catch_warnings():
+        # attention's backward has no vmap batching rule yet: torch falls back to a loop
+        warnings.filterwarnings("ignore", message="There is a performance drop")
         for start in range(0, batch, step):
             part = slice(start, min(start + step, batch))
             grads = torch.func.vmap(per_sample)(inputs[part], columns[:, part].transpose(0, 1))
