@@ -200,7 +200,10 @@ def layer_sensitivities(
             n: torch.zeros(shape, dtype=dtype, device=inputs.device)
             for n, (shape, dtype) in out_shapes.items()
         }
-        with torch.no_grad():  # a function transform: differentiates w.r.t. the probes only
+        with torch.no_grad(), warnings.catch_warnings():
+            # a function transform: differentiates w.r.t. the probes only; attention's
+            # backward has no vmap batching rule yet (torch falls back to a loop)
+            warnings.filterwarnings("ignore", message="There is a performance drop")
             jac = jacrev(forward)(zeros)
     finally:
         probes.clear()
