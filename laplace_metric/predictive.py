@@ -308,6 +308,28 @@ def _uses_structured_path(la: MetricLaplaceMixin, x: torch.Tensor) -> bool:
     return linear_head(la) is not None and isinstance(x, torch.Tensor)
 
 
+def _uses_layer_path(la: MetricLaplaceMixin, joint: bool) -> bool:
+    """All-layer diag/kron posteriors whose backend computes ``J Sigma J^T`` layer by layer
+    (:class:`~laplace_metric.curvature.HookPairGGN`), never forming ``D x P`` Jacobians."""
+    return (
+        not joint
+        and la._subset == SubsetOfWeights.ALL
+        and la._structure in (HessianStructure.DIAG, HessianStructure.KRON)
+        and hasattr(la.backend, "predictive_covariance")
+        and la.backend.subnetwork_indices is None
+    )
+
+
+def _layer_path_bytes(la: MetricLaplaceMixin) -> int:
+    """Working memory per query of the layer-by-layer predictive: the largest layer's
+    per-query Jacobian block, twice, plus the ``D x D`` result."""
+    D = int(la.n_outputs)
+    largest = max(
+        sum(p.numel() for p in m.parameters(recurse=False)) for m in la.model.modules()
+    )
+    return (2 * D * int(largest) + 4 * D * D) * dtype_bytes(la._dtype)
+
+
 def jacobian_glm(
     la: MetricLaplaceMixin, x: torch.Tensor, joint: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,6 +373,10 @@ def _glm_one(
     if _uses_structured_path(la, x):
         with torch.set_grad_enabled(la.enable_backprop):
             mean, cov = structured_glm(la, x, joint)
+    elif _uses_layer_path(la, joint):
+        diag = la._structure == HessianStructure.DIAG
+        posterior = la.posterior_variance if diag else la.posterior_precision
+        mean, cov = la.backend.predictive_covariance(x, posterior)
     else:
         with torch.enable_grad():
             if diagonal_output and not joint:
@@ -379,6 +405,8 @@ def glm_chunks(
     """
     structured = _uses_structured_path(la, x)
     per_query = glm_bytes_per_query(la, structured)
+    if not structured and _uses_layer_path(la, joint=False):
+        per_query, structured = _layer_path_bytes(la), True
     budget = la.memory_budget
     if batch_size is None:
         check_fits(
