@@ -137,6 +137,7 @@ def fit_runner(
         la = laplace.Laplace(
             model,
             "contrastive",
+            subset_of_weights="all",
             hessian_structure=structure,
             hessian_method=method,
             backend=cls.get(backend),
