@@ -130,7 +130,13 @@ def fit_runner(
             dim = model(x[:1]).shape[1]
         targets = torch.zeros(batch, dim, device=x.device)
         loader = DataLoader(TensorDataset(x, targets), batch_size=batch)
-        la = laplace.Laplace(model, "regression", hessian_structure=structure, backend=BackPackGGN)
+        la = laplace.Laplace(
+            model,
+            "regression",
+            subset_of_weights="all",
+            hessian_structure=structure,
+            backend=BackPackGGN,
+        )
     else:
         loader = DataLoader(TensorDataset(x, labels), batch_size=batch)
         cls = {"reference": ReferencePairGGN, "backpack": BackPackPairGGN, "asdl": AsdlPairGGN}
