@@ -182,11 +182,25 @@ class Bucket:
     block: torch.Tensor
     mask: torch.Tensor
     centred: bool
+    _edges: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     @property
     def padded(self) -> bool:
         """Whether some components have fewer than ``k`` samples."""
         return not bool(self.mask.all())
+
+    def edges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The edges ``i < j`` with non-zero weight: their flat index into ``(C, k, k)``,
+        their sample indices and ``2 A_ij`` (cached)."""
+        if self._edges is None:
+            n_comp, k = self.index.shape
+            first, second = torch.triu_indices(k, k, 1, device=self.index.device)
+            values = self.block[:, first, second]  # [C, E_k]
+            comp, pos = torch.nonzero(values, as_tuple=True)
+            a, b = first[pos], second[pos]
+            flat = comp * k * k + a * k + b
+            self._edges = (flat, self.index[comp, a], self.index[comp, b], 2 * values[comp, pos])
+        return self._edges
 
 
 def component_buckets(
@@ -255,8 +269,9 @@ def fold_linear(
 
     ``sum_ij A_ij K_ij[o] x_i[n] x_j[n]`` with ``K_ij[o] = sum_r q_ri[o] q_rj[o]``, from
     ``q [R, B, out]`` and ``x [B, in]``, without forming per-sample gradients. The diagonal of
-    ``A`` costs what stock BackPACK's ``DiagGGNExact`` does; each connected component of ``k``
-    samples adds ``k^2 out (R + in)`` in batched matrix products (chunked over outputs).
+    ``A`` costs what stock BackPACK's ``DiagGGNExact`` does; the ``E`` edges ``i < j`` add
+    ``k^2 out R`` per component of ``k`` samples (batched ``K``) and one ``(out x E) @ (E x in)``
+    matrix product.
 
     Returns
     -------
@@ -273,18 +288,22 @@ def fold_linear(
     if not buckets:
         return weight, bias
     q_t = q.permute(2, 1, 0).contiguous()  # [out, B, R]: bmm is slow on strided operands
-    n_out, n_in = q.shape[2], x.shape[1]
+    n_out = q.shape[2]
     for bucket in buckets:
         n_comp, k = bucket.index.shape
-        flat = bucket.index.flatten()
-        x_c = x.index_select(0, flat).view(n_comp, k, n_in)
-        rows_all = q_t.index_select(1, flat).view(n_out, n_comp, k, -1)
-        block = bucket.block.to(q.dtype)
-        for outs in _row_chunks(n_out, n_comp * k * max(k, n_in)):
+        flat_edges, first, second, weights = bucket.edges()
+        if len(weights) == 0:
+            continue
+        rows_all = q_t.index_select(1, bucket.index.flatten()).view(n_out, n_comp, k, -1)
+        kernel = q.new_empty(n_out, len(weights))  # 2 A_ij K_ij[o] per edge i < j
+        for outs in _row_chunks(n_out, n_comp * k * k):
             rows = rows_all[outs]
-            gram = rows @ rows.transpose(-1, -2) * block  # [o, C, k, k]
-            bias[outs] += gram.sum(dim=(1, 2, 3))
-            weight[outs] += ((gram @ x_c) * x_c).sum(dim=(1, 2))
+            gram = (rows @ rows.transpose(-1, -2)).flatten(start_dim=1)  # [o, C k k]
+            kernel[outs] = gram.index_select(1, flat_edges) * weights.to(q.dtype)
+        bias += kernel.sum(1)
+        for part in _row_chunks(len(weights), x.shape[1]):
+            products = x.index_select(0, first[part]) * x.index_select(0, second[part])
+            weight += kernel[:, part] @ products  # one (out x E) @ (E x in) product
     return weight, bias
 
 
