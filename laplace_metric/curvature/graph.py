@@ -133,9 +133,9 @@ class PairGraph:
             sizes = torch.bincount(labels_t, minlength=n_comp)
             single = sizes[labels_t] == 1
             singletons = torch.nonzero(single).flatten()
-            components = [
-                torch.nonzero(labels_t == c).flatten() for c in range(n_comp) if int(sizes[c]) > 1
-            ]
+            order = torch.argsort(labels_t, stable=True)
+            groups = torch.split(order, sizes.tolist())
+            components = [members for members in groups if len(members) > 1]
             self._blocks = (singletons, self.matrix.diagonal()[singletons], components)
         return self._blocks
 
@@ -231,14 +231,11 @@ def component_buckets(
         groups.setdefault(size, []).append(index)
     buckets = []
     for size, members in sorted(groups.items()):
-        index = torch.zeros(len(members), size, dtype=torch.long, device=matrix.device)
-        block = matrix.new_zeros(len(members), size, size)
-        mask = matrix.new_zeros(len(members), size)
-        for c, members_c in enumerate(members):
-            k = len(members_c)
-            index[c, :k] = members_c
-            block[c, :k, :k] = matrix[members_c][:, members_c]
-            mask[c, :k] = 1.0
+        lengths = torch.tensor([len(m) for m in members], device=matrix.device)
+        index = torch.nn.utils.rnn.pad_sequence(members, batch_first=True)  # pads with 0
+        index = torch.nn.functional.pad(index, (0, size - index.shape[1]))
+        mask = (torch.arange(size, device=matrix.device) < lengths[:, None]).to(matrix.dtype)
+        block = matrix[index[:, :, None], index[:, None, :]] * (mask[:, :, None] * mask[:, None, :])
         scale = block.abs().amax().clamp_min(torch.finfo(block.dtype).tiny)
         centred = bool((block.sum(-1).abs() <= 1e-12 * scale).all())
         if not diagonal:
