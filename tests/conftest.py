@@ -57,3 +57,13 @@ def labelled_data(n: int, input_shape: tuple[int, ...], n_classes: int = 3, seed
 
 def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_count():
+    """Tests that run the demo or a benchmark in-process set torch's thread count; restore it
+    so that later tests (bit-for-bit comparisons with a one-thread child process) are
+    unaffected."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -80,6 +80,8 @@ CHILD = textwrap.dedent(
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("state")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child (OMP_NUM_THREADS=1): same summation order
     data_x, data_y = labelled_data(18, (5,))
     x, _ = labelled_data(4, (5,), seed=11)
     torch.save(x, folder / "x.pt")
@@ -97,6 +99,7 @@ def saved(tmp_path_factory):
         [sys.executable, "-c", CHILD, str(folder)], cwd=ROOT, env=env, check=True, timeout=120
     )
     child = torch.load(folder / "child.pt", weights_only=True)
+    torch.set_num_threads(threads)
     return folder, parent, child
 
 
