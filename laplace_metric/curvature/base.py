@@ -18,6 +18,7 @@ from laplace.curvature import GGNInterface
 from laplace.utils import Kron
 from torch import nn
 
+from laplace_metric.curvature.projection import add_curvature
 from laplace_metric.likelihoods.base import GraphTerms, PairLikelihood, PairTerms
 
 
@@ -115,14 +116,6 @@ class PairCurvatureInterface(GGNInterface):
         with torch.no_grad():
             return module(inputs)
 
-    def _batch(
-        self, x: torch.Tensor | MutableMapping, y: torch.Tensor
-    ) -> tuple[nn.Module, Any, torch.Tensor, PairTerms]:
-        module, inputs = self._target(x)
-        g = self._forward(module, inputs)
-        terms = self.likelihood.pair_terms(g, y)
-        return module, inputs, g, terms
-
     def _select(self, values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         """Restrict parameter dimensions to the subnetwork, if any."""
         if self.subnetwork_indices is None:
@@ -183,7 +176,7 @@ class PairCurvatureInterface(GGNInterface):
             for cols in self._column_chunks(module, inputs, terms):
                 part = GraphTerms(terms.loss, terms.factor[:, :, cols], terms.graph)
                 value = getattr(self, f"_graph_{structure}")(module, inputs, g, part)
-                total = value if total is None else add_curvature(total, value, over_columns=True)
+                total = value if total is None else add_column_chunk(total, value)
             return BatchCurvature(terms.loss, self._finish(structure, total), terms.n_pairs)
         loss, n_pairs, chunks = self.likelihood.pair_term_chunks(g, y, self.max_pairs_per_chunk)
         if n_pairs == 0:
@@ -191,7 +184,7 @@ class PairCurvatureInterface(GGNInterface):
         total = None
         for terms in chunks:
             value = getattr(self, f"_{structure}")(module, inputs, g, terms)
-            total = value if total is None else add_curvature(total, value)
+            total = add_curvature(total, value)
         return BatchCurvature(loss, self._finish(structure, total), n_pairs)
 
     def _column_chunks(self, module: nn.Module, inputs: Any, terms: GraphTerms) -> list[slice]:
@@ -262,23 +255,17 @@ class PairCurvatureInterface(GGNInterface):
         raise NotImplementedError(f"{type(self).__name__} does not fold a pair graph.")
 
 
-def add_curvature(
-    total: torch.Tensor | Kron | list, part: torch.Tensor | Kron | list, over_columns: bool = False
-) -> torch.Tensor | Kron | list:
-    """Sum of two partial curvatures of one batch.
+def add_column_chunk(total: torch.Tensor | Kron, part: torch.Tensor | Kron) -> torch.Tensor | Kron:
+    """Sum of the curvatures of two chunks of square-root columns of one batch.
 
-    Over chunks of pairs, both Kronecker factors of the difference-only factorisation add (each
-    is a sum over pairs); over chunks of square-root columns only the output factor (and the
-    dense 1-D blocks) add, the input factor does not depend on the columns.
+    Only the Kronecker output factor (and the dense 1-D blocks) add: the input factor does not
+    depend on the columns. Chunks of pairs add both factors (:func:`add_curvature`).
     """
     if isinstance(total, torch.Tensor):
         return total + part
-    old = total.kfacs if isinstance(total, Kron) else total
-    new = part.kfacs if isinstance(part, Kron) else part
-    summed = []
-    for fa, fb in zip(old, new):
-        if over_columns and len(fa) == 2:
-            summed.append([fa[0] + fb[0], fa[1]])
-        else:
-            summed.append([a + b for a, b in zip(fa, fb)])
-    return Kron(summed)
+    return Kron(
+        [
+            [fa[0] + fb[0], fa[1]] if len(fa) == 2 else [fa[0] + fb[0]]
+            for fa, fb in zip(total.kfacs, part.kfacs)
+        ]
+    )
