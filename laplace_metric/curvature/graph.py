@@ -304,11 +304,6 @@ def fold_linear(
     return weight, bias
 
 
-def fold_diag_outer(q: torch.Tensor, x: torch.Tensor, graph: PairGraph) -> torch.Tensor:
-    """The weight diagonal of :func:`fold_linear` alone, ``(out, in)``."""
-    return fold_linear(q, x, graph)[0]
-
-
 def fold_gram(
     grads: torch.Tensor,
     graph: PairGraph,

@@ -12,7 +12,7 @@ from torch import nn
 
 from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.base import PairCurvatureInterface
-from laplace_metric.curvature.graph import PairGraph, fold_diag_outer
+from laplace_metric.curvature.graph import PairGraph, fold_linear
 from laplace_metric.curvature.hooks.folds import (
     fold_diag,
     fold_gram,
@@ -66,7 +66,7 @@ class HookPairGGN(PairCurvatureInterface):
     output and ``x`` its input:
 
     * **diag** (exact): a Linear on ``(B, in)`` folds ``q`` and ``x`` with
-      :func:`~laplace_metric.curvature.graph.fold_diag_outer` without per-sample gradients;
+      :func:`~laplace_metric.curvature.graph.fold_linear` without per-sample gradients;
       shared weights (tokens, conv positions, a layer called twice) form the per-sample
       gradients ``G_i = sum_t q_it x_it^T`` a block of output rows at a time and fold them with
       :func:`~laplace_metric.curvature.hooks.folds.fold_diag`; biases and affines likewise.
@@ -278,7 +278,7 @@ class HookPairGGN(PairCurvatureInterface):
                 param.shape
             )
         if len(calls) == 1 and site.kind == SiteKind.LINEAR and site.n_locations == 1:
-            return fold_diag_outer(q[:, :, 0], site.x[:, 0], graph).reshape(param.shape)
+            return fold_linear(q[:, :, 0], site.x[:, 0], graph)[0].reshape(param.shape)
         c, b, _, n_out = q.shape
         n_in = site.x.shape[-1]
         result = param.new_zeros(n_out, n_in)
