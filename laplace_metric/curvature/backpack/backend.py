@@ -64,6 +64,8 @@ class BackPackPairGGN(PairCurvatureInterface):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._copy: tuple[nn.Module, nn.Module, PairRoot] | None = None
+        #: ``(hooked copy, per-sample input shape, largest activation)`` of the last pass
+        self._activation: tuple[nn.Module, tuple[int, ...], int] | None = None
 
     # ------------------------------------------------------------------ model copy
     def _extended(self, module: nn.Module) -> nn.Module:
@@ -112,11 +114,7 @@ class BackPackPairGGN(PairCurvatureInterface):
         self, module: nn.Module, inputs: Any, terms: PairTerms, ext_cls: type[PairExtension]
     ) -> Iterator[list[Any]]:
         """Run ``ext_cls`` on chunks of at most :attr:`max_pairs_per_pass` pairs."""
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(
-                f"BackPackPairGGN needs tensor inputs, got {type(inputs).__name__}; use "
-                "ReferencePairGGN for dict-like inputs."
-            )
+        check_tensor_inputs(inputs)
         n_pairs = len(terms.signs)
         step = self.max_pairs_per_pass
         for start in range(0, n_pairs, step):
@@ -182,16 +180,16 @@ class BackPackPairGGN(PairCurvatureInterface):
         """Columns per pass such that the back-propagated columns of the largest activation
         stay under :attr:`max_column_elements`."""
         n_cols = terms.factor.shape[2]
-        per_column = terms.factor.shape[0] * largest_activation(self._extended(module), inputs)
+        twin = self._extended(module)
+        key = tuple(inputs.shape[1:])
+        if self._activation is None or self._activation[:2] != (twin, key):
+            self._activation = (twin, key, largest_activation(twin, inputs))
+        per_column = terms.factor.shape[0] * self._activation[2]
         step = max(1, min(n_cols, self.max_column_elements // max(per_column, 1)))
         return [slice(s, min(s + step, n_cols)) for s in range(0, n_cols, step)]
 
     def _raw_jacobians(self, module: nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(
-                f"BackPackPairGGN needs tensor inputs, got {type(inputs).__name__}; use "
-                "ReferencePairGGN for dict-like inputs."
-            )
+        check_tensor_inputs(inputs)
         signs = torch.ones(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
         ext = PairFactor(signs, n_sides=1)
         g = self._run(module, inputs, ext)
@@ -209,33 +207,27 @@ def check_tensor_inputs(inputs: Any) -> None:
         )
 
 
-_ACTIVATION_CACHE: dict[tuple[int, tuple[int, ...]], int] = {}
-
-
 def largest_activation(module: nn.Module, inputs: torch.Tensor) -> int:
     """Elements per sample of the largest output of any submodule (one probe forward pass on
-    one sample, cached per module and input shape)."""
-    key = (id(module), tuple(inputs.shape[1:]))
-    if key not in _ACTIVATION_CACHE:
-        sizes = [inputs[0].numel()]
+    one sample)."""
+    sizes = [inputs[0].numel()]
 
-        def hook(mod, args, out):
-            if isinstance(out, torch.Tensor):
-                sizes.append(out[0].numel() if out.ndim > 1 else out.numel())
+    def hook(mod, args, out):
+        if isinstance(out, torch.Tensor):
+            sizes.append(out[0].numel() if out.ndim > 1 else out.numel())
 
-        handles = [sub.register_forward_hook(hook) for sub in module.modules()]
-        modes = [sub.training for sub in module.modules()]
-        try:
-            module.eval()  # one sample through train-mode batch norm would fail
-            with torch.no_grad():
-                module(inputs[:1])
-        finally:
-            for handle in handles:
-                handle.remove()
-            for sub, mode in zip(module.modules(), modes):
-                sub.training = mode
-        _ACTIVATION_CACHE[key] = max(sizes)
-    return _ACTIVATION_CACHE[key]
+    handles = [sub.register_forward_hook(hook) for sub in module.modules()]
+    modes = [sub.training for sub in module.modules()]
+    try:
+        module.eval()  # one sample through train-mode batch norm would fail
+        with torch.no_grad():
+            module(inputs[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+        for sub, mode in zip(module.modules(), modes):
+            sub.training = mode
+    return max(sizes)
 
 
 def pair_batch(
