@@ -109,17 +109,23 @@ class AsdlPairGGN(PairCurvatureInterface):
         for start in range(0, n_columns, step):
             yield slice(start, min(start + step, n_columns))
 
+    def _column_gradients(
+        self, module: nn.Module, rows: torch.Tensor, root: torch.Tensor, n_groups: int
+    ) -> Iterator[torch.Tensor]:
+        """Per-group gradients of the columns ``root [R, rows, D]`` back-propagated from the
+        output of the private copy, for chunks of columns, each ``[r, n_groups, P]``."""
+        module = self._private(module)
+        for cols in self._gradient_chunks(root.shape[0], rows.shape[0]):
+            grad_out = root[cols].flatten(end_dim=1)
+            yield grouped_gradients(module, rows, grad_out, cols.stop - cols.start, n_groups)
+
     def _factor_chunks(
         self, module: nn.Module, inputs: torch.Tensor, terms: PairTerms
     ) -> Iterator[torch.Tensor]:
         """``V`` for chunks of columns, each ``[r, M, P]``."""
         self._check(module, inputs)
-        module = self._private(module)
         rows, root = interleaved_pairs(inputs, terms)  # [M*S, ...], [R, M*S, D]
-        n_pairs = len(terms.signs)
-        for cols in self._gradient_chunks(root.shape[0], rows.shape[0]):
-            grad_out = root[cols].flatten(end_dim=1)
-            yield grouped_gradients(module, rows, grad_out, cols.stop - cols.start, n_pairs)
+        return self._column_gradients(module, rows, root, len(terms.signs))
 
     def _diag(self, module, inputs, g, terms):
         total = None
@@ -143,11 +149,7 @@ class AsdlPairGGN(PairCurvatureInterface):
     ) -> Iterator[torch.Tensor]:
         """``u_i = J_i^T S_i`` for chunks of columns, each ``[r, B, P]``."""
         self._check(module, inputs)
-        module = self._private(module)
-        root = terms.factor.permute(2, 0, 1)  # [R, B, D]
-        for cols in self._gradient_chunks(root.shape[0], inputs.shape[0]):
-            grad_out = root[cols].flatten(end_dim=1)
-            yield grouped_gradients(module, inputs, grad_out, cols.stop - cols.start, len(inputs))
+        return self._column_gradients(module, inputs, terms.factor.permute(2, 0, 1), len(inputs))
 
     def _graph_diag(self, module, inputs, g, terms):
         parts = self._sample_factor_chunks(module, inputs, terms)
