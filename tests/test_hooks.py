@@ -120,9 +120,12 @@ def setup(name: str, method: str, device: torch.device, n: int = 10):
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("method", METHODS)
-def test_diag_and_full_equal_the_reference(name, method, device):
+@pytest.mark.parametrize("location_gram", [False, True])
+def test_diag_and_full_equal_the_reference(name, method, location_gram, device):
+    """Both forms of shared weights (per-column gradients, location Gram matrices)."""
     model, x, y, lik = setup(name, method, device)
     hooks, ref = HookPairGGN(model, lik), ReferencePairGGN(model, lik)
+    hooks.location_gram = location_gram
     for structure in ("diag", "full"):
         got = getattr(hooks, structure)(x, y)
         want = getattr(ref, structure)(x, y)
@@ -231,7 +234,10 @@ def test_per_pair_path_and_small_memory_budget(name, device, monkeypatch):
     pairwise.use_pair_graph = False
     tiny = HookPairGGN(model, lik)
     monkeypatch.setattr(tiny, "max_elements", 64)
-    for backend in (pairwise, tiny):
+    tiny_gram = HookPairGGN(model, lik)
+    monkeypatch.setattr(tiny_gram, "max_elements", 64)
+    tiny_gram.location_gram = True
+    for backend in (pairwise, tiny, tiny_gram):
         for structure, value in want.items():
             assert_close(getattr(backend, structure)(x, y).hessian, value, TOL)
     if name == "rescnn":
@@ -241,9 +247,11 @@ def test_per_pair_path_and_small_memory_budget(name, device, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["mlp", "rescnn", "vit"])
-def test_jacobians_and_predictive_covariance(name, device):
+@pytest.mark.parametrize("location_gram", [False, True])
+def test_jacobians_and_predictive_covariance(name, location_gram, device):
     model, x, y, lik = setup(name, "positives", device)
     hooks, ref = HookPairGGN(model, lik), ReferencePairGGN(model, lik)
+    hooks.location_gram = location_gram
     jac, z = ref.jacobians(x[:4])
     got_jac, got_z = hooks.jacobians(x[:4])
     assert rel_error(got_jac, jac) < TOL and rel_error(got_z, z) < TOL

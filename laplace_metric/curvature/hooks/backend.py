@@ -19,6 +19,7 @@ from laplace_metric.curvature.hooks.folds import (
     fold_input_factor,
     fold_output_factor,
 )
+from laplace_metric.curvature.hooks.locations import GraphGram, graph_costs
 from laplace_metric.curvature.hooks.sites import (
     Recorder,
     Site,
@@ -113,6 +114,10 @@ class HookPairGGN(PairCurvatureInterface):
     #: Bound on the elements of one intermediate tensor (back-propagated columns at all
     #: sites, a block of per-sample gradients); 2**25 float32 numbers are 128 MiB.
     max_elements: int = 2**25
+    #: Shared weights (conv positions, tokens) through location Gram matrices: ``None`` picks
+    #: the cheaper of that and per-column gradients per weight (see
+    #: :mod:`laplace_metric.curvature.hooks.locations`); ``True``/``False`` force one form.
+    location_gram: bool | None = None
 
     def __init__(
         self,
@@ -257,12 +262,45 @@ class HookPairGGN(PairCurvatureInterface):
     # ------------------------------------------------------------------ pair graph
     def _graph_diag(self, module, inputs, g, terms):
         graph = terms.graph
+        n_columns = terms.factor.shape[2]
         total: dict[str, torch.Tensor] = {}
+        grams: dict[str, tuple[GraphGram, torch.Tensor] | None] = {}
         for twin, _, entries, others in self._passes(module, inputs, terms.factor.permute(2, 0, 1)):
             for name, param in self._named_params(twin):
+                if name not in grams:
+                    grams[name] = self._location_gram(name, entries.get(name), graph, n_columns)
+                if grams[name] is not None:
+                    grams[name][0].add(torch.cat([q for _, q in entries[name]], dim=2))
+                    continue
                 part = self._diag_block(name, param, entries, others, graph)
                 total[name] = part if name not in total else total[name] + part
-        return torch.cat([total[n].flatten() for n, _ in self._named_params(self._copy[1])])
+        params = self._named_params(self._copy[1])
+        for name, param in params:
+            if grams.get(name) is not None:
+                gram, x = grams[name]
+                total[name] = gram.diag(x).reshape(param.shape)
+        return torch.cat([total[n].flatten() for n, _ in params])
+
+    def _location_gram(
+        self, name: str, calls: Entries | None, graph: PairGraph, n_columns: int
+    ) -> tuple[GraphGram, torch.Tensor] | None:
+        """A Gram accumulator and the inputs of a shared weight, if the Gram form is cheaper
+        (see :mod:`laplace_metric.curvature.hooks.locations`); ``None`` otherwise."""
+        if not calls or calls[0][0].kind == SiteKind.AFFINE or name != calls[0][0].weight:
+            return None
+        site, q = calls[0]
+        if len(calls) == 1 and site.kind == SiteKind.LINEAR and site.n_locations == 1:
+            return None  # fold_linear: cheaper still
+        n_locations = sum(s.n_locations for s, _ in calls)
+        per_column, gram, elements = graph_costs(
+            graph, n_columns, n_locations, q.shape[-1], site.x.shape[-1]
+        )
+        if self.location_gram is False or elements > 4 * self.max_elements:
+            return None
+        if self.location_gram is None and gram >= per_column:
+            return None
+        x = torch.cat([s.x for s, _ in calls], dim=1)
+        return GraphGram(graph, n_locations, self.max_elements), x
 
     def _diag_block(
         self, name: str, param: torch.Tensor, entries: dict, others: dict, graph: PairGraph

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from laplace.utils import KronDecomposed
 
+from laplace_metric.curvature.hooks.locations import covariance_costs, gram_covariance
 from laplace_metric.curvature.hooks.sites import SiteKind, weight_grads
 
 if TYPE_CHECKING:
@@ -151,6 +152,12 @@ def _block(
         scale = site.x[:, 0].square() @ weights.T  # (b, out)
         return torch.einsum("dbo,ebo->bde", q[:, :, 0] * scale, q[:, :, 0])
     n_cols, n_samples, _, n_out = q.shape
+    q = torch.cat([q for _, q in calls], dim=2)
+    per_column, gram = covariance_costs(n_cols, q.shape[2], n_out, weights.shape[1])
+    use_gram = backend.location_gram
+    if use_gram is True or (use_gram is None and gram < per_column):
+        x = torch.cat([s.x for s, _ in calls], dim=1)
+        return gram_covariance(q, x, weights, backend.max_elements)
     total = None
     for rows in backend._row_slices(n_out, n_cols * n_samples * weights.shape[1]):
         part = _weighted_gram(weight_grads(calls, rows), weights[rows])

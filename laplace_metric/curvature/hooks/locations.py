@@ -1,0 +1,177 @@
+"""Shared weights through location Gram matrices: exact diagonals without per-column gradients.
+
+A weight shared over ``T`` locations (conv positions, tokens) has per-sample gradients
+``G_ri = sum_t q_rit x_it^T`` for every back-propagated column ``r``. Forming them costs
+``R B T out in`` and streams ``R B out in`` numbers through memory: ``R = D`` times the
+parameter count per sample. Both sums the hook backend needs are quadratic in ``G`` and only
+need inner products *between locations*:
+
+* the graph-folded diagonal (curvature), with ``n = (i, t)`` running over the locations of the
+  samples of one connected component of the pair graph and ``A`` its block::
+
+      sum_r sum_ij A_ij G_ri[o, k] G_rj[o, k]
+          = sum_nm A_(n)(m) Kq[o; n, m] x_n[k] x_m[k],   Kq[o; n, m] = sum_r q_rn[o] q_rm[o]
+
+* the linearised predictive ``J Sigma J^T`` of one query with elementwise weights ``sigma``
+  (diagonal variances, or the inverse eigenvalues of a Kronecker block in its eigenbasis)::
+
+      C[d, e] = sum_o sum_tt' q_dt[o] M[o; t, t'] q_et'[o],   M[o; t, t'] = sum_k sigma[o, k] x_t[k] x_t'[k]
+
+Their costs grow with ``T^2`` instead of ``R T``: in a ResNet on 32x32 inputs most parameters
+sit at 4x4, 2x2 and 1x1 feature maps, where the Gram form is 8-128 times cheaper. The
+``*_costs`` functions compare both forms, and the backend takes the cheaper one per weight.
+Float32 note: a Laplacian block sums signed terms (``K G_i^2 - G_i G_j``), so the relative
+rounding error grows with ``sum_i |G_i|^2 / sum_i |G_i - mean G|^2`` (the per-column form centres
+explicitly); float64 is exact to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from laplace_metric.curvature.graph import PairGraph, component_buckets
+
+#: Elementwise passes are memory-bound: one element is charged like this many multiply-adds.
+ELEMENTWISE_COST = 8
+
+
+def _groups(graph: PairGraph) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(index (C, k), block (C, k, k))`` per bucket of components, singletons as ``k = 1``."""
+    singletons, weights, _ = graph.blocks()
+    groups = []
+    if len(singletons):
+        groups.append((singletons[:, None], weights[:, None, None]))
+    for bucket in component_buckets(graph, diagonal=True):
+        groups.append((bucket.index, bucket.block))
+    return groups
+
+
+def graph_costs(
+    graph: PairGraph, n_columns: int, n_locations: int, n_out: int, n_in: int
+) -> tuple[float, float, int]:
+    """Multiply-adds of the per-column and the Gram form of one shared weight's diagonal.
+
+    Returns
+    -------
+    per_column : float
+    gram : float
+    gram_elements : int
+        Numbers the Gram form keeps between column chunks (``out`` times the triangles).
+    """
+    batch = graph.n_samples
+    per_column = n_columns * batch * n_out * n_in * (n_locations + 3 * ELEMENTWISE_COST)
+    squares = triangles = 0
+    for index, _ in _groups(graph):
+        n = index.shape[1] * n_locations
+        squares += index.shape[0] * n * n
+        triangles += index.shape[0] * n * (n + 1) // 2
+    gram = n_out * (squares * n_columns + triangles * (n_in + ELEMENTWISE_COST))
+    return float(per_column), float(gram), n_out * triangles
+
+
+class GraphGram:
+    """Accumulates ``sum_r sum_ij A_ij G_ri * G_rj`` of one shared weight over column chunks.
+
+    Parameters
+    ----------
+    graph : PairGraph
+    n_locations : int
+        ``T``: locations per sample (all calls of the weight together).
+    max_elements : int
+        Bound on the elements of one intermediate tensor.
+    """
+
+    def __init__(self, graph: PairGraph, n_locations: int, max_elements: int) -> None:
+        self.max_elements = max_elements
+        self.n_locations = n_locations
+        self.parts = []
+        for index, block in _groups(graph):
+            k = index.shape[1]
+            n = k * n_locations
+            rows, cols = torch.triu_indices(n, n, device=index.device)
+            # the block expanded over locations, on the upper triangle (off-diagonal twice)
+            weights = block[:, rows // n_locations, cols // n_locations]
+            weights = weights * torch.where(rows == cols, 1.0, 2.0).to(block.dtype)
+            self.parts.append([index, rows, cols, weights, None])
+
+    def add(self, q: torch.Tensor) -> None:
+        """Add the output gradients ``q [c, B, T, out]`` of one chunk of columns."""
+        n_cols, _, n_locations, n_out = q.shape
+        for part in self.parts:
+            index, rows, cols, weights, total = part
+            n_comp, k = index.shape
+            n = k * n_locations
+            gathered = q.index_select(1, index.flatten()).view(n_cols, n_comp, n, n_out)
+            gathered = gathered.permute(1, 3, 2, 0)  # [C, out, n, c]
+            if total is None:
+                total = q.new_zeros(n_comp, n_out, len(rows))
+            step = max(1, self.max_elements // max(n_comp * n * n, 1))
+            for start in range(0, n_out, step):
+                outs = slice(start, start + step)
+                chunk = gathered[:, outs]
+                gram = (chunk @ chunk.transpose(-1, -2)).flatten(start_dim=2)
+                total[:, outs] += gram[..., rows * n + cols] * weights[:, None].to(q.dtype)
+            part[4] = total
+
+    def diag(self, x: torch.Tensor) -> torch.Tensor:
+        """The folded diagonal ``(out, in)`` from the weight's inputs ``x [B, T, in]``."""
+        result = None
+        n_in = x.shape[-1]
+        for index, rows, cols, _, total in self.parts:
+            n_comp, k = index.shape
+            n = k * self.n_locations
+            inputs = x.index_select(0, index.flatten()).reshape(n_comp, n, n_in)
+            if result is None:
+                result = x.new_zeros(total.shape[1], n_in)
+            step = max(1, self.max_elements // max(n_comp * n_in, 1))
+            for start in range(0, len(rows), step):
+                tri = slice(start, start + step)
+                products = inputs[:, rows[tri]] * inputs[:, cols[tri]]  # [C, e, in]
+                kernel = total[:, :, tri].permute(1, 0, 2).flatten(start_dim=1)  # [out, C e]
+                result += kernel @ products.flatten(end_dim=1)
+        return result
+
+
+def covariance_costs(n_columns: int, n_locations: int, n_out: int, n_in: int) -> tuple[int, int]:
+    """Multiply-adds per query of the per-column and the Gram form of ``J Sigma J^T``."""
+    d, t = n_columns, n_locations
+    per_column = d * n_out * n_in * (t + d + ELEMENTWISE_COST)
+    gram = n_out * t * t * (n_in + d) + d * d * n_out * t
+    return per_column, gram
+
+
+def gram_covariance(
+    q: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, max_elements: int
+) -> torch.Tensor:
+    """``C_b[d, e] = sum_{o,k} sigma[o, k] G_bd[o, k] G_be[o, k]`` for ``G_bd = sum_t q x^T``.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        Output gradients of all ``D`` columns, ``[D, b, T, out]``.
+    x : torch.Tensor
+        Inputs ``[b, T, in]``.
+    sigma : torch.Tensor
+        Elementwise weights ``(out, in)``.
+    max_elements : int
+        Bound on the elements of one intermediate tensor (output rows are chunked).
+
+    Returns
+    -------
+    covariance : torch.Tensor
+        ``(b, D, D)``.
+    """
+    n_cols, batch, n_locations, n_out = q.shape
+    t2 = n_locations * n_locations
+    products = (x[:, :, None, :] * x[:, None, :, :]).reshape(batch, t2, -1)  # [b, T T, in]
+    columns = q.permute(1, 3, 0, 2)  # [b, out, D, T]
+    result = q.new_zeros(batch, n_cols, n_cols)
+    step = max(1, max_elements // max(batch * (t2 + n_cols * n_locations), 1))
+    for start in range(0, n_out, step):
+        outs = slice(start, start + step)
+        kernel = (products @ sigma[outs].T).transpose(1, 2)  # [b, o, T T]
+        kernel = kernel.reshape(batch, -1, n_locations, n_locations)
+        side = columns[:, outs]  # [b, o, D, T]
+        mixed = side @ kernel  # [b, o, D, T]
+        result += torch.einsum("bodt,boet->bde", mixed, side)
+    return result
