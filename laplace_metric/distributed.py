@@ -174,6 +174,20 @@ def reduce_fit_state(
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
+    reference, curvature = _rank_layout(estimator, state, error, rank)
+    tensors = curvature_tensors(curvature)
+    dtype = tensors[0].dtype if tensors else reference.dtype
+    buffer = _pack(estimator, state, error, tensors, world, rank, reference.device)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    _check_ranks(buffer, world, error)
+    return _unpack(buffer, world, tensors, curvature, dtype)
+
+
+def _rank_layout(
+    estimator: Any, state: FitState, error: BaseException | None, rank: int
+) -> tuple[torch.Tensor, torch.Tensor | Kron]:
+    """A reference parameter and this rank's curvature (zeros in the estimator's layout when
+    the shard contributed no pair); raise if this rank cannot determine the layout."""
     try:
         reference = _reference_tensor(estimator)
         curvature = state.curvature
@@ -186,9 +200,20 @@ def reduce_fit_state(
             f"Rank {rank} cannot take part in the distributed fit ({err}); the other ranks "
             "will fail at the process-group timeout."
         ) from (error or err)
-    device = reference.device
-    tensors = curvature_tensors(curvature)
-    dtype = tensors[0].dtype if tensors else reference.dtype
+    return reference, curvature
+
+
+def _pack(
+    estimator: Any,
+    state: FitState,
+    error: BaseException | None,
+    tensors: list[torch.Tensor],
+    world: int,
+    rank: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The flat float64 buffer: loss, pair and sample counts; per rank a failure flag and a
+    weight fingerprint (zeros for the other ranks); then the curvature tensors."""
     loss = state.loss.detach() if isinstance(state.loss, torch.Tensor) else state.loss
     header = torch.tensor(
         [float(loss), float(state.n_pairs), float(state.n_data)],
@@ -199,9 +224,11 @@ def reduce_fit_state(
     ranks[rank, 0] = 1.0 if error is not None else 0.0
     ranks[rank, 1:] = weight_fingerprint(list(estimator._posterior_parameters())).to(device)
     pieces = [t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]
-    buffer = torch.cat([header, ranks.reshape(-1), *pieces])
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return torch.cat([header, ranks.reshape(-1), *pieces])
 
+
+def _check_ranks(buffer: torch.Tensor, world: int, error: BaseException | None) -> None:
+    """Raise on every rank if any rank failed or the ranks' weights differ."""
     ranks = buffer[3 : 3 + 3 * world].reshape(world, 3)
     failed = [r for r in range(world) if ranks[r, 0] > 0]
     if failed:
@@ -217,6 +244,15 @@ def reduce_fit_state(
             "load the same checkpoint or broadcast the parameters) before a distributed fit."
         )
 
+
+def _unpack(
+    buffer: torch.Tensor,
+    world: int,
+    tensors: list[torch.Tensor],
+    curvature: torch.Tensor | Kron,
+    dtype: torch.dtype,
+) -> FitState:
+    """The global fit state from the reduced buffer, in the layout of ``curvature``."""
     header = buffer[:3]
     offset = 3 + 3 * world
     reduced = []

@@ -10,7 +10,8 @@ from torch import nn
 
 import laplace_metric  # noqa: F401
 from laplace_metric.curvature import HookPairGGN
-from laplace_metric.predictive import _uses_layer_path, jacobian_glm
+from laplace_metric.predictive import jacobian_glm
+from laplace_metric.predictive.glm import _uses_layer_path
 
 
 def cnn() -> nn.Module:

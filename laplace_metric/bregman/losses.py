@@ -227,45 +227,67 @@ def fit_bregman(
         raise ValueError(f"epochs must be a positive int, got {epochs!r}.")
     if not float(lr) > 0:
         raise ValueError(f"lr must be positive, got {lr}.")
+    loss_fn = _build_loss(loss, divergence, loss_kwargs)
+    optimizer = torch.optim.Adam(_trainable(encoder, divergence, loss_fn), lr=float(lr))
+    encoder.train()
+    history: list[float] = []
+    bar = tqdm(range(epochs), desc="fit_bregman", disable=not progress_bar)
+    for _ in bar:
+        history.append(_train_epoch(encoder, loss_fn, loader, optimizer, device))
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    encoder.eval()
+    return history
+
+
+def _build_loss(
+    loss: BregmanLossName | str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    divergence: BregmanDivergence,
+    loss_kwargs: dict[str, Any],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The built-in loss named ``loss`` on ``divergence``, or the callable ``loss`` itself."""
     if isinstance(loss, str | BregmanLossName):
         name = parse_enum(BregmanLossName, loss, "loss")
         cls = BregmanContrastiveLoss if name == BregmanLossName.CONTRASTIVE else BregmanTripletLoss
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cls(
-            divergence, **loss_kwargs
-        )
-    elif callable(loss):
+        return cls(divergence, **loss_kwargs)
+    if callable(loss):
         if loss_kwargs:
             raise TypeError(f"loss_kwargs {sorted(loss_kwargs)} only apply to built-in losses.")
-        loss_fn = loss
-    else:
-        raise TypeError(
-            f"loss must be 'contrastive', 'triplet' or a callable, got {type(loss).__name__}."
-        )
+        return loss
+    raise TypeError(
+        f"loss must be 'contrastive', 'triplet' or a callable, got {type(loss).__name__}."
+    )
+
+
+def _trainable(encoder: nn.Module, divergence: BregmanDivergence, loss_fn: Any) -> list:
+    """The parameters of the encoder, the potential and a module loss, each once."""
     params: dict[int, nn.Parameter] = {}
     modules = [encoder, divergence] + ([loss_fn] if isinstance(loss_fn, nn.Module) else [])
     for module in modules:
         for p in module.parameters():
             params.setdefault(id(p), p)
-    optimizer = torch.optim.Adam(list(params.values()), lr=float(lr))
-    encoder.train()
-    history: list[float] = []
-    bar = tqdm(range(epochs), desc="fit_bregman", disable=not progress_bar)
-    for _ in bar:
-        total, n_batches = 0.0, 0
-        for x, y in loader:
-            if device is not None:
-                x, y = x.to(device), y.to(device)
-            optimizer.zero_grad()
-            value = loss_fn(encoder(x), y)
-            if not bool(torch.isfinite(value)):
-                raise ValueError("The training loss became NaN or inf; lower lr or check the data.")
-            value.backward()
-            optimizer.step()
-            total += float(value.detach())
-            n_batches += 1
-        if n_batches == 0:
-            raise ValueError("The loader yielded no batches.")
-        history.append(total / n_batches)
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
-    encoder.eval()
-    return history
+    return list(params.values())
+
+
+def _train_epoch(
+    encoder: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str | None,
+) -> float:
+    """One pass over ``loader``; returns the mean batch loss."""
+    total, n_batches = 0.0, 0
+    for x, y in loader:
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        optimizer.zero_grad()
+        value = loss_fn(encoder(x), y)
+        if not bool(torch.isfinite(value)):
+            raise ValueError("The training loss became NaN or inf; lower lr or check the data.")
+        value.backward()
+        optimizer.step()
+        total += float(value.detach())
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError("The loader yielded no batches.")
+    return total / n_batches

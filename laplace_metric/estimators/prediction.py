@@ -1,0 +1,244 @@
+"""Prediction: embedding means and covariances, samples and uncertainty scores.
+
+Never a softmax: the linearised (``'glm'``) or Monte-Carlo (``'nn'``) predictive of the
+(normalised) embedding, computed in memory-bounded chunks by :mod:`laplace_metric.predictive`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from laplace.utils.enums import PredType
+
+from laplace_metric.encoders import keeps_module_modes
+from laplace_metric.enums import UncertaintyScore, parse_enum
+from laplace_metric.estimators.batches import check_inputs
+from laplace_metric.memory import dtype_bytes
+from laplace_metric.predictive import (
+    draw_weight_samples,
+    glm_chunks,
+    glm_joint,
+    iter_query_chunks,
+    nn_embedding_samples,
+)
+from laplace_metric.sampling import gaussian_samples, project_to_sphere
+from laplace_metric.uncertainty import uncertainty_score
+
+
+class PredictionMixin:
+    """The embedding predictive (a base of
+    :class:`~laplace_metric.estimators.MetricLaplaceMixin`)."""
+
+    def _glm_predictive_distribution(
+        self,
+        X: torch.Tensor,
+        joint: bool = False,
+        diagonal_output: bool = False,
+        batch_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linearised predictive, in memory-bounded chunks (see :mod:`laplace_metric.predictive`)."""
+        self._check_fitted()
+        X = X.to(self._device)
+        check_inputs(X)
+        if joint:
+            return glm_joint(self, X)
+        means, covs = zip(*glm_chunks(self, X, diagonal_output, batch_size))
+        return torch.cat(means), torch.cat(covs)
+
+    @keeps_module_modes
+    def __call__(
+        self,
+        x: torch.Tensor,
+        pred_type: PredType | str = PredType.GLM,
+        joint: bool = False,
+        link_approx: Any = None,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        fitting: bool = False,
+        batch_size: int | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictive distribution of the embedding.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Inputs ``(batch, ...)``.
+        pred_type : {'glm', 'nn'}, default='glm'
+            ``'glm'``: linearised predictive, mean ``z(x)`` and covariance ``J Sigma J^T`` of
+            the (normalised) embedding. ``'nn'``: Monte-Carlo over weight samples, the mean
+            and covariance of the sampled (normalised) embeddings.
+        joint : bool, default=False
+            ``'glm'`` only: the joint ``(batch*D, batch*D)`` covariance.
+        link_approx : ignored
+            Accepted for laplace-torch compatibility; embeddings have no link function.
+        n_samples : int, default=100
+            Weight samples for ``'nn'``.
+        diagonal_output : bool, default=False
+            Return per-dimension variances ``(batch, D)`` instead of ``(batch, D, D)``.
+        generator : torch.Generator, optional
+        batch_size : int, optional
+            Queries per chunk. ``None``: as many as fit ``memory_budget``. Results do not
+            depend on it.
+
+        Returns
+        -------
+        mean : torch.Tensor
+            ``(batch, D)`` (flattened ``(batch*D,)`` when ``joint``).
+        covariance : torch.Tensor
+            ``(batch, D, D)``, ``(batch, D)`` or ``(batch*D, batch*D)``.
+
+        Raises
+        ------
+        MemoryBudgetError
+            If one query (or the joint covariance) does not fit ``memory_budget``.
+        """
+        self._check_output(x)
+        pred_type = parse_enum(PredType, pred_type, "pred_type")
+        if pred_type == PredType.GP:
+            raise ValueError("pred_type='gp' is not available; use 'glm' or 'nn'.")
+        if pred_type == PredType.GLM:
+            return self._glm_predictive_distribution(
+                x, joint=joint, diagonal_output=diagonal_output, batch_size=batch_size
+            )
+        if joint:
+            raise ValueError("joint=True is only available for pred_type='glm'.")
+        samples = self._nn_embedding_samples(x, n_samples, generator, batch_size)
+        return _sample_moments(samples, diagonal_output)
+
+    def _check_generator(self, generator: torch.Generator | None) -> None:
+        if generator is not None and (
+            not isinstance(generator, torch.Generator) or generator.device != self._device
+        ):
+            raise ValueError("Invalid random generator (check type and device).")
+
+    def _nn_embedding_samples(
+        self,
+        x: torch.Tensor,
+        n_samples: int,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        weights: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Embeddings under weight samples; a last-layer posterior runs its backbone once."""
+        self._check_fitted()
+        self._check_generator(generator)
+        x = x.to(self._device)
+        check_inputs(x)
+        return nn_embedding_samples(self, x, n_samples, generator, batch_size, weights)
+
+    def functional_samples(
+        self,
+        x: torch.Tensor,
+        pred_type: PredType | str = PredType.GLM,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Samples ``(n_samples, batch, D)`` of the embedding before projecting to the sphere.
+
+        ``'glm'`` draws from the linearised Gaussian; ``'nn'`` pushes weight samples through
+        the network (already normalised when the likelihood normalises). ``batch_size``:
+        queries per chunk of the predictive (``None``: fit ``memory_budget``).
+        """
+        pred_type = parse_enum(PredType, pred_type, "pred_type")
+        if pred_type == PredType.NN:
+            return self._nn_embedding_samples(x, n_samples, generator, batch_size)
+        self._check_generator(generator)
+        f_mu, f_var = self._glm_predictive_distribution(
+            x, diagonal_output=diagonal_output, batch_size=batch_size
+        )
+        return gaussian_samples(f_mu, f_var, n_samples, generator)
+
+    @keeps_module_modes
+    def predictive_samples(
+        self,
+        x: torch.Tensor,
+        pred_type: PredType | str = PredType.GLM,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Embedding samples ``(n_samples, batch, D)``, on the unit sphere when normalising."""
+        self._check_output(x)
+        samples = self.functional_samples(
+            x, pred_type, n_samples, diagonal_output, generator, batch_size
+        )
+        return project_to_sphere(samples) if self.pair_likelihood.normalize else samples
+
+    @keeps_module_modes
+    def predictive_uncertainty(
+        self,
+        x: torch.Tensor,
+        score: UncertaintyScore | str = UncertaintyScore.TRACE,
+        pred_type: PredType | str = PredType.GLM,
+        n_samples: int = 100,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """A scalar uncertainty per input (higher = less certain), e.g. for OOD detection.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+        score : {'trace', 'std_sum', 'logdet'}, default='trace'
+            See :func:`laplace_metric.uncertainty.uncertainty_score`.
+        pred_type : {'glm', 'nn'}, default='glm'
+        n_samples : int, default=100
+        batch_size : int, optional
+            Queries per chunk (``None``: as many as fit ``memory_budget``); the scores do not
+            depend on it (for ``'nn'``, every chunk uses the same weight samples).
+        generator : torch.Generator, optional
+            For ``'nn'``.
+
+        Returns
+        -------
+        scores : torch.Tensor
+            ``(batch,)``.
+        """
+        self._check_output(x)
+        score = parse_enum(UncertaintyScore, score, "score")
+        pred_type = parse_enum(PredType, pred_type, "pred_type")
+        diagonal = score != UncertaintyScore.LOGDET
+        if pred_type == PredType.GLM:
+            self._check_fitted()
+            x = x.to(self._device)
+            check_inputs(x)
+            return torch.cat(
+                [
+                    uncertainty_score(cov, score)
+                    for _, cov in glm_chunks(self, x, diagonal, batch_size)
+                ]
+            )
+        if pred_type != PredType.NN:
+            raise ValueError("pred_type='gp' is not available; use 'glm' or 'nn'.")
+        self._check_fitted()
+        self._check_generator(generator)
+        weights = draw_weight_samples(self, n_samples, generator)
+        D = int(self.n_outputs)
+        per_query = (2 * n_samples * D + D * D) * dtype_bytes(self._dtype)
+        scores = []
+        for chunk in iter_query_chunks(self, x, batch_size, per_query):
+            samples = self._nn_embedding_samples(chunk, n_samples, None, batch_size, weights)
+            scores.append(uncertainty_score(_sample_moments(samples, diagonal)[1], score))
+        return torch.cat(scores)
+
+
+def _sample_moments(
+    samples: torch.Tensor, diagonal_output: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(B, D)`` and unbiased covariance ``(B, D, D)`` (or variances) of samples."""
+    n_samples = samples.shape[0]
+    mean = samples.mean(0)
+    centred = samples - mean
+    dof = max(n_samples - 1, 1)
+    if diagonal_output:
+        return mean, centred.square().sum(0) / dof
+    return mean, torch.einsum("sbd,sbe->bde", centred, centred) / dof
+
+
+__all__ = ["PredictionMixin"]

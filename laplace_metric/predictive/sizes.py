@@ -1,0 +1,123 @@
+"""Posterior size checks: does a posterior's curvature fit the estimator's ``memory_budget``?
+
+Before a dense ``P x P`` curvature is allocated, :func:`check_posterior_memory` compares its
+size with the budget and names the structures and subsets that would fit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from laplace.lllaplace import LLLaplace
+from laplace.subnetlaplace import SubnetLaplace
+from laplace.utils.enums import HessianStructure, SubsetOfWeights
+from torch import nn
+
+from laplace_metric.memory import check_fits, dtype_bytes, format_bytes
+
+if TYPE_CHECKING:
+    from laplace_metric.estimators import MetricLaplaceMixin
+
+#: Dense ``P x P`` matrices alive at once for a full structure (signed curvature, PSD
+#: curvature and posterior precision or scale).
+FULL_COPIES = 3
+
+
+def _kron_bytes(shapes: list[torch.Size], itemsize: int) -> int:
+    """Kronecker factors (signed, PSD, eigenvectors and eigenvalues) of parameters ``shapes``."""
+    total = 0
+    for shape in shapes:
+        if len(shape) == 1:
+            total += shape[0] ** 2
+        else:
+            n_in = int(torch.Size(shape[1:]).numel())
+            total += shape[0] ** 2 + n_in**2
+    return 4 * total * itemsize
+
+
+def structure_bytes(structure: HessianStructure, shapes: list[torch.Size], itemsize: int) -> int:
+    """Memory of a posterior of ``structure`` over parameters of ``shapes``.
+
+    ``diag``: six length-``P`` vectors; ``kron``: four copies of every Kronecker factor;
+    ``full``: :data:`FULL_COPIES` dense ``P x P`` matrices.
+    """
+    n_params = sum(int(torch.Size(s).numel()) for s in shapes)
+    if structure == HessianStructure.DIAG:
+        return 6 * n_params * itemsize
+    if structure == HessianStructure.KRON:
+        return _kron_bytes(shapes, itemsize)
+    return FULL_COPIES * n_params**2 * itemsize
+
+
+def _last_module_with_parameters(model: nn.Module) -> tuple[str, nn.Module] | None:
+    found = None
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            found = (name, module)
+    return found
+
+
+def _posterior_shapes(la: MetricLaplaceMixin) -> list[torch.Size] | None:
+    if isinstance(la, LLLaplace):
+        if la.model.last_layer is None:
+            return None
+        return [p.shape for p in la.model.last_layer.parameters()]
+    if isinstance(la, SubnetLaplace):
+        return [torch.Size([int(la.n_params)])]
+    return [p.shape for p in la.params]
+
+
+def check_posterior_memory(la: MetricLaplaceMixin) -> None:
+    """Raise :class:`~laplace_metric.memory.MemoryBudgetError` if the posterior's curvature
+    does not fit ``la.memory_budget``, naming the structures and subsets that would.
+
+    A no-op while a last-layer estimator has not located its last layer yet.
+    """
+    shapes = _posterior_shapes(la)
+    if shapes is None:
+        return
+    itemsize = dtype_bytes(la._dtype)
+    budget = la.memory_budget
+    structure = la._structure
+    needed = structure_bytes(structure, shapes, itemsize)
+    if needed <= budget:
+        return
+    n_params = sum(int(torch.Size(s).numel()) for s in shapes)
+    is_subnet = isinstance(la, SubnetLaplace)
+    allowed = (
+        (HessianStructure.DIAG, HessianStructure.FULL)
+        if is_subnet
+        else (HessianStructure.DIAG, HessianStructure.KRON, HessianStructure.FULL)
+    )
+    alternatives = []
+    for other in allowed:
+        if other == structure:
+            continue
+        size = structure_bytes(other, shapes, itemsize)
+        if size <= budget:
+            alternatives.append(f"hessian_structure='{other.value}' ({format_bytes(size)})")
+    if la._subset == SubsetOfWeights.ALL:
+        last = _last_module_with_parameters(la.model)
+        if last is not None:
+            last_shapes = [p.shape for p in last[1].parameters(recurse=False)]
+            for option in (structure, HessianStructure.KRON, HessianStructure.DIAG):
+                size = structure_bytes(option, last_shapes, itemsize)
+                if size <= budget:
+                    n_last = sum(int(torch.Size(s).numel()) for s in last_shapes)
+                    alternatives.append(
+                        f"subset_of_weights='last_layer' with hessian_structure="
+                        f"'{option.value}' ({n_last:,} parameters in '{last[0]}', "
+                        f"{format_bytes(size)})"
+                    )
+                    break
+    what = f"A {structure.value} posterior over {n_params:,} parameters"
+    if structure == HessianStructure.FULL:
+        what += (
+            f" ({FULL_COPIES} dense P x P matrices in {str(la._dtype).removeprefix('torch.')}, "
+            f"{format_bytes(n_params**2 * itemsize)} each)"
+        )
+    check_fits(needed, budget, what, alternatives)
+
+
+__all__ = ["FULL_COPIES", "check_posterior_memory", "structure_bytes"]
