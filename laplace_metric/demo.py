@@ -10,8 +10,6 @@ retrieval calibration (ECE) as mean +- std over the seeds. ``laplace-metric demo
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,30 +27,23 @@ from laplace_metric.baselines import (
     penultimate,
     train_encoder,
 )
-from laplace_metric.datasets import OpenSetSplit, open_set_split
+from laplace_metric.datasets import open_set_split
+from laplace_metric.demo_report import (
+    COLUMNS,
+    SCORE_ROWS,
+    _Evaluator,
+    footer,
+    format_table,
+    write_plots,
+    write_results,
+)
 from laplace_metric.likelihoods import ContrastiveLikelihood
 from laplace_metric.metrics import (
-    map_at_r,
-    ood_aupr,
-    ood_auroc,
-    recall_at_k,
-    reliability_diagram_data,
     retrieval_confidence_from_samples,
-    sparsification_curve,
-    top1_labels,
 )
 from laplace_metric.registry import metric_laplace
 from laplace_metric.scores import PosteriorScore, UncertaintyScorer
 from laplace_metric.training import fit_online_lam
-
-COLUMNS = ("recall@1", "MAP@R", "AUROC held-out", "AUROC noise", "AUPR held-out", "AUSE", "ECE")
-
-#: Row suffix of each LAM uncertainty score, in table order (the default score first).
-SCORE_ROWS = {
-    PosteriorScore.POSTERIOR_KNN: "posterior kNN",
-    PosteriorScore.SAMPLED_STD: "sampled std",
-    PosteriorScore.TRACE: "trace",
-}
 
 #: Post-hoc LAM configurations: (row name, subset_of_weights, hessian_structure, trace row).
 #: The all-layer Kronecker GLM trace is skipped: its covariance is the slowest to evaluate.
@@ -133,53 +124,6 @@ def make_encoder(
     return nn.Sequential(*layers, nn.Linear(hidden, out_dim))
 
 
-class _Evaluator:
-    """Computes one row of metrics from OOD scores and retrieval embeddings."""
-
-    def __init__(self, split: OpenSetSplit, device: torch.device, result: SeedResult) -> None:
-        self.x_tr, self.y_tr = (t.to(device) for t in split.train.tensors)
-        self.x_te, self.y_te = (t.to(device) for t in split.test.tensors)
-        self.x_held = split.ood_classes.tensors[0].to(device)
-        self.x_noise = split.ood_noise.tensors[0].to(device)
-        self.result = result
-
-    def row(
-        self,
-        name: str,
-        score: Callable[[Tensor], Tensor],
-        embed: Callable[[Tensor], Tensor] | None = None,
-        confidence: tuple[Tensor, Tensor] | None = None,
-    ) -> None:
-        s_in, s_held, s_noise = (
-            score(x).detach().cpu() for x in (self.x_te, self.x_held, self.x_noise)
-        )
-        row = {
-            "AUROC held-out": ood_auroc(s_in, s_held),
-            "AUROC noise": ood_auroc(s_in, s_noise),
-            "AUPR held-out": ood_aupr(s_in, s_held),
-        }
-        if embed is not None:
-            emb_te, emb_tr = embed(self.x_te).cpu(), embed(self.x_tr).cpu()
-            y_te, y_tr = self.y_te.cpu(), self.y_tr.cpu()
-            row["recall@1"] = recall_at_k(emb_te, y_te, emb_tr, y_tr, k=1)
-            row["MAP@R"] = map_at_r(emb_te, y_te, emb_tr, y_tr)
-            wrong = (top1_labels(emb_te, emb_tr, y_tr) != y_te).double()
-            curve = sparsification_curve(s_in, wrong, n_steps=50)
-            row["AUSE"] = curve.error_area
-            self.result.curves[name] = curve
-        if confidence is not None:
-            conf, correct = confidence
-            bins = reliability_diagram_data(conf.cpu(), correct.cpu())
-            row["ECE"] = bins.ece
-            self.result.reliability[name] = bins
-        self.result.rows[name] = row
-        self.result.scores[name] = {
-            "test (in-distribution)": s_in,
-            "held-out classes": s_held,
-            "noise": s_noise,
-        }
-
-
 def _normalised_embed(model: nn.Module) -> Callable[[Tensor], Tensor]:
     @torch.no_grad()
     def embed(x: Tensor) -> Tensor:
@@ -216,6 +160,94 @@ def _lam_rows(
         ev.row(f"{name}, {suffix}", score_fn, embed, confidence)
 
 
+Trainer = Callable[[nn.Module, int], None]
+
+
+def _trainer(
+    config: DemoConfig, loader: DataLoader, likelihood: ContrastiveLikelihood, device: torch.device
+) -> Trainer:
+    """``trainer(encoder, seed)``: move to ``device`` and train with the contrastive loss."""
+
+    def loss_fn(g: Tensor, y: Tensor) -> Tensor:
+        return likelihood.loss(g, y, reduction="mean")
+
+    def trainer(encoder: nn.Module, s: int) -> None:
+        encoder.to(device)
+        dev_loader = [(x.to(device), y.to(device)) for x, y in loader]
+        train_encoder(
+            encoder, dev_loader, loss_fn, epochs=config.epochs, seed=s, progress_bar=False
+        )
+
+    return trainer
+
+
+def _trained_encoder(
+    ev: _Evaluator, trainer: Trainer, device: torch.device, seed: int, dropout: float = 0.0
+) -> nn.Sequential:
+    """A fresh demo encoder built after ``torch.manual_seed(seed)`` and trained."""
+    torch.manual_seed(seed)
+    encoder = make_encoder(ev.x_tr[0].numel(), dropout=dropout).to(device)
+    trainer(encoder, seed)
+    return encoder
+
+
+def _baseline_rows(
+    ev: _Evaluator,
+    config: DemoConfig,
+    seed: int,
+    det: nn.Module,
+    trainer: Trainer,
+    stage: Callable[[str], None],
+) -> None:
+    """Rows of the baselines: kNN distance and Mahalanobis on ``det``, MC dropout, ensemble."""
+    stage(STAGES[1])
+    knn = KNNDistanceBaseline(det, k=1).fit(ev.x_tr)
+    ev.row("kNN distance (deterministic)", knn.score, knn.embed)
+    maha = MahalanobisBaseline(penultimate(det)).fit(ev.x_tr, ev.y_tr)
+    ev.row("Mahalanobis (penultimate)", maha.score)
+    stage(STAGES[2])
+    device = torch.device(config.device)
+    dropout_encoder = _trained_encoder(ev, trainer, device, 1000 * seed + 1, dropout=0.1)
+    mc = MCDropoutBaseline(dropout_encoder, n_samples=config.n_samples, seed=seed)
+    conf, pred = retrieval_confidence_from_samples(
+        mc.samples(ev.x_te), mc.embed(ev.x_tr), ev.y_tr, mean_emb=mc.embed(ev.x_te)
+    )
+    ev.row("MC dropout p=0.1", mc.score, mc.embed, (conf, pred == ev.y_te))
+    stage(STAGES[3])
+    members = [1000 * seed + 10 + i for i in range(config.n_members)]
+    in_dim = ev.x_tr[0].numel()
+    ensemble = DeepEnsembleBaseline.train(
+        lambda: make_encoder(in_dim).to(device), trainer, members, k=1
+    )
+    ensemble.fit(ev.x_tr)
+    ev.row(f"ensemble of {config.n_members}, mean kNN", ensemble.score, ensemble.embed)
+
+
+def _online_lam_rows(
+    ev: _Evaluator,
+    config: DemoConfig,
+    seed: int,
+    loader: DataLoader,
+    likelihood: ContrastiveLikelihood,
+) -> None:
+    """Rows of online LAM, which trains its own encoder."""
+    device = torch.device(config.device)
+    torch.manual_seed(1000 * seed + 2)
+    online_encoder = make_encoder(ev.x_tr[0].numel()).to(device)
+    la = fit_online_lam(
+        online_encoder,
+        loader,
+        likelihood,
+        "all",
+        "diag",
+        epochs=config.epochs,
+        # fit_online_lam's defaults (prior_update="final", prior_precision=1e4), chosen on the
+        # validation split (examples/tune_online_lam.py)
+        generator=torch.Generator(device=device).manual_seed(seed),
+    )
+    _lam_rows(ev, la, "online LAM all-layer diag", config, seed)
+
+
 def run_seed(
     config: DemoConfig, seed: int, on_stage: Callable[[str], None] | None = None
 ) -> SeedResult:
@@ -239,73 +271,21 @@ def run_seed(
     )
     result = SeedResult(seed=seed)
     ev = _Evaluator(split, device, result)
-    in_dim = ev.x_tr[0].numel()
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(split.train, batch_size=config.batch_size, shuffle=True, generator=gen)
     likelihood = ContrastiveLikelihood(margin=config.margin)
-
-    def loss_fn(g: Tensor, y: Tensor) -> Tensor:
-        return likelihood.loss(g, y, reduction="mean")
-
-    def trainer(encoder: nn.Module, s: int) -> None:
-        encoder.to(device)
-        dev_loader = [(x.to(device), y.to(device)) for x, y in loader]
-        train_encoder(
-            encoder, dev_loader, loss_fn, epochs=config.epochs, seed=s, progress_bar=False
-        )
-
+    trainer = _trainer(config, loader, likelihood, device)
     stage(STAGES[0])
-    torch.manual_seed(1000 * seed)
-    det = make_encoder(in_dim).to(device)
-    trainer(det, 1000 * seed)
-
-    # --- baselines
-    stage(STAGES[1])
-    knn = KNNDistanceBaseline(det, k=1).fit(ev.x_tr)
-    ev.row("kNN distance (deterministic)", knn.score, knn.embed)
-    maha = MahalanobisBaseline(penultimate(det)).fit(ev.x_tr, ev.y_tr)
-    ev.row("Mahalanobis (penultimate)", maha.score)
-    stage(STAGES[2])
-    torch.manual_seed(1000 * seed + 1)
-    dropout_encoder = make_encoder(in_dim, dropout=0.1).to(device)
-    trainer(dropout_encoder, 1000 * seed + 1)
-    mc = MCDropoutBaseline(dropout_encoder, n_samples=config.n_samples, seed=seed)
-    conf, pred = retrieval_confidence_from_samples(
-        mc.samples(ev.x_te), mc.embed(ev.x_tr), ev.y_tr, mean_emb=mc.embed(ev.x_te)
-    )
-    ev.row("MC dropout p=0.1", mc.score, mc.embed, (conf, pred == ev.y_te))
-    stage(STAGES[3])
-    members = [1000 * seed + 10 + i for i in range(config.n_members)]
-    ensemble = DeepEnsembleBaseline.train(
-        lambda: make_encoder(in_dim).to(device), trainer, members, k=1
-    )
-    ensemble.fit(ev.x_tr)
-    ev.row(f"ensemble of {config.n_members}, mean kNN", ensemble.score, ensemble.embed)
-
-    # --- post-hoc LAM on the deterministic encoder
+    det = _trained_encoder(ev, trainer, device, 1000 * seed)
+    _baseline_rows(ev, config, seed, det, trainer, stage)
     for name, subset, structure, trace_row in POSTHOC_CONFIGS:
         stage(name)
         la = metric_laplace(det, likelihood, subset, structure)
         la.fit(loader)
         la.optimize_prior_precision(method="marglik")
         _lam_rows(ev, la, name, config, seed, trace_row)
-
-    # --- online LAM (trains its own encoder)
     stage(STAGES[-1])
-    torch.manual_seed(1000 * seed + 2)
-    online_encoder = make_encoder(in_dim).to(device)
-    la = fit_online_lam(
-        online_encoder,
-        loader,
-        likelihood,
-        "all",
-        "diag",
-        epochs=config.epochs,
-        # fit_online_lam's defaults (prior_update="final", prior_precision=1e4), chosen on the
-        # validation split (examples/tune_online_lam.py)
-        generator=torch.Generator(device=device).manual_seed(seed),
-    )
-    _lam_rows(ev, la, "online LAM all-layer diag", config, seed)
+    _online_lam_rows(ev, config, seed, loader, likelihood)
     return result
 
 
@@ -318,171 +298,6 @@ STAGES = (
     *(name for name, *_ in POSTHOC_CONFIGS),
     "online LAM",
 )
-
-
-def format_table(results: Sequence[SeedResult]) -> str:
-    """Mean +- std over seeds of every method and metric, as a Markdown table."""
-    header = "| method | " + " | ".join(COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
-    for name in results[0].rows:
-        cells = []
-        for col in COLUMNS:
-            values = torch.tensor(
-                [r.rows[name].get(col, math.nan) for r in results], dtype=torch.float64
-            )
-            if torch.isnan(values).all():
-                cells.append("-")
-                continue
-            std = values.std().item() if len(values) > 1 else 0.0
-            digits = 4 if col in ("AUSE", "ECE") else 3
-            cells.append(f"{values.mean().item():.{digits}f} ± {std:.{digits}f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _families(curves: dict) -> dict[str, dict]:
-    """Sparsification curves grouped into panels: baselines, then one panel per LAM score."""
-    groups: dict[str, dict] = {"baselines": {}}
-    for score, suffix in SCORE_ROWS.items():
-        default = " (default)" if score == PosteriorScore.POSTERIOR_KNN else ""
-        groups[f"LAM, {suffix}{default}"] = {}
-    for name, curve in curves.items():
-        method, _, suffix = name.rpartition(", ")
-        panel = next((g for g in groups if g.startswith(f"LAM, {suffix}")), None)
-        if name.startswith(("LAM", "online LAM")) and panel is not None:
-            groups[panel][method] = curve
-        else:
-            groups["baselines"][name] = curve
-    return {g: c for g, c in groups.items() if c}
-
-
-def _data_label(config: DemoConfig, result: SeedResult) -> str:
-    ids = list(config.id_classes)
-    return f"{config.dataset}, seed {result.seed}, in-distribution classes {ids}"
-
-
-def write_plots(result: SeedResult, output_dir: Path, config: DemoConfig) -> list[Path]:
-    """The plots of one seed: uncertainty histograms, sparsification, reliability, embedding.
-
-    Every title names the method, the seed and the data; file names end in ``_seed<seed>``.
-    """
-    from laplace_metric.plots import (
-        plot_reliability_diagram,
-        plot_sparsification,
-        plot_uncertainty_histograms,
-    )
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    data = _data_label(config, result)
-    tag = f"seed{result.seed}"
-    paths = []
-    for name in (
-        "LAM all-layer diag, posterior kNN",
-        "LAM all-layer diag, trace",
-        "kNN distance (deterministic)",
-    ):
-        if name not in result.scores:
-            continue
-        path = output_dir / f"uncertainty_{_slug(name)}_{tag}.png"
-        plot_uncertainty_histograms(
-            result.scores[name],
-            path,
-            xlabel=f"{name} score",
-            title=f"{name}\n{data}",
-            log=name.endswith("trace"),
-        )
-        paths.append(path)
-    path = output_dir / f"sparsification_{tag}.png"
-    plot_sparsification(
-        _families(result.curves), path, title=f"Sparsification of the test queries ({data})"
-    )
-    paths.append(path)
-    for name, bins in result.reliability.items():
-        if "posterior kNN" in name or name.startswith("MC"):
-            method = name.rpartition(", posterior kNN")[0] or name
-            path = output_dir / f"reliability_{_slug(method)}_{tag}.png"
-            plot_reliability_diagram(bins, path, title=f"{method}\n{data}")
-            paths.append(path)
-    paths.append(_embedding_picture(output_dir / f"embedding_3d_{tag}.png", config, result.seed))
-    return paths
-
-
-def _embedding_picture(path: Path, config: DemoConfig, seed: int) -> Path:
-    """A 3-D encoder on the sphere, coloured by class, marker size = posterior kNN score."""
-    from laplace_metric.plots import plot_embedding_2d
-
-    split = open_set_split(
-        config.dataset, seed=seed, id_classes=tuple(config.id_classes), root=config.data_root
-    )
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(split.train, batch_size=config.batch_size, shuffle=True, generator=gen)
-    torch.manual_seed(seed)
-    encoder = make_encoder(split.train.tensors[0][0].numel(), hidden=64, out_dim=3)
-    likelihood = ContrastiveLikelihood(margin=config.margin)
-    train_encoder(
-        encoder,
-        loader,
-        lambda g, y: likelihood.loss(g, y, reduction="mean"),
-        epochs=config.epochs,
-        seed=seed,
-        progress_bar=False,
-    )
-    la = metric_laplace(encoder, likelihood, "last_layer", "full")
-    la.fit(loader)
-    la.optimize_prior_precision(method="marglik")
-    x = torch.cat([split.test.tensors[0], split.ood_classes.tensors[0][:200]])
-    labels = torch.cat([split.test.tensors[1], split.ood_classes.tensors[1][:200]])
-    mean, _ = la(x)
-    scorer = UncertaintyScorer(la, database=split.train.tensors[0], n_samples=config.n_samples)
-    ood = sorted(set(split.ood_classes.tensors[1].tolist()))
-    plot_embedding_2d(
-        mean,
-        labels,
-        scorer(x),
-        path,
-        ood_labels=ood,
-        title=(
-            f"3-D encoder (MLP {x.shape[1]}-64-64-3), last-layer full LAM; test images and "
-            "200 held-out (OOD) images"
-            f"\n{config.dataset}, seed {seed}, in-distribution classes "
-            f"{list(config.id_classes)}"
-        ),
-        size_label="posterior kNN score",
-    )
-    return path
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-
-
-def _footer(config: DemoConfig, results: Sequence[SeedResult], elapsed: float) -> str:
-    seeds = [r.seed for r in results]
-    partial = (
-        ""
-        if len(seeds) == len(config.seeds)
-        else f" (partial: {len(seeds)} of {len(config.seeds)} seeds)"
-    )
-    return (
-        f"\n{config.dataset}: in-distribution classes {list(config.id_classes)}, held-out "
-        f"classes and uniform noise as OOD; seeds {seeds}{partial}, {config.epochs} epochs, "
-        f"{elapsed:.0f} s. LAM scores: posterior kNN (the default of UncertaintyScorer), "
-        "sampled std (LAM's), trace (linearised). OOD = positive class; AUSE: sparsification "
-        "of the in-distribution test set by the score, error = wrong top-1 retrieval; ECE: "
-        "top-1 retrieval confidence from weight / dropout samples, 10 bins."
-    )
-
-
-def write_results(
-    config: DemoConfig, results: Sequence[SeedResult], output_dir: Path, elapsed: float
-) -> str:
-    """Write ``results.md`` and ``results.json`` for the seeds done so far; returns the table."""
-    table = format_table(results)
-    (output_dir / "results.md").write_text(table + "\n" + _footer(config, results, elapsed) + "\n")
-    (output_dir / "results.json").write_text(
-        json.dumps([{"seed": r.seed, "rows": r.rows} for r in results], indent=1, default=float)
-    )
-    return table
 
 
 def run_demo(config: DemoConfig) -> tuple[str, list[SeedResult]]:
@@ -524,7 +339,7 @@ def run_demo(config: DemoConfig) -> tuple[str, list[SeedResult]]:
     elapsed = time.perf_counter() - start
     table = write_results(config, results, output_dir, elapsed)
     print(table)
-    print(_footer(config, results, elapsed))
+    print(footer(config, results, elapsed))
     print(
         f"\nwrote {len(paths)} plots (seed {results[0].seed}) and results.md / results.json to "
         f"{output_dir.resolve()}"

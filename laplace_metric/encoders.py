@@ -105,6 +105,54 @@ def _describe(out: Any) -> str:
     return f"a {type(out).__name__}"
 
 
+def _run_recording_leaves(
+    model: nn.Module, x: torch.Tensor, record: bool
+) -> tuple[Any, list[tuple[str, nn.Module, Any]]]:
+    """``model(x)`` in eval mode (modes restored), and, if ``record``, the leaf modules run
+    (as laplace-torch counts them) with their outputs, in order."""
+    order: list[tuple[str, nn.Module, Any]] = []
+    handles = []
+    if record:
+        for name, module in model.named_modules():
+            if next(module.children(), None) is None:  # leaf modules, as laplace-torch
+                handles.append(
+                    module.register_forward_hook(
+                        lambda m, i, o, name=name: order.append((name, m, o))
+                    )
+                )
+    was_training = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in zip(model.modules(), was_training):
+            m.training = mode
+    return out, order
+
+
+def _check_last_linear(out: torch.Tensor, name: str, module: nn.Module, last_out: Any) -> None:
+    """laplace-torch's last-layer rule: the last module run is an ``nn.Linear`` giving ``out``."""
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"Last-layer Laplace needs a model whose last module is an nn.Linear producing the "
+            f"embedding, but the last module run is {type(module).__name__} ('{name}'). Fixes: "
+            "drop a final normalisation (the likelihood L2-normalises; normalize=True), move "
+            "the non-linearity before a final nn.Linear, or use subset_of_weights='all'."
+        )
+    if last_out is not out and not (
+        isinstance(last_out, torch.Tensor)
+        and last_out.shape == out.shape
+        and torch.equal(last_out, out)
+    ):
+        raise ValueError(
+            f"Last-layer Laplace would fit '{name}' (the last nn.Linear run), but its output is "
+            "not the encoder's output: something runs after it or another head is returned. "
+            "Make the embedding layer the last one run, or pass last_layer_name=... ."
+        )
+
+
 @torch.no_grad()
 def check_encoder_output(model: nn.Module, x: torch.Tensor, last_layer: bool = False) -> None:
     """Check that ``model(x)`` is one ``(batch, D)`` embedding tensor; raise a clear error if not.
@@ -128,25 +176,7 @@ def check_encoder_output(model: nn.Module, x: torch.Tensor, last_layer: bool = F
         If the output is not ``(batch, D)``, or (``last_layer``) the last module run is not an
         ``nn.Linear`` producing the embedding.
     """
-    order: list[tuple[str, nn.Module, Any]] = []
-    handles = []
-    if last_layer:
-        for name, module in model.named_modules():
-            if next(module.children(), None) is None:  # leaf modules, as laplace-torch
-                handles.append(
-                    module.register_forward_hook(
-                        lambda m, i, o, name=name: order.append((name, m, o))
-                    )
-                )
-    was_training = [m.training for m in model.modules()]
-    model.eval()
-    try:
-        out = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, mode in zip(model.modules(), was_training):
-            m.training = mode
+    out, order = _run_recording_leaves(model, x, last_layer)
     if not isinstance(out, torch.Tensor):
         raise TypeError(
             f"The encoder returned {_describe(out)}; laplace-metric needs one (batch, D) "
@@ -161,26 +191,8 @@ def check_encoder_output(model: nn.Module, x: torch.Tensor, last_layer: bool = F
             f"The encoder returned shape {tuple(out.shape)} for {x.shape[0]} inputs; embeddings must "
             "have shape (batch, D): flatten or pool them inside the encoder."
         )
-    if not last_layer or not order:
-        return
-    name, module, last_out = order[-1]
-    if not isinstance(module, nn.Linear):
-        raise ValueError(
-            f"Last-layer Laplace needs a model whose last module is an nn.Linear producing the "
-            f"embedding, but the last module run is {type(module).__name__} ('{name}'). Fixes: "
-            "drop a final normalisation (the likelihood L2-normalises; normalize=True), move "
-            "the non-linearity before a final nn.Linear, or use subset_of_weights='all'."
-        )
-    if last_out is not out and not (
-        isinstance(last_out, torch.Tensor)
-        and last_out.shape == out.shape
-        and torch.equal(last_out, out)
-    ):
-        raise ValueError(
-            f"Last-layer Laplace would fit '{name}' (the last nn.Linear run), but its output is "
-            "not the encoder's output: something runs after it or another head is returned. "
-            "Make the embedding layer the last one run, or pass last_layer_name=... ."
-        )
+    if last_layer and order:
+        _check_last_linear(out, *order[-1])
 
 
 def check_input_dtype(model: nn.Module, x: Any, name: str = "x") -> None:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_metric import baselines as B
+from laplace_metric.baselines.train import _contrastive_loss
 from laplace_metric.likelihoods import ContrastiveLikelihood
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -52,7 +53,7 @@ def test_private_contrastive_loss_matches_likelihood() -> None:
     g = torch.randn(12, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (12,), generator=gen)
     for margin in (0.5, 1.0, 2.5):
-        ours = B._contrastive_loss(g, y, margin)
+        ours = _contrastive_loss(g, y, margin)
         ref = ContrastiveLikelihood(margin=margin).loss(g, y, reduction="mean")
         assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
 
@@ -61,7 +62,7 @@ def test_contrastive_loss_hand_computed() -> None:
     # z = (1,0), (1,0), (0,1): positive pair (0,1) d2 = 0; negatives d2 = 2 < m = 3 -> 1/2 each
     g = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
     y = torch.tensor([0, 0, 1])
-    assert B._contrastive_loss(g, y, margin=3.0).item() == pytest.approx((0 + 0.5 + 0.5) / 3)
+    assert _contrastive_loss(g, y, margin=3.0).item() == pytest.approx((0 + 0.5 + 0.5) / 3)
 
 
 def test_train_encoder_reduces_loss_and_is_seeded(device: str, one_thread) -> None:
@@ -275,3 +276,19 @@ def test_pfe_fit_and_score(one_thread) -> None:
     # training lowered the loss relative to a constant unit variance
     trained = B.PFEBaseline.mls_loss(mu, log_var, y)
     assert trained < B.PFEBaseline.mls_loss(mu, torch.zeros_like(log_var), y)
+
+
+def test_registry_holds_every_baseline_and_rejects_clashes() -> None:
+    assert B.BASELINES == {
+        "knn_distance": B.KNNDistanceBaseline,
+        "mahalanobis": B.MahalanobisBaseline,
+        "mc_dropout": B.MCDropoutBaseline,
+        "deep_ensemble": B.DeepEnsembleBaseline,
+        "pfe": B.PFEBaseline,
+    }
+    with pytest.raises(ValueError, match="already registered"):
+        B.register_baseline("pfe")(B.KNNDistanceBaseline)
+    with pytest.raises(TypeError, match="OODBaseline subclass"):
+        B.register_baseline("not_a_baseline")(int)
+    with pytest.raises(NotImplementedError, match="does not embed"):
+        B.MahalanobisBaseline(lambda x: x).embed(torch.zeros(2, 3))

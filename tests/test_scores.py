@@ -104,3 +104,28 @@ def test_scorer_errors(fitted):
         UncertaintyScorer(la, x, n_samples=1)
     with pytest.raises(AttributeError, match="not fitted"):
         UncertaintyScorer(Laplace(make_mlp(), "contrastive", "all", "diag"), x)
+
+
+def test_a_registered_score_is_accepted_by_name(fitted):
+    from laplace_metric.scores import SCORES, Score, register_score
+
+    la, x, y = fitted
+
+    @register_score("max_std")
+    class MaxStd(Score):
+        needs_samples = True
+
+        def __call__(self, scorer, x, sampled):
+            return sampled.std(0).max(-1).values
+
+    try:
+        scorer = UncertaintyScorer(la, n_samples=4)
+        both = scorer.scores(x[:6], ["sampled_std", "max_std"])
+        assert both["max_std"].shape == (6,)
+        assert bool((both["max_std"] <= both["sampled_std"] + 1e-12).all())
+        with pytest.raises(ValueError, match="already registered"):
+            register_score("trace")(MaxStd)
+    finally:
+        del SCORES["max_std"]
+    with pytest.raises(ValueError, match="Unknown score 'max_std'"):
+        UncertaintyScorer(la, n_samples=4)(x, "max_std")

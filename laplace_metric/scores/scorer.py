@@ -1,55 +1,15 @@
-"""Uncertainty scores of a fitted Laplace posterior: one entry point, named scores.
-
-:class:`UncertaintyScorer` is the entry point. It draws one fixed set of weight samples from the
-posterior and scores queries by any of the :class:`PosteriorScore` options::
-
-    scorer = UncertaintyScorer(la, database=x_train)
-    s = scorer(x_test)                    # 'posterior_knn', the default
-    s = scorer(x_test, "sampled_std")     # LAM's score
-    s = scorer(x_test, "trace")           # trace of the linearised covariance
-
-The default, ``'posterior_knn'``, re-embeds both the queries *and* the database under each weight
-sample, so that what is measured is how far a query stays from its neighbours when the encoder
-varies as the posterior allows: in-distribution queries move with their neighbours,
-out-of-distribution queries do not. The database embeddings are computed once per weight sample
-and cached, so repeated queries (test set, OOD sets, batches) do not re-embed it; the cache is
-dropped when the posterior changes (a new fit or prior precision).
-
-Why not the trace? On the unit sphere the linearised covariance is
-``P J Sigma J^T P / ||g||^2`` with ``P = I - z z^T``: its trace is dominated by the
-``1 / ||g(x)||^2`` factor of the normalisation. On the digits split held-out digits have small
-``||g||`` (flagged) and uniform noise has large ``||g||`` (looks *certain*); the trace without
-that factor flags noise (AUROC 1.00) but no longer held-out digits (0.26-0.51). See
-``docs/uncertainty.rst`` for the measurements.
-"""
+"""The entry point :class:`UncertaintyScorer`: one fixed set of weight samples, any scores."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
 
-from laplace_metric.enums import parse_enum
 from laplace_metric.predictive import PosteriorEmbedder, knn_and_top1
-
-
-class PosteriorScore(str, Enum):
-    """Uncertainty scores of :class:`UncertaintyScorer` (higher = less certain)."""
-
-    POSTERIOR_KNN = "posterior_knn"
-    """Mean over weight samples of the distance to the ``k``-th nearest database embedding,
-    queries and database re-embedded under each sample (the default; needs a database)."""
-
-    SAMPLED_STD = "sampled_std"
-    """LAM's score: sum over dimensions of the standard deviation of the sampled (normalised)
-    embeddings, ``sum_d std_s[z_d(x; theta_s)]``."""
-
-    TRACE = "trace"
-    """Trace of the linearised (GLM) predictive covariance, ``tr(J Sigma J^T)``; the classic
-    Laplace score, measured to fail on uniform noise (see the module docstring)."""
+from laplace_metric.scores.base import SCORES, PosteriorScore, parse_score
 
 
 @dataclass
@@ -227,14 +187,6 @@ class UncertaintyScorer:
             top1.append(t)
         return torch.stack(knn), (torch.stack(top1) if top1[0] is not None else None)
 
-    def _knn(self, z_q: torch.Tensor, z_db: torch.Tensor) -> torch.Tensor:
-        return self._knn_top1(z_q, z_db)[0]
-
-    def _trace(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat(
-            [self.la.predictive_uncertainty(c, score="trace") for c in x.split(self.batch_size)]
-        )
-
     # ------------------------------------------------------------------ public
     def scores(
         self, x: torch.Tensor, scores: Iterable[PosteriorScore | str] = tuple(PosteriorScore)
@@ -246,6 +198,7 @@ class UncertaintyScorer:
         x : torch.Tensor
             Queries ``(n, ...)``.
         scores : iterable of PosteriorScore or str, default=all of them
+            Names of registered scores (:data:`~laplace_metric.scores.base.SCORES`);
             ``'posterior_knn'`` needs a database; see :class:`PosteriorScore`.
 
         Returns
@@ -253,25 +206,19 @@ class UncertaintyScorer:
         scores : dict of str to torch.Tensor
             Score name -> ``(n,)`` scores, higher = less certain.
         """
-        names = [parse_enum(PosteriorScore, s, "score") for s in scores]
+        chosen = {name: SCORES[name]() for name in map(parse_score, scores)}
         x = _check_tensor(x, "x", self.la)
-        if PosteriorScore.POSTERIOR_KNN in names and self.database is None:
-            raise ValueError(
-                "score='posterior_knn' needs a database: UncertaintyScorer(la, database=x_train)"
-                ", or choose score='sampled_std' or 'trace', which need none."
-            )
-        sampled = None
-        if PosteriorScore.POSTERIOR_KNN in names or PosteriorScore.SAMPLED_STD in names:
-            sampled = self._sampled(x)
-        out: dict[str, torch.Tensor] = {}
-        for name in names:
-            if name == PosteriorScore.POSTERIOR_KNN:
-                out[name.value] = self._knn(sampled, self._db_samples).mean(0)
-            elif name == PosteriorScore.SAMPLED_STD:
-                out[name.value] = sampled.std(0).sum(-1)
-            else:
-                out[name.value] = self._trace(x)
-        return out
+        if self.database is None:
+            for name, score in chosen.items():
+                if score.needs_database:
+                    others = " or ".join(repr(n) for n, c in SCORES.items() if not c.needs_database)
+                    raise ValueError(
+                        f"score={name!r} needs a database: UncertaintyScorer(la, database=x_train)"
+                        f", or choose score={others}, which need none."
+                    )
+        needs_samples = any(score.needs_samples for score in chosen.values())
+        sampled = self._sampled(x) if needs_samples else None
+        return {name: score(self, x, sampled) for name, score in chosen.items()}
 
     def __call__(
         self, x: torch.Tensor, score: PosteriorScore | str = PosteriorScore.POSTERIOR_KNN
@@ -283,14 +230,14 @@ class UncertaintyScorer:
         x : torch.Tensor
             Queries ``(n, ...)``.
         score : PosteriorScore or str, default='posterior_knn'
-            One of :class:`PosteriorScore`.
+            One of :class:`PosteriorScore`, or the name of another registered score.
 
         Returns
         -------
         scores : torch.Tensor
         """
-        name = parse_enum(PosteriorScore, score, "score")
-        return self.scores(x, [name])[name.value]
+        name = parse_score(score)
+        return self.scores(x, [name])[name]
 
     def retrieval(self, x: torch.Tensor) -> PosteriorRetrieval:
         """Posterior kNN distance, top-1 retrieval confidence and the top-1 label at the mean.
@@ -372,4 +319,4 @@ def posterior_retrieval(
     return scorer.retrieval(x)
 
 
-__all__ = ["PosteriorRetrieval", "PosteriorScore", "UncertaintyScorer", "posterior_retrieval"]
+__all__ = ["PosteriorRetrieval", "UncertaintyScorer", "posterior_retrieval"]
