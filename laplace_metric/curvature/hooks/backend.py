@@ -145,10 +145,14 @@ class HookPairGGN(PairCurvatureInterface):
         return twin
 
     def _record(
-        self, module: nn.Module, inputs: Any, batch: int | None = None
+        self,
+        module: nn.Module,
+        inputs: Any,
+        batch: int | None = None,
+        previous: list[Site] | None = None,
     ) -> tuple[nn.Module, torch.Tensor, list[Site]]:
         """One forward pass of the private copy recording the sites (inputs of the first
-        ``batch`` rows only: the rows repeat the batch)."""
+        ``batch`` rows only: the rows repeat the batch; reused from ``previous`` sites)."""
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(
                 f"HookPairGGN needs tensor inputs, got {type(inputs).__name__}; use "
@@ -160,7 +164,7 @@ class HookPairGGN(PairCurvatureInterface):
                 reason = batchnorm_reason(sub)
                 if reason is not None:
                     raise ValueError(f"HookPairGGN: '{name}': {reason}.")
-        with Recorder(twin, batch=batch) as recorder, torch.enable_grad():
+        with Recorder(twin, batch=batch, previous=previous) as recorder, torch.enable_grad():
             g = twin(inputs)
         return twin, g, recorder.sites
 
@@ -204,39 +208,45 @@ class HookPairGGN(PairCurvatureInterface):
         step = max(1, min(n_cols, self.max_elements // max(batch * per_sample, 1)))
         if all_columns:
             step = n_cols
-        others = None
+        others, first = None, None
         for start in range(0, n_cols, step):
             cols = columns[start : start + step]
-            n = cols.shape[0]
-            rows = inputs.repeat(n, *([1] * (inputs.dim() - 1))) if n > 1 else inputs
-            twin, g, sites = self._record(module, rows, batch)
+            twin, sites, entries = self._backpropagate(module, inputs, cols, first)
             if others is None:
-                others = self._others(twin, sites)
-            cols = cols.to(g.dtype).reshape(n * batch, -1)
-            outputs = [s.output for s in sites]
-            grads = torch.autograd.grad(g, outputs, cols, allow_unused=True) if outputs else []
-            del g, outputs
-            entries: dict[str, Entries] = {}
-            for site, q in zip(sites, grads):
-                shape = (n, batch, *site.output.shape[1:])
-                q = site.output.new_zeros(shape) if q is None else q.reshape(shape)
-                site.output = None  # release the graph
-                q = site.columns(q)
-                for name in (site.weight, site.bias):
-                    if name is not None:
-                        entries.setdefault(name, []).append((site, q))
-            del grads
+                others, first = self._others(twin, sites), sites
             extra = {}
             if others:
                 extra = functional_grads(
-                    twin,
-                    inputs,
-                    others,
-                    cols.reshape(n, batch, -1),
-                    per_sample * 4,
-                    self.max_elements,
+                    twin, inputs, others, cols, per_sample * 4, self.max_elements
                 )
             yield twin, sites, entries, extra
+
+    def _backpropagate(
+        self,
+        module: nn.Module,
+        inputs: torch.Tensor,
+        columns: torch.Tensor,
+        previous: list[Site] | None,
+    ) -> tuple[nn.Module, list[Site], dict[str, Entries]]:
+        """One forward pass of the batch repeated ``c`` times and one backward pass of the
+        columns ``[c, B, D]`` to every site output."""
+        n, batch = columns.shape[:2]
+        rows = inputs.repeat(n, *([1] * (inputs.dim() - 1))) if n > 1 else inputs
+        twin, g, sites = self._record(module, rows, batch, previous)
+        cols = columns.to(g.dtype).reshape(n * batch, -1)
+        outputs = [s.output for s in sites]
+        grads = torch.autograd.grad(g, outputs, cols, allow_unused=True) if outputs else []
+        del g, outputs
+        entries: dict[str, Entries] = {}
+        for site, q in zip(sites, grads):
+            shape = (n, batch, *site.output.shape[1:])
+            q = site.output.new_zeros(shape) if q is None else q.reshape(shape)
+            site.output = None  # release the graph
+            q = site.columns(q)
+            for name in (site.weight, site.bias):
+                if name is not None:
+                    entries.setdefault(name, []).append((site, q))
+        return twin, sites, entries
 
     # ------------------------------------------------------------------ per-sample factors
     def _row_slices(self, n_rows: int, per_row: int) -> list[slice]:

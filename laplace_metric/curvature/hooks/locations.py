@@ -56,7 +56,7 @@ def graph_costs(
     per_column : float
     gram : float
     gram_elements : int
-        Numbers the Gram form keeps between column chunks (``out`` times the triangles).
+        Numbers the Gram form keeps between column chunks.
     """
     batch = graph.n_samples
     per_column = n_columns * batch * n_out * n_in * (n_locations + 3 * ELEMENTWISE_COST)
@@ -66,11 +66,15 @@ def graph_costs(
         squares += index.shape[0] * n * n
         triangles += index.shape[0] * n * (n + 1) // 2
     gram = n_out * (squares * n_columns + triangles * (n_in + ELEMENTWISE_COST))
-    return float(per_column), float(gram), n_out * triangles
+    return float(per_column), float(gram), n_out * squares
 
 
 class GraphGram:
     """Accumulates ``sum_r sum_ij A_ij G_ri * G_rj`` of one shared weight over column chunks.
+
+    Each chunk adds its location Gram matrices ``Kq`` (one rank-``c`` update of
+    ``(components x out) x n x n`` numbers); the graph's blocks and the inputs enter once, in
+    :meth:`diag`.
 
     Parameters
     ----------
@@ -84,51 +88,43 @@ class GraphGram:
     def __init__(self, graph: PairGraph, n_locations: int, max_elements: int) -> None:
         self.max_elements = max_elements
         self.n_locations = n_locations
-        self.parts = []
-        for index, block in _groups(graph):
-            k = index.shape[1]
-            n = k * n_locations
-            rows, cols = torch.triu_indices(n, n, device=index.device)
-            # the block expanded over locations, on the upper triangle (off-diagonal twice)
-            weights = block[:, rows // n_locations, cols // n_locations]
-            weights = weights * torch.where(rows == cols, 1.0, 2.0).to(block.dtype)
-            self.parts.append([index, rows, cols, weights, None])
+        self.groups = _groups(graph)
+        self.totals: list[torch.Tensor | None] = [None] * len(self.groups)
 
     def add(self, q: torch.Tensor) -> None:
         """Add the output gradients ``q [c, B, T, out]`` of one chunk of columns."""
         n_cols, _, n_locations, n_out = q.shape
-        for part in self.parts:
-            index, rows, cols, weights, total = part
+        for g, (index, _) in enumerate(self.groups):
             n_comp, k = index.shape
             n = k * n_locations
             gathered = q.index_select(1, index.flatten()).view(n_cols, n_comp, n, n_out)
-            gathered = gathered.permute(1, 3, 2, 0)  # [C, out, n, c]
-            if total is None:
-                total = q.new_zeros(n_comp, n_out, len(rows))
-            step = max(1, self.max_elements // max(n_comp * n * n, 1))
-            for start in range(0, n_out, step):
-                outs = slice(start, start + step)
-                chunk = gathered[:, outs]
-                gram = (chunk @ chunk.transpose(-1, -2)).flatten(start_dim=2)
-                total[:, outs] += gram[..., rows * n + cols] * weights[:, None].to(q.dtype)
-            part[4] = total
+            gathered = gathered.permute(1, 3, 2, 0).reshape(n_comp * n_out, n, n_cols)
+            if self.totals[g] is None:
+                self.totals[g] = q.new_zeros(n_comp * n_out, n, n)
+            self.totals[g].baddbmm_(gathered, gathered.transpose(1, 2))
 
     def diag(self, x: torch.Tensor) -> torch.Tensor:
         """The folded diagonal ``(out, in)`` from the weight's inputs ``x [B, T, in]``."""
-        result = None
         n_in = x.shape[-1]
-        for index, rows, cols, _, total in self.parts:
+        result = None
+        for (index, block), total in zip(self.groups, self.totals):
             n_comp, k = index.shape
             n = k * self.n_locations
+            n_out = total.shape[0] // n_comp
+            rows, cols = torch.triu_indices(n, n, device=x.device)
+            # the block expanded over locations, on the upper triangle (off-diagonal twice)
+            weights = block.to(x.dtype)[:, rows // self.n_locations, cols // self.n_locations]
+            weights = weights * torch.where(rows == cols, 1.0, 2.0).to(x.dtype)
+            kernel = total.view(n_comp, n_out, n * n)[:, :, rows * n + cols] * weights[:, None]
             inputs = x.index_select(0, index.flatten()).reshape(n_comp, n, n_in)
             if result is None:
-                result = x.new_zeros(total.shape[1], n_in)
+                result = x.new_zeros(n_out, n_in)
             step = max(1, self.max_elements // max(n_comp * n_in, 1))
             for start in range(0, len(rows), step):
                 tri = slice(start, start + step)
                 products = inputs[:, rows[tri]] * inputs[:, cols[tri]]  # [C, e, in]
-                kernel = total[:, :, tri].permute(1, 0, 2).flatten(start_dim=1)  # [out, C e]
-                result += kernel @ products.flatten(end_dim=1)
+                part = kernel[:, :, tri].permute(1, 0, 2).reshape(n_out, -1)  # [out, C e]
+                result += part @ products.flatten(end_dim=1)
         return result
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -129,15 +129,25 @@ class Recorder:
         The (private copy of the) module whose requires-grad parameters are inferred.
     batch : int, optional
         Keep the inputs of the first ``batch`` rows only (the rows repeat one batch).
+    previous : list of Site, optional
+        The sites of an earlier pass over the same inputs: their (unfolded, normalised) inputs
+        are reused instead of being recomputed.
     record : bool, default=True
         ``False`` only swaps in the attention recomputation (plain operations, which have
         batching rules for ``torch.func``) and records nothing.
     """
 
-    def __init__(self, module: nn.Module, record: bool = True, batch: int | None = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        record: bool = True,
+        batch: int | None = None,
+        previous: list[Site] | None = None,
+    ) -> None:
         self.module = module
         self.record = record
         self.batch = batch
+        self.previous = previous
         self.sites: list[Site] = []
         self._handles: list[Any] = []
         self._patched: list[nn.Module] = []
@@ -183,6 +193,10 @@ class Recorder:
         def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             if not out.requires_grad:
                 return None
+            earlier = self._earlier(mod)
+            if earlier is not None:
+                self.sites.append(replace(earlier, output=out))
+                return out.clone()
             x = args[0].detach()[: self.batch]
             if kind == SiteKind.LINEAR:
                 x = x.reshape(x.shape[0], -1, x.shape[-1])
@@ -192,6 +206,14 @@ class Recorder:
             return out.clone()
 
         self._handles.append(sub.register_forward_hook(hook))
+
+    def _earlier(self, layer: nn.Module) -> Site | None:
+        """The earlier pass's site at this position of the call sequence, if it is ``layer``'s."""
+        position = len(self.sites)
+        if self.previous is None or position >= len(self.previous):
+            return None
+        earlier = self.previous[position]
+        return earlier if earlier.layer is layer else None
 
     def _patch_attention(self, prefix: str, mha: nn.MultiheadAttention) -> None:
         weight = self._name(prefix, "in_proj_weight")
