@@ -42,7 +42,6 @@ class Functional(nn.Module):
     [
         nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 3)),
         nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten()),
-        nn.Sequential(nn.Linear(4, 4), Residual(), nn.Linear(4, 2)),
     ],
 )
 @pytest.mark.parametrize("structure", ["diag", "kron", "full"])
@@ -50,6 +49,15 @@ def test_backpack_when_supported(model, structure):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert default_backend(model, structure) is BackPackPairGGN
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_hooks_for_a_custom_forward(structure):
+    """BackPACK supports a residual model only through its (slow) converter: hooks are used."""
+    model = nn.Sequential(nn.Linear(4, 4), Residual(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="custom forward") as record:
+        assert default_backend(model, structure) is HookPairGGN
+    assert len(record) == 1 and "HookPairGGN" in str(record[0].message)
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from enum import Enum
 from typing import Any
 
 import torch
-from laplace.utils import Kron
 from torch import nn
 
 from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
@@ -16,36 +14,21 @@ from laplace_metric.curvature.graph import PairGraph, fold_linear
 from laplace_metric.curvature.hooks.folds import (
     fold_diag,
     fold_gram,
-    fold_input_factor,
-    fold_output_factor,
 )
+from laplace_metric.curvature.hooks.kron import KFACApproximation, kron_factors
 from laplace_metric.curvature.hooks.locations import GraphGram, graph_costs
+from laplace_metric.curvature.hooks.pairs import pair_batch
 from laplace_metric.curvature.hooks.sites import (
     Recorder,
     Site,
     SiteKind,
     batchnorm_reason,
     bias_grads,
-    conv_site_reason,
     functional_grads,
     weight_grads,
 )
 from laplace_metric.enums import parse_enum
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
-
-
-class KFACApproximation(str, Enum):
-    """How Kronecker factors treat a weight shared over locations (tokens, conv positions).
-
-    Eschenhagen et al., "Kronecker-Factored Approximate Curvature for Modern Neural Network
-    Architectures", NeurIPS 2023.
-    """
-
-    #: Locations are extra samples: ``B = sum_t Q_t^T A+ Q_t``, ``A = sum_t X_t^T C X_t / T``.
-    EXPAND = "expand"
-    #: Locations are summed out first: ``Q = sum_t q_t``, ``X = mean_t x_t``.
-    REDUCE = "reduce"
-
 
 #: One recorded weight or bias: the calls (site, output gradients ``[c, B, T, out]``).
 Entries = list[tuple[Site, torch.Tensor]]
@@ -362,82 +345,13 @@ class HookPairGGN(PairCurvatureInterface):
             dim=2,
         )
 
-    def _graph_kron(self, module, inputs, g, terms):
-        graph = terms.graph
-        reduce = self.kfac_approximation == KFACApproximation.REDUCE
-        factors: dict[str, list[torch.Tensor]] = {}
-        for twin, _, entries, others in self._passes(module, inputs, terms.factor.permute(2, 0, 1)):
-            for name, param in self._named_params(twin):
-                calls = entries.get(name)
-                is_weight = (
-                    calls is not None
-                    and calls[0][0].kind != SiteKind.AFFINE
-                    and name == calls[0][0].weight
-                )
-                if is_weight:
-                    q = torch.cat([q for _, q in calls], dim=2)
-                    if reduce:
-                        q = q.sum(dim=2, keepdim=True)
-                    out = fold_output_factor(q, graph)
-                    if name not in factors:
-                        x = torch.cat([s.x for s, _ in calls], dim=1)
-                        if reduce:
-                            x = x.mean(dim=1, keepdim=True)
-                        factors[name] = [out, fold_input_factor(x, graph)]
-                    else:
-                        factors[name][0] = factors[name][0] + out
-                    continue
-                if param.ndim >= 2 and param.shape[0] != 1:
-                    raise ValueError(
-                        f"Kronecker structure does not support the {param.ndim}-D parameter "
-                        f"'{name}' (no Linear/Conv call uses it); supported: Linear/Conv "
-                        "weights, MultiheadAttention projections, 1-D parameters and "
-                        "parameters of shape (1, ...). Use 'diag' or 'full'."
-                    )
-                if calls is None and name not in others:
-                    size = param.numel()
-                    block = param.new_zeros(size, size)
-                else:
-                    grads = self._param_grads(name, param, entries, others)
-                    block = fold_gram(grads.flatten(start_dim=2), graph)
-                factors[name] = [block] if name not in factors else [factors[name][0] + block]
-        kfacs = []
-        for name, param in self._named_params(self._copy[1]):
-            parts = factors[name]
-            if param.ndim >= 2 and len(parts) == 1:  # a (1, ...) parameter: exact dense block
-                n = max(graph.n_pairs, 1)
-                parts = [parts[0].new_full((1, 1), float(n)), parts[0] / n]
-            kfacs.append([p.contiguous() for p in parts])
-        return Kron(kfacs)
-
     # ------------------------------------------------------------------ per-pair path
-    def _pair_graph_terms(self, inputs: torch.Tensor, terms: PairTerms):
-        """The pair batch ``cat([x_a, x_b])`` and a graph that reproduces the per-pair sums on it
-        (each pair a two-sample component)."""
-        first, second, signs = terms.pairs.first, terms.pairs.second, terms.signs
-        m = len(signs)
-        idx = torch.arange(m, device=signs.device)
-        if terms.one_sided:
-            matrix = torch.diag(signs)
-            graph = PairGraph(matrix, torch.diag(torch.ones_like(signs)), matrix, m)
-            return inputs[second], terms.second_factor, graph
-        a, b = idx, idx + m
-        # the GGN of V_m = u_a + u_b; the Kronecker factors of Q_m = q_a - q_b and
-        # e_m = (x_a - x_b) / 2, as in the reference's per-pair path (the second factor
-        # carries the pair's minus sign)
-        matrix = signs.new_zeros(2 * m, 2 * m)
-        outputs = signs.new_zeros(2 * m, 2 * m)
-        diff = signs.new_zeros(2 * m, 2 * m)
-        for i, j, cross in ((a, a, 1.0), (b, b, 1.0), (a, b, -1.0), (b, a, -1.0)):
-            matrix[i, j] = signs
-            outputs[i, j] = cross * signs
-            diff[i, j] = cross / 4
-        rows = torch.cat([inputs[first], inputs[second]])
-        factor = torch.cat([terms.first_factor, terms.second_factor])
-        return rows, factor, PairGraph(matrix, diff, outputs, m)
+    def _graph_kron(self, module, inputs, g, terms):
+        passes = self._passes(module, inputs, terms.factor.permute(2, 0, 1))
+        return kron_factors(self, passes, terms.graph)
 
     def _pair(self, structure: str, module, inputs, g, terms: PairTerms):
-        rows, factor, graph = self._pair_graph_terms(inputs, terms)
+        rows, factor, graph = pair_batch(inputs, terms)
         part = GraphTerms(terms.loss, factor, graph)
         return getattr(self, f"_graph_{structure}")(module, rows, None, part)
 
@@ -472,34 +386,3 @@ class HookPairGGN(PairCurvatureInterface):
         from laplace_metric.curvature.hooks.predictive import predictive_covariance
 
         return predictive_covariance(self, x, posterior)
-
-
-def hooks_support_error(model: nn.Module, structure: str = "diag") -> str | None:
-    """Why :class:`HookPairGGN` cannot handle ``model`` for ``structure`` (``None`` if it can)."""
-    params = dict(model.named_parameters())
-    site_params: set[str] = set()
-    for prefix, sub in model.named_modules():
-        dot = f"{prefix}." if prefix else ""
-        if isinstance(sub, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-            if not sub.track_running_stats:
-                return f"'{prefix}': {batchnorm_reason(sub)}"
-        if isinstance(sub, nn.MultiheadAttention):
-            site_params |= {f"{dot}in_proj_weight", f"{dot}in_proj_bias"}
-        hookable = isinstance(sub, (nn.Linear, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d))
-        if isinstance(sub, (nn.Conv1d, nn.Conv2d)) and conv_site_reason(sub) is None:
-            hookable = True
-        if hookable:
-            site_params |= {f"{dot}weight", f"{dot}bias"}
-    if structure == "kron":
-        for name, param in params.items():
-            if (
-                param.requires_grad
-                and name not in site_params
-                and param.ndim >= 2
-                and param.shape[0] != 1
-            ):
-                return (
-                    f"Kronecker structure does not support the {param.ndim}-D parameter "
-                    f"'{name}' (not a Linear/Conv weight)"
-                )
-    return None

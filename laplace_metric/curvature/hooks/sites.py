@@ -231,21 +231,8 @@ class Recorder:
             average_attn_weights: bool = True,
             is_causal: bool = False,
         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-            plain = (
-                query is key
-                and key is value
-                and query.dim() == 3
-                and mha._qkv_same_embed_dim
-                and mha.in_proj_weight is not None
-                and mha.bias_k is None
-                and mha.bias_v is None
-                and not mha.add_zero_attn
-                and key_padding_mask is None
-                and attn_mask is None
-                and not is_causal
-                and (mha.dropout == 0.0 or not mha.training)
-            )
-            if not plain:
+            masked = key_padding_mask is not None or attn_mask is not None or is_causal
+            if masked or not _plain_self_attention(mha, query, key, value):
                 return stock(
                     mha,
                     query,
@@ -278,6 +265,23 @@ class Recorder:
 
         mha.forward = forward
         self._patched.append(mha)
+
+
+def _plain_self_attention(
+    mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> bool:
+    """Whether an unmasked call is plain self-attention that the recomputation reproduces."""
+    return (
+        query is key
+        and key is value
+        and query.dim() == 3
+        and mha._qkv_same_embed_dim
+        and mha.in_proj_weight is not None
+        and mha.bias_k is None
+        and mha.bias_v is None
+        and not mha.add_zero_attn
+        and (mha.dropout == 0.0 or not mha.training)
+    )
 
 
 def normalised_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
