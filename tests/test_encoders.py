@@ -40,6 +40,7 @@ def data(n=24):
     return x, y, loader(x, y, 12)
 
 
+@pytest.mark.filterwarnings("ignore:Using HookPairGGN")
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_tuple_output_is_a_clear_error_before_any_fit(subset):
     x, y, train = data()
@@ -141,6 +142,7 @@ def test_load_into_a_fresh_encoder_is_an_error(subset):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:Using HookPairGGN")
 def test_online_lam_checks_the_encoder_output_first():
     from laplace_metric import fit_online_lam
 

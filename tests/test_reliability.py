@@ -180,6 +180,7 @@ def test_loader_with_nothing_to_fit_leaves_fit_unchanged(structure, loader_, exc
     assert_unchanged(la, before, None)
 
 
+@pytest.mark.filterwarnings("ignore:Using HookPairGGN")
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_zero_norm_embedding_in_later_batch(structure):
     la = Laplace(NoBias(), "contrastive", "all", structure)
