@@ -188,6 +188,7 @@ class _OnlineLAM:
         self.steps = 0
         self.history: list[dict[str, Any]] = []
         self.last_x: torch.Tensor | None = None
+        self.posterior_set = False  # the estimator holds a curvature to sample from
 
     def train(
         self, epochs: int, prior_update: PriorUpdate, progress_bar: bool
@@ -238,9 +239,10 @@ class _OnlineLAM:
         la, model, params = self.la, self.model, self.posterior_params
         mean = parameters_to_vector(params).detach()
         if self.average is not None:
-            if self.steps % self.update_every == 0:
+            if self.steps % self.update_every == 0 or not self.posterior_set:
                 la.mean = mean
                 la._set_signed_curvature(self._corrected(), 1)
+                self.posterior_set = True
             vector_to_parameters(la.sample(1, self.generator)[0], params)
         # gradient at the weight sample, applied to the mean
         model.train()

@@ -93,3 +93,12 @@ def test_online_lam_prior_update_enum():
     x, y = labelled_data(12, (5,))
     with pytest.raises(ValueError, match="'fixed', 'marglik', 'final'"):
         fit_online_lam(make_mlp(), loader(x, y, 6), prior_update="sometimes")
+
+
+def test_online_lam_update_every_samples_from_the_first_curvature():
+    """With ``update_every > 1`` the second step already samples from the first curvature
+    (it used to fail with 'not fitted' because the posterior was only set every k steps)."""
+    x, y = labelled_data(24, (5,))
+    la = fit_online_lam(make_mlp(), loader(x, y, 6), epochs=2, update_every=3)
+    assert len(la.training_history) == 2
+    assert torch.isfinite(la.posterior_precision).all()
