@@ -201,10 +201,16 @@ def _uses_layer_path(la: MetricLaplaceMixin, joint: bool) -> bool:
 
 def _layer_path_bytes(la: MetricLaplaceMixin) -> int:
     """Working memory per query of the layer-by-layer predictive: the largest layer's
-    per-query Jacobian block, twice, plus the ``D x D`` result."""
+    per-query Jacobian block, twice, but at most the backend's own bound on its intermediate
+    tensors (``4 max_elements``: it forms blocks of output rows or location Gram matrices),
+    plus the ``D x D`` result."""
     D = int(la.n_outputs)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in la.model.modules())
-    return (2 * D * int(largest) + 4 * D * D) * dtype_bytes(la._dtype)
+    working = 2 * D * int(largest)
+    bound = getattr(la.backend, "max_elements", None)
+    if bound is not None:
+        working = min(working, 4 * int(bound))
+    return (working + 4 * D * D) * dtype_bytes(la._dtype)
 
 
 def jacobian_glm(
