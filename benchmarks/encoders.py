@@ -2,8 +2,10 @@
 
 Models (random weights, nothing downloaded; 3x32x32 inputs, a 128-d head): torchvision
 ``resnet18``, ``resnet50``, a ViT-Tiny-sized ``torchvision.models.VisionTransformer`` (patch 4,
-12 layers, 3 heads, width 192), and the MLP 784-256-256-128 of issue #12 (on flattened 1x28x28
-inputs). Data: 512 random images of 10 classes, batches of 64; 32 queries.
+12 layers, 3 heads, width 192), and the smaller encoders of issue #12's table: a 2-layer ViT of
+width 64 (``vit_small``), a CNN with two 3x3 convolutions (``cnn``: 16 and 32 channels, 1x28x28
+inputs) and the MLP 784-256-256-128 (on flattened 1x28x28 inputs). Data: 512 random images of 10
+classes, batches of 64; 32 queries.
 
 Each cell runs in a fresh subprocess (so the peak memory is the cell's own) under an
 address-space cap (``--cap-gb`` above the interpreter's size after imports; default 6 GB), with
@@ -21,9 +23,13 @@ stage through ``/proc/self/clear_refs``):
 Methods: ``lam-<subset>-<structure>`` is laplace-metric (``likelihood='contrastive'``, default
 backend, default ``memory_budget``); ``stock-<subset>-<structure>`` is stock
 ``laplace.Laplace(model, 'regression', ...)`` with its default ``CurvlinopsGGN`` on D = 128
-regression outputs (per-sample curvature; the floor). A failing stage is recorded with its
-error message. All-layer LAM cells on the image models are off by default (``--all-layer``):
-they need the hook-based curvature backend of issue #12.
+regression outputs (per-sample curvature; the floor). Stock kron does not run on models with
+parameters outside Linear/Conv2d layers (BatchNorm and LayerNorm affines, attention projections,
+class tokens): ``floor-all-kron`` is the same stock fit with only those layers' parameters
+trainable (the others frozen), the nearest per-sample floor there is; its ``P`` is in the table.
+A failing stage is recorded with its error message. The all-layer cells of ResNet-18/50 and ViT-Tiny are off by default
+(``--all-layer``): each takes minutes on a CPU. ``lam-all-full`` cells are there to show the
+budget error that names what fits instead.
 
 Run ``nice -n 10 python benchmarks/encoders.py`` (``--models resnet18 --methods lam-ll-kron``
 to select cells; ``--json out.json`` to keep the raw results).
@@ -53,12 +59,23 @@ EMBED_DIM, N_TRAIN, N_CLASSES, BATCH, N_QUERIES, N_SCORE, N_DB, N_SAMPLES = (
     2048,
     10,
 )
-MODELS = ("resnet18", "resnet50", "vit_tiny", "mlp")
+MODELS = ("resnet18", "resnet50", "vit_tiny", "vit_small", "cnn", "mlp")
 LAST_LAYER = ("ll-diag", "ll-kron", "ll-full")
 METHODS = tuple(f"{lib}-{m}" for m in LAST_LAYER for lib in ("stock", "lam"))
-ALL_LAYER = ("lam-all-diag", "lam-all-kron", "stock-all-diag", "stock-all-kron")
-#: The MLP's all-layer cells are cheap and run by default.
-MLP_METHODS = ("stock-all-diag", "lam-all-diag", "stock-ll-kron", "lam-ll-kron")
+ALL_LAYER = (
+    "lam-all-diag",
+    "lam-all-kron",
+    "lam-all-full",
+    "stock-all-diag",
+    "stock-all-kron",
+    "floor-all-kron",
+)
+#: The small models' all-layer cells are cheap and run by default.
+SMALL_METHODS = {
+    "mlp": ("stock-all-diag", "lam-all-diag", "stock-ll-kron", "lam-ll-kron"),
+    "vit_small": ("floor-all-kron", "lam-all-diag", "lam-all-kron", "lam-all-full"),
+    "cnn": ("stock-all-kron", "lam-all-diag", "lam-all-kron", "lam-all-full"),
+}
 
 
 # ---------------------------------------------------------------------- one cell (child)
@@ -125,6 +142,32 @@ def build_model(name: str):
         )
         model.heads.head.reset_parameters()  # torchvision zero-initialises the head
         return model, (3, 32, 32)
+    if name == "vit_small":
+        from torchvision.models import VisionTransformer
+
+        model = VisionTransformer(
+            image_size=32,
+            patch_size=4,
+            num_layers=2,
+            num_heads=4,
+            hidden_dim=64,
+            mlp_dim=128,
+            num_classes=EMBED_DIM,
+        )
+        model.heads.head.reset_parameters()
+        return model, (3, 32, 32)
+    if name == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, EMBED_DIM),
+        )
+        return model, (1, 28, 28)
     if name == "mlp":
         model = nn.Sequential(
             nn.Flatten(),
@@ -136,6 +179,21 @@ def build_model(name: str):
         )
         return model, (1, 28, 28)
     raise ValueError(f"unknown model {name!r}")
+
+
+def freeze_outside_kfac_layers(model) -> None:
+    """Only the parameters of Linear and Conv2d layers (what stock KFAC supports) stay trainable.
+
+    Exact types: attention's ``out_proj`` (a Linear subclass) is applied functionally by
+    ``nn.MultiheadAttention``, so KFAC's hooks would never see it.
+    """
+    from torch import nn
+
+    kfac = {
+        id(p) for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d) for p in m.parameters()
+    }
+    for param in model.parameters():
+        param.requires_grad_(id(param) in kfac)
 
 
 def run_cell(model_name: str, method: str) -> dict:
@@ -160,6 +218,8 @@ def run_cell(model_name: str, method: str) -> dict:
         data = torch.utils.data.TensorDataset(x, y)
         results["memory_budget"] = la.memory_budget
     else:
+        if lib == "floor":
+            freeze_outside_kfac_layers(model)
         targets = torch.randn(N_TRAIN, EMBED_DIM, generator=gen)
         data = torch.utils.data.TensorDataset(x, targets)
         la = Laplace(model, "regression", subset_of_weights=subset, hessian_structure=structure)
@@ -265,6 +325,8 @@ def table(rows: list[dict]) -> str:
     errors = []
     for r in rows:
         floor = by_key.get((r["model"], r["method"].replace("lam-", "stock-")))
+        if floor is None or "error" in floor.get("fit", {"error": ""}):
+            floor = by_key.get((r["model"], r["method"].replace("lam-", "floor-")), floor)
         is_lam = r["method"].startswith("lam-")
         retrieval = r.get("retrieval")
         ret = "-"
@@ -323,8 +385,8 @@ def main() -> None:
         return
     rows = []
     for model in args.models:
-        methods = args.methods or list(MLP_METHODS if model == "mlp" else METHODS)
-        if args.all_layer and args.methods is None and model != "mlp":
+        methods = args.methods or list(SMALL_METHODS.get(model, METHODS))
+        if args.all_layer and args.methods is None and model not in SMALL_METHODS:
             methods += list(ALL_LAYER)
         for method in methods:
             result = measure(model, method, args)

@@ -5,8 +5,10 @@ Cells (random weights, eval mode, float32, CPU): torchvision ``resnet18`` and ``
 width 64, MLP 128, 128-d head); 3x32x32 inputs, ``--images`` (512) random images of 10 classes,
 batch 64, contrastive likelihood with ``hessian_method='positives'``. Each cell fits an
 all-layer ``diag`` or ``kron`` Laplace and predicts ``--queries`` (32) inputs with
-:func:`~laplace_metric.curvature.hooks.predictive_covariance` (the estimator's GLM predictive
-forms a ``B x D x P`` Jacobian: 32 x 128 x 11.7M for resnet18, which cannot fit).
+:func:`~laplace_metric.curvature.hooks.predictive_covariance`, the layer-by-layer product that
+the estimator's GLM predictive ``la(x)`` uses for these posteriors (never a ``B x D x P``
+Jacobian, 32 x 128 x 11.7M for resnet18); calling it directly lets ``--phase predict`` time the
+predictive of a unit posterior without a fit. ``benchmarks/encoders.py`` times ``la(x)`` itself.
 
 Every cell runs in a fresh subprocess under an address-space limit of ``--limit-gb`` (6 GB;
 ``RLIMIT_AS``, which also counts the ~3.8 GB of virtual memory that importing torch maps);

@@ -5,6 +5,11 @@ Mining produces structured graphs: all pairs inside a class with equal weights g
 input graph likewise). For those, ``sum_ij M_ij g_i g_j^T = a sum_i g_i g_i^T + b s s^T`` with
 ``s = sum_i g_i``: one weighted product over all samples plus one over the component sums,
 instead of a gather and two products per component. Other components use the general form.
+
+Where a component's rows sum to zero (a Laplacian: ``a = -k b``), the two terms cancel in
+float32 when the component's gradients cluster; there the fold uses the equal, centred form
+``a sum_i (g_i - mean g)^2`` (as :mod:`~laplace_metric.curvature.graph` does), so the rounding
+error is relative to the spread of the gradients, not to their size.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ class Structure:
         ``(B,)``: index of the sample's uniform component, or ``n_uniform`` (a dump slot).
     offsets : torch.Tensor
         ``(n_uniform + 1,)``: ``b`` per uniform component (0 for the dump slot).
+    inverse_sizes : torch.Tensor
+        ``(n_uniform + 1,)``: ``1 / k`` per uniform component whose rows sum to zero (folded in
+        the centred form), 0 for the others and the dump slot.
     general : list of (torch.LongTensor, torch.Tensor)
         Index and block of every other component.
     """
@@ -35,7 +43,13 @@ class Structure:
     weights: torch.Tensor
     labels: torch.Tensor
     offsets: torch.Tensor
+    inverse_sizes: torch.Tensor
     general: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def centred(self) -> bool:
+        """Whether any uniform component is folded in the centred form."""
+        return bool((self.inverse_sizes > 0).any())
 
 
 def structure(graph: PairGraph, which: str = "matrix") -> Structure:
@@ -48,7 +62,8 @@ def structure(graph: PairGraph, which: str = "matrix") -> Structure:
     batch = matrix.shape[0]
     weights = matrix.new_zeros(batch)
     weights[singletons] = matrix.diagonal()[singletons]
-    offsets, general, uniform = [], [], []
+    offsets, inverse_sizes, general, uniform = [], [], [], []
+    scale = float(matrix.abs().amax().clamp_min(torch.finfo(matrix.dtype).tiny))
     for index in components:
         block = matrix[index][:, index]
         off, diag = block[0, 1], block[0, 0]
@@ -57,14 +72,19 @@ def structure(graph: PairGraph, which: str = "matrix") -> Structure:
         if torch.equal(block, pattern):
             uniform.append(index)
             weights[index] = diag - off
-            offsets.append(float(off))
+            zero_rows = abs(float(diag) + (len(index) - 1) * float(off)) <= 1e-12 * scale
+            offsets.append(0.0 if zero_rows else float(off))
+            inverse_sizes.append(1.0 / len(index) if zero_rows else 0.0)
         else:
             general.append((index, block))
     labels = torch.full((batch,), len(offsets), dtype=torch.long, device=matrix.device)
     for label, index in enumerate(uniform):
         labels[index] = label
-    offsets_t = torch.tensor(offsets + [0.0], dtype=matrix.dtype, device=matrix.device)
-    result = Structure(weights, labels, offsets_t, general)
+
+    def as_tensor(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values + [0.0], dtype=matrix.dtype, device=matrix.device)
+
+    result = Structure(weights, labels, as_tensor(offsets), as_tensor(inverse_sizes), general)
     cache[which] = result
     return result
 
@@ -77,13 +97,19 @@ def _sums(flat: torch.Tensor, struct: Structure) -> torch.Tensor:
     return member @ flat
 
 
+def _centred(flat: torch.Tensor, sums: torch.Tensor, struct: Structure) -> torch.Tensor:
+    """``flat [R, B, P]`` minus its component mean where the component folds centred."""
+    means = sums * struct.inverse_sizes.to(flat.dtype)[None, :, None]
+    return means.index_select(1, struct.labels).neg_().add_(flat)
+
+
 def fold_diag(grads: torch.Tensor, graph: PairGraph) -> torch.Tensor:
     """``sum_r sum_ij A_ij g_ri * g_rj`` from ``[R, B, *shape]`` (see ``graph.fold_diag``)."""
     struct = structure(graph)
     flat = grads.flatten(start_dim=2)
     dtype = flat.dtype
     sums = _sums(flat, struct) if len(struct.offsets) > 1 else None
-    squares = flat.square()
+    squares = _centred(flat, sums, struct).square_() if struct.centred else flat.square()
     result = struct.weights.to(dtype) @ squares.sum(dim=0)
     del squares
     if sums is not None:
@@ -104,11 +130,11 @@ def fold_gram(grads: torch.Tensor, graph: PairGraph, which: str = "matrix") -> t
     ``graph.fold_gram``)."""
     struct = structure(graph, which)
     dtype = grads.dtype
-    flat = grads.reshape(-1, grads.shape[2])
+    sums = _sums(grads, struct) if len(struct.offsets) > 1 else None
+    flat = (_centred(grads, sums, struct) if struct.centred else grads).reshape(-1, grads.shape[2])
     weights = struct.weights.to(dtype).repeat(grads.shape[0])[:, None]
     result = (flat * weights).T @ flat
-    if len(struct.offsets) > 1:
-        sums = _sums(grads, struct)
+    if sums is not None:
         scaled = sums * struct.offsets.to(dtype)[None, :, None]
         result += scaled.reshape(-1, grads.shape[2]).T @ sums.reshape(-1, grads.shape[2])
     for index, block in struct.general:
