@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encoder_models import build_encoder  # noqa: E402
 
 N_PAIRS, DIM = 64, 32
 CASES = {
@@ -56,28 +58,7 @@ SKIP = {("cnn", "reference", "diag"), ("cnn", "reference", "kron")}
 
 def build_model(name: str, dim: int = DIM) -> tuple[nn.Module, tuple[int, ...]]:
     """The benchmark encoders: MLP 784-256-256-D (~275k parameters at D=32) and a small CNN."""
-    torch.manual_seed(0)
-    if name == "mlp":
-        model = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(784, 256),
-            nn.ReLU(),
-            nn.Linear(256, 256),
-            nn.ReLU(),
-            nn.Linear(256, dim),
-        )
-        return model, (1, 28, 28)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, DIM),
-    )
-    return model, (1, 28, 28)
+    return build_encoder(name, dim if name == "mlp" else DIM)
 
 
 def rss_bytes() -> int:

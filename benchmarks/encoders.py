@@ -48,6 +48,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from encoder_models import build_encoder  # noqa: E402
 
 EMBED_DIM, N_TRAIN, N_CLASSES, BATCH, N_QUERIES, N_SCORE, N_DB, N_SAMPLES = (
     128,
@@ -116,69 +118,8 @@ class Stage:
 
 
 def build_model(name: str):
-    import torch
-    from torch import nn
-
-    torch.manual_seed(0)
-    if name == "resnet18":
-        from torchvision.models import resnet18
-
-        return resnet18(num_classes=EMBED_DIM), (3, 32, 32)
-    if name == "resnet50":
-        from torchvision.models import resnet50
-
-        return resnet50(num_classes=EMBED_DIM), (3, 32, 32)
-    if name == "vit_tiny":
-        from torchvision.models import VisionTransformer
-
-        model = VisionTransformer(
-            image_size=32,
-            patch_size=4,
-            num_layers=12,
-            num_heads=3,
-            hidden_dim=192,
-            mlp_dim=768,
-            num_classes=EMBED_DIM,
-        )
-        model.heads.head.reset_parameters()  # torchvision zero-initialises the head
-        return model, (3, 32, 32)
-    if name == "vit_small":
-        from torchvision.models import VisionTransformer
-
-        model = VisionTransformer(
-            image_size=32,
-            patch_size=4,
-            num_layers=2,
-            num_heads=4,
-            hidden_dim=64,
-            mlp_dim=128,
-            num_classes=EMBED_DIM,
-        )
-        model.heads.head.reset_parameters()
-        return model, (3, 32, 32)
-    if name == "cnn":
-        model = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(32 * 7 * 7, EMBED_DIM),
-        )
-        return model, (1, 28, 28)
-    if name == "mlp":
-        model = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(784, 256),
-            nn.ReLU(),
-            nn.Linear(256, 256),
-            nn.ReLU(),
-            nn.Linear(256, EMBED_DIM),
-        )
-        return model, (1, 28, 28)
-    raise ValueError(f"unknown model {name!r}")
+    """One of :mod:`encoder_models` with the benchmark's embedding width."""
+    return build_encoder(name, EMBED_DIM)
 
 
 def freeze_outside_kfac_layers(model) -> None:

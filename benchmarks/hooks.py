@@ -36,33 +36,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 CELLS = ["resnet18-diag", "resnet18-kron", "vit-diag", "vit-kron", "resnet50-diag"]
 
 
 def build_model(name: str):
-    """The encoders, random weights, eval mode, 128-d output."""
-    import torch
-    import torchvision
+    """The encoders, random weights, eval mode, 128-d output (``vit``: ``vit_small``)."""
+    from encoder_models import build_encoder
 
-    torch.manual_seed(0)
-    if name == "resnet18":
-        model = torchvision.models.resnet18(num_classes=128)
-    elif name == "resnet50":
-        model = torchvision.models.resnet50(num_classes=128)
-    elif name == "vit":
-        model = torchvision.models.VisionTransformer(
-            image_size=32,
-            patch_size=4,
-            num_layers=2,
-            num_heads=4,
-            hidden_dim=64,
-            mlp_dim=128,
-            num_classes=128,
-        )
-        torch.nn.init.normal_(model.heads.head.weight, std=0.05)  # torchvision zeroes the head
-    else:
-        raise ValueError(name)
-    return model.eval()
+    return build_encoder({"vit": "vit_small"}.get(name, name))[0].eval()
 
 
 def synthetic_posterior(la, structure: str):
