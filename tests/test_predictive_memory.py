@@ -233,6 +233,28 @@ def test_full_posterior_too_large_raises_before_allocating(monkeypatch):
     Laplace(model, "contrastive", "all", "full", memory_budget=3 * n * n * 8)  # fits
 
 
+@pytest.mark.filterwarnings("ignore:Falling back to HookPairGGN")
+def test_kron_error_names_a_dominant_token_factor():
+    """A ``(1, T, C)`` position embedding's Kronecker factor is its dense ``TC x TC`` block: when
+    it is most of the size, the error names it and offers to leave it out, which then fits."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=2, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=16,
+        num_classes=4,
+    ).double().eval()  # fmt: skip
+    width = model.encoder.pos_embedding.numel()  # 65 x 16 = 1040
+    with pytest.raises(MemoryBudgetError) as info:
+        Laplace(model, "contrastive", "all", "kron", memory_budget=4 * width**2 * 8)
+    message = str(info.value)
+    assert f"dense {width:,} x {width:,} factor of 'encoder.pos_embedding'" in message
+    assert "without 'encoder.pos_embedding'" in message and "requires_grad_(False)" in message
+    model.encoder.pos_embedding.requires_grad_(False)
+    la = Laplace(model, "contrastive", "all", "kron", memory_budget=4 * width**2 * 8)
+    assert la.n_params == sum(p.numel() for p in model.parameters()) - width
+
+
 def test_last_layer_full_checked_in_fit_before_the_backend(monkeypatch):
     model = make_mlp()
     la = Laplace(model, "contrastive", "last_layer", "full", memory_budget=5000)

@@ -68,6 +68,38 @@ def _posterior_shapes(la: MetricLaplaceMixin) -> list[torch.Size] | None:
     return [p.shape for p in la.params]
 
 
+def _largest_kron_factor(la: MetricLaplaceMixin) -> tuple[str, int, int] | None:
+    """``(name, factor width, bytes of its four copies)`` of the all-layer parameter with the
+    widest Kronecker factor (a ``(1, ...)`` position embedding's dense block, typically)."""
+    if isinstance(la, (LLLaplace, SubnetLaplace)):
+        return None
+    itemsize = dtype_bytes(la._dtype)
+    widest = None
+    for name, param in la.model.named_parameters():
+        if param.requires_grad:
+            width = max(param.shape[0], int(param.shape[1:].numel())) if param.ndim > 1 else 0
+            width = width or param.numel()
+            if widest is None or width > widest[1]:
+                widest = (name, width, _kron_bytes([param.shape], itemsize))
+    return widest
+
+
+def _kron_without_widest(la: MetricLaplaceMixin, needed: int, budget: int) -> tuple[str, str]:
+    """A note on the widest factor's share of ``needed`` and, if leaving it out fits, that
+    alternative (empty strings when the widest factor is not most of the size)."""
+    widest = _largest_kron_factor(la)
+    if widest is None or widest[2] < needed / 2:
+        return "", ""
+    name, width, size = widest
+    note = f" ({format_bytes(size)} of it for the dense {width:,} x {width:,} factor of '{name}')"
+    if needed - size > budget:
+        return note, ""
+    return note, (
+        f"hessian_structure='kron' without '{name}' ({format_bytes(needed - size)}: "
+        f"freeze it with requires_grad_(False) before building the estimator)"
+    )
+
+
 def check_posterior_memory(la: MetricLaplaceMixin) -> None:
     """Raise :class:`~laplace_metric.memory.MemoryBudgetError` if the posterior's curvature
     does not fit ``la.memory_budget``, naming the structures and subsets that would.
@@ -91,6 +123,10 @@ def check_posterior_memory(la: MetricLaplaceMixin) -> None:
         else (HessianStructure.DIAG, HessianStructure.KRON, HessianStructure.FULL)
     )
     alternatives = []
+    note = ""
+    if structure == HessianStructure.KRON:
+        note, without_widest = _kron_without_widest(la, needed, budget)
+        alternatives += [without_widest] if without_widest else []
     for other in allowed:
         if other == structure:
             continue
@@ -111,7 +147,7 @@ def check_posterior_memory(la: MetricLaplaceMixin) -> None:
                         f"{format_bytes(size)})"
                     )
                     break
-    what = f"A {structure.value} posterior over {n_params:,} parameters"
+    what = f"A {structure.value} posterior over {n_params:,} parameters{note}"
     if structure == HessianStructure.FULL:
         what += (
             f" ({FULL_COPIES} dense P x P matrices in {str(la._dtype).removeprefix('torch.')}, "
