@@ -367,3 +367,30 @@ def test_float32_folds_are_accurate_for_clustered_gradients(fold, device):
     assert rel_error(ours.double(), reference) < 1e-2
     exact64 = getattr(folds, name)(grads, graph(torch.float64))
     assert_close(exact64, getattr(exact, name)(grads, graph(torch.float64)), TOL)
+
+
+def test_location_gram_accumulators_share_one_bound(device, monkeypatch):
+    """The Gram accumulators of all shared weights live across column chunks: together they
+    keep at most ``4 * max_elements`` numbers, the rest take the per-column form (exact)."""
+    model, x, y, lik = setup("rescnn", "positives", device)
+    want = ReferencePairGGN(model, lik).diag(x, y).hessian
+    plans = []
+    plan = HookPairGGN._plan_location_grams
+    monkeypatch.setattr(
+        HookPairGGN,
+        "_plan_location_grams",
+        lambda self, *a: plans.append(plan(self, *a)) or plans[-1],
+    )
+
+    def kept(grams):
+        return sum(t.numel() for gram, _ in grams.values() for t in gram.totals if t is not None)
+
+    hooks = HookPairGGN(model, lik)
+    hooks.location_gram = True
+    assert_close(hooks.diag(x, y).hessian, want, TOL)
+    everything = plans[-1]
+    assert len(everything) >= 4 and kept(everything) > 0
+    hooks.max_elements = kept(everything) // 8  # room for half of them
+    assert_close(hooks.diag(x, y).hessian, want, TOL)
+    assert 0 < len(plans[-1]) < len(everything)
+    assert kept(plans[-1]) <= 4 * hooks.max_elements

@@ -73,8 +73,11 @@ class HookPairGGN(PairCurvatureInterface):
 
     Memory: the columns back-propagated at once are chosen such that their gradients at all
     sites hold at most :attr:`max_elements` numbers; per-sample gradient blocks are formed
-    under the same bound (a block of output rows, a chunk of samples for ``torch.func``). Peak
-    memory is about the forward pass's activations plus a few times ``max_elements``.
+    under the same bound (a block of output rows, a chunk of samples for ``torch.func``); the
+    location-Gram accumulators of all shared weights, which live across column chunks, hold
+    at most ``4 * max_elements`` numbers together. Peak memory is about the forward pass's
+    activations (of the batch repeated once per column in a chunk) plus a few times
+    ``max_elements``.
 
     The folds (:mod:`laplace_metric.curvature.hooks.folds`) equal those of
     :mod:`laplace_metric.curvature.graph` and take a vectorised fast path for components
@@ -257,43 +260,57 @@ class HookPairGGN(PairCurvatureInterface):
         graph = terms.graph
         n_columns = terms.factor.shape[2]
         total: dict[str, torch.Tensor] = {}
-        grams: dict[str, tuple[GraphGram, torch.Tensor] | None] = {}
+        grams: dict[str, tuple[GraphGram, torch.Tensor]] | None = None
         for twin, _, entries, others in self._passes(module, inputs, terms.factor.permute(2, 0, 1)):
+            if grams is None:
+                grams = self._plan_location_grams(twin, entries, graph, n_columns)
             for name, param in self._named_params(twin):
-                if name not in grams:
-                    grams[name] = self._location_gram(name, entries.get(name), graph, n_columns)
-                if grams[name] is not None:
+                if name in grams:
                     grams[name][0].add(torch.cat([q for _, q in entries[name]], dim=2))
                     continue
                 part = self._diag_block(name, param, entries, others, graph)
                 total[name] = part if name not in total else total[name] + part
         params = self._named_params(self._copy[1])
         for name, param in params:
-            if grams.get(name) is not None:
+            if name in grams:
                 gram, x = grams[name]
                 total[name] = gram.diag(x).reshape(param.shape)
         return torch.cat([total[n].flatten() for n, _ in params])
 
-    def _location_gram(
-        self, name: str, calls: Entries | None, graph: PairGraph, n_columns: int
-    ) -> tuple[GraphGram, torch.Tensor] | None:
-        """A Gram accumulator and the inputs of a shared weight, if the Gram form is cheaper
-        (see :mod:`laplace_metric.curvature.hooks.locations`); ``None`` otherwise."""
-        if not calls or calls[0][0].kind == SiteKind.AFFINE or name != calls[0][0].weight:
-            return None
-        site, q = calls[0]
-        if len(calls) == 1 and site.kind == SiteKind.LINEAR and site.n_locations == 1:
-            return None  # fold_linear: cheaper still
-        n_locations = sum(s.n_locations for s, _ in calls)
-        per_column, gram, elements = graph_costs(
-            graph, n_columns, n_locations, q.shape[-1], site.x.shape[-1]
-        )
-        if self.location_gram is False or elements > 4 * self.max_elements:
-            return None
-        if self.location_gram is None and gram >= per_column:
-            return None
-        x = torch.cat([s.x for s, _ in calls], dim=1)
-        return GraphGram(graph, n_locations, self.max_elements), x
+    def _plan_location_grams(
+        self, twin: nn.Module, entries: dict[str, Entries], graph: PairGraph, n_columns: int
+    ) -> dict[str, tuple[GraphGram, torch.Tensor]]:
+        """Gram accumulators (and inputs) of the shared weights folded in the Gram form.
+
+        A weight qualifies where the Gram form is cheaper (see
+        :mod:`laplace_metric.curvature.hooks.locations`; ``location_gram=True``: always).
+        Accumulators live across all column chunks, so together they hold at most
+        ``4 * max_elements`` numbers: the weights that save the most work per number kept are
+        chosen first, the others take the per-column form.
+        """
+        candidates = []
+        for name, _ in self._named_params(twin):
+            calls = entries.get(name)
+            if not calls or calls[0][0].kind == SiteKind.AFFINE or name != calls[0][0].weight:
+                continue
+            site, q = calls[0]
+            if len(calls) == 1 and site.kind == SiteKind.LINEAR and site.n_locations == 1:
+                continue  # fold_linear: cheaper still
+            n_locations = sum(s.n_locations for s, _ in calls)
+            per_column, gram, elements = graph_costs(
+                graph, n_columns, n_locations, q.shape[-1], site.x.shape[-1]
+            )
+            if self.location_gram is False or (self.location_gram is None and gram >= per_column):
+                continue
+            candidates.append(((per_column - gram) / max(elements, 1), elements, name, calls))
+        room, plan = 4 * self.max_elements, {}
+        for _, elements, name, calls in sorted(candidates, key=lambda c: -c[0]):
+            if elements <= room:
+                room -= elements
+                n_locations = sum(s.n_locations for s, _ in calls)
+                x = torch.cat([s.x for s, _ in calls], dim=1)
+                plan[name] = (GraphGram(graph, n_locations, self.max_elements), x)
+        return plan
 
     def _diag_block(
         self, name: str, param: torch.Tensor, entries: dict, others: dict, graph: PairGraph
