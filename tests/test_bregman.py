@@ -412,7 +412,8 @@ def test_config_and_state_round_trip(tmp_path):
     assert saved["config"]["name"] == "bregman" and saved["config"]["margin"] == 0.7
     maha = BregmanDivergence(MahalanobisPotential(spd(4), learnable=True))
     rebuilt = divergence_from_config(maha.config(), maha.potential.state_dict())
-    torch.testing.assert_close(rebuilt(x, y), maha(x, y))
+    # float32 parameters: the rebuilt factor may round differently (1.3e-7 seen on one CPU)
+    torch.testing.assert_close(rebuilt(x, y), maha(x, y), rtol=1e-6, atol=1e-6)
 
 
 def test_clear_errors():

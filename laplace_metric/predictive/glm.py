@@ -14,8 +14,10 @@ then bias), so
   never forming ``J``.
 
 The normalisation Jacobian ``(I - z z^T) / ||g||`` is applied to the ``D x D`` result.
-All-layer diag and kron posteriors on a backend with ``predictive_covariance`` go layer by
-layer; every other posterior uses the backend's ``(B, D, P)`` Jacobians.
+All-layer diag and kron posteriors go layer by layer (:func:`layer_predictor`: the backend's
+own ``predictive_covariance``, or a :class:`~laplace_metric.curvature.HookPairGGN` over the
+same model when the fit used BackPACK, ASDL or the reference); every other posterior, and
+models the hook backend does not support, use the backend's ``(B, D, P)`` Jacobians.
 """
 
 from __future__ import annotations
@@ -187,15 +189,35 @@ def _uses_structured_path(la: MetricLaplaceMixin, x: torch.Tensor) -> bool:
     return linear_head(la) is not None and isinstance(x, torch.Tensor)
 
 
-def _uses_layer_path(la: MetricLaplaceMixin, joint: bool) -> bool:
-    """All-layer diag/kron posteriors whose backend computes ``J Sigma J^T`` layer by layer
-    (:class:`~laplace_metric.curvature.HookPairGGN`), never forming ``D x P`` Jacobians."""
+def layer_predictor(la: MetricLaplaceMixin) -> object | None:
+    """What computes ``J Sigma J^T`` layer by layer for ``la``, or ``None``.
+
+    The estimator's backend if it has ``predictive_covariance``
+    (:class:`~laplace_metric.curvature.HookPairGGN`); otherwise a ``HookPairGGN`` over the
+    same model and likelihood, made once and kept on the estimator, if it supports the model
+    (the posterior's parameter order is the model's either way).
+    """
+    if hasattr(la.backend, "predictive_covariance"):
+        return la.backend
+    if "_layer_predictor" not in la.__dict__:
+        from laplace_metric.curvature import HookPairGGN
+        from laplace_metric.curvature.hooks.support import hooks_support_error
+
+        supported = hooks_support_error(la.model, la._structure.value) is None
+        la._layer_predictor = HookPairGGN(la.model, la.backend.likelihood) if supported else None
+    return la._layer_predictor
+
+
+def _uses_layer_path(la: MetricLaplaceMixin, joint: bool, x: object = None) -> bool:
+    """All-layer diag/kron posteriors over tensor inputs: ``J Sigma J^T`` layer by layer
+    (:func:`layer_predictor`), never forming ``D x P`` Jacobians."""
     return (
         not joint
         and la._subset == SubsetOfWeights.ALL
         and la._structure in (HessianStructure.DIAG, HessianStructure.KRON)
-        and hasattr(la.backend, "predictive_covariance")
         and la.backend.subnetwork_indices is None
+        and (x is None or isinstance(x, torch.Tensor))
+        and layer_predictor(la) is not None
     )
 
 
@@ -207,7 +229,7 @@ def _layer_path_bytes(la: MetricLaplaceMixin) -> int:
     D = int(la.n_outputs)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in la.model.modules())
     working = 2 * D * int(largest)
-    bound = getattr(la.backend, "max_elements", None)
+    bound = getattr(layer_predictor(la), "max_elements", None)
     if bound is not None:
         working = min(working, 4 * int(bound))
     return (working + 4 * D * D) * dtype_bytes(la._dtype)
@@ -256,10 +278,10 @@ def _glm_one(
     if _uses_structured_path(la, x):
         with torch.set_grad_enabled(la.enable_backprop):
             mean, cov = structured_glm(la, x, joint)
-    elif _uses_layer_path(la, joint):
+    elif _uses_layer_path(la, joint, x):
         diag = la._structure == HessianStructure.DIAG
         posterior = la.posterior_variance if diag else la.posterior_precision
-        mean, cov = la.backend.predictive_covariance(x, posterior)
+        mean, cov = layer_predictor(la).predictive_covariance(x, posterior)
     else:
         with torch.enable_grad():
             if diagonal_output and not joint:
@@ -288,7 +310,7 @@ def glm_chunks(
     """
     structured = _uses_structured_path(la, x)
     per_query = glm_bytes_per_query(la, structured)
-    if not structured and _uses_layer_path(la, joint=False):
+    if not structured and _uses_layer_path(la, joint=False, x=x):
         per_query, structured = _layer_path_bytes(la), True
     budget = la.memory_budget
     if batch_size is None:
@@ -333,6 +355,7 @@ __all__ = [
     "glm_bytes_per_query",
     "glm_chunks",
     "glm_joint",
+    "layer_predictor",
     "jacobian_glm",
     "jacobian_glm_diagonal",
     "linear_head",
