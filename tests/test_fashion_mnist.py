@@ -6,7 +6,6 @@ import gzip
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -168,11 +167,9 @@ def test_quick_mode_on_synthetic_idx_files(tmp_path):
     data_root, output = tmp_path / "data", tmp_path / "out"
     _write_dataset(data_root / "FashionMNIST" / "raw", 450, 250, seed=0, shift=0)
     _write_dataset(data_root / "MNIST" / "raw", 50, 250, seed=1, shift=13)
-    start = time.perf_counter()
     report = bench.main(
         ["--quick", "--data-root", str(data_root), "--output", str(output), "--no-progress"]
     )
-    assert time.perf_counter() - start < 120
     assert str(data_root / "FashionMNIST" / "raw") in report["data_source"]
     saved = json.loads((output / "results.json").read_text())
     table = saved["dims"]["3"]["table"]
