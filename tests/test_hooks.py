@@ -394,3 +394,25 @@ def test_location_gram_accumulators_share_one_bound(device, monkeypatch):
     assert_close(hooks.diag(x, y).hessian, want, TOL)
     assert 0 < len(plans[-1]) < len(everything)
     assert kept(plans[-1]) <= 4 * hooks.max_elements
+
+
+def test_memory_budget_bounds_the_passes():
+    """The estimator's ``memory_budget`` lowers ``max_elements`` (never raises it); the fit is
+    the same, split into more passes."""
+    import laplace
+
+    model, x, y, _ = setup("rescnn", "positives", torch.device("cpu"))
+    fits = {}
+    for budget in ("100GB", 2**16 * 8 * HookPairGGN.MEMORY_PER_ELEMENT_BOUND):
+        la = laplace.Laplace(
+            model, "contrastive", "all", "diag", backend=HookPairGGN, memory_budget=budget
+        )
+        la.fit([(x, y)])
+        fits[budget] = (la.H.clone(), la.backend.max_elements)
+    (big, big_bound), (small, small_bound) = fits.values()
+    assert big_bound == HookPairGGN.DEFAULT_MAX_ELEMENTS and small_bound == 2**16
+    assert_close(small, big, TOL)
+    backend = HookPairGGN(model, ContrastiveLikelihood())
+    backend.max_elements = 100
+    backend.memory_budget = 10**12
+    assert backend.max_elements == 100  # a budget never raises the bound that was set

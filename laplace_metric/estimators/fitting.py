@@ -75,6 +75,8 @@ class FitMixin:
     :class:`~laplace_metric.estimators.MetricLaplaceMixin`)."""
 
     def _batch_curvature(self, x: torch.Tensor, y: torch.Tensor) -> BatchCurvature:
+        if hasattr(type(self.backend), "memory_budget"):  # backends that plan by the budget
+            self.backend.memory_budget = self.memory_budget
         return getattr(self.backend, self._structure.value)(x, y)
 
     @keeps_module_modes

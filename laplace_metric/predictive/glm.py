@@ -198,14 +198,19 @@ def layer_predictor(la: MetricLaplaceMixin) -> object | None:
     (the posterior's parameter order is the model's either way).
     """
     if hasattr(la.backend, "predictive_covariance"):
-        return la.backend
-    if "_layer_predictor" not in la.__dict__:
-        from laplace_metric.curvature import HookPairGGN
-        from laplace_metric.curvature.hooks.support import hooks_support_error
+        predictor = la.backend
+    else:
+        if "_layer_predictor" not in la.__dict__:
+            from laplace_metric.curvature import HookPairGGN
+            from laplace_metric.curvature.hooks.support import hooks_support_error
 
-        supported = hooks_support_error(la.model, la._structure.value) is None
-        la._layer_predictor = HookPairGGN(la.model, la.backend.likelihood) if supported else None
-    return la._layer_predictor
+            supported = hooks_support_error(la.model, la._structure.value) is None
+            helper = HookPairGGN(la.model, la.backend.likelihood) if supported else None
+            la._layer_predictor = helper
+        predictor = la._layer_predictor
+    if predictor is not None and hasattr(type(predictor), "memory_budget"):
+        predictor.memory_budget = la.memory_budget
+    return predictor
 
 
 def _uses_layer_path(la: MetricLaplaceMixin, joint: bool, x: object = None) -> bool:

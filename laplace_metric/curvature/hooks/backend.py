@@ -97,9 +97,15 @@ class HookPairGGN(PairCurvatureInterface):
         Kronecker factors of shared weights.
     """
 
-    #: Bound on the elements of one intermediate tensor (back-propagated columns at all
-    #: sites, a block of per-sample gradients); 2**25 float32 numbers are 128 MiB.
-    max_elements: int = 2**25
+    #: Default bound on the elements of one intermediate tensor (see :attr:`max_elements`).
+    DEFAULT_MAX_ELEMENTS: int = 2**25
+    #: Peak working memory of a fit in units of ``max_elements`` numbers (measured on an
+    #: all-layer ResNet-18 diag, one batch of 64, float32: 1.79 GB above the start at
+    #: ``2**25``, 1.11 GB at ``15.6M``, so 16 was too few for small bounds).
+    MEMORY_PER_ELEMENT_BOUND: int = 20
+    #: The estimator's ``memory_budget`` in bytes, set before each fit and prediction
+    #: (``None``: not bounded by a budget).
+    memory_budget: int | None = None
     #: Shared weights (conv positions, tokens) through location Gram matrices: ``None`` picks
     #: the cheaper of that and per-column gradients per weight (see
     #: :mod:`laplace_metric.curvature.hooks.locations`); ``True``/``False`` force one form.
@@ -116,6 +122,24 @@ class HookPairGGN(PairCurvatureInterface):
             KFACApproximation, kfac_approximation, "kfac_approximation"
         )
         self._copy: tuple[nn.Module, nn.Module] | None = None
+        self._max_elements = self.DEFAULT_MAX_ELEMENTS
+
+    @property
+    def max_elements(self) -> int:
+        """Bound on the elements of one intermediate tensor (back-propagated columns at all
+        sites, a block of per-sample gradients): the value set (default ``2**25``, 128 MiB of
+        float32), lowered so that :attr:`MEMORY_PER_ELEMENT_BOUND` times it fits
+        :attr:`memory_budget` (at least ``2**16``)."""
+        bound = self._max_elements
+        if self.memory_budget is not None:
+            itemsize = next(self.model.parameters()).element_size()
+            per_element = itemsize * self.MEMORY_PER_ELEMENT_BOUND
+            bound = min(bound, max(2**16, int(self.memory_budget) // per_element))
+        return bound
+
+    @max_elements.setter
+    def max_elements(self, value: int) -> None:
+        self._max_elements = int(value)
 
     # ------------------------------------------------------------------ the hooked pass
     def _private(self, module: nn.Module) -> nn.Module:
