@@ -21,20 +21,21 @@ def cnn() -> nn.Module:
     ).double()
 
 
-@pytest.mark.parametrize("structure", ["diag", "kron"])
-def test_layer_path_equals_jacobian_path(structure, device):
-    model = cnn().to(device)
+def fitted(structure: str, backend: type, device: torch.device):
+    """An all-layer posterior of the small CNN on 12 inputs, and the inputs."""
     x = torch.randn(12, 1, 4, 4, dtype=torch.float64, device=device)
     y = (torch.arange(12) % 3).to(device)
     la = laplace.Laplace(
-        model,
-        "contrastive",
-        subset_of_weights="all",
-        hessian_structure=structure,
-        backend=HookPairGGN,
-    )
+        cnn().to(device), "contrastive", "all", structure, backend=backend
+    )  # fmt: skip
     la.fit([(x, y)])
     la.prior_precision = 0.5
+    return la, x
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_layer_path_equals_jacobian_path(structure, device):
+    la, x = fitted(structure, HookPairGGN, device)
     assert _uses_layer_path(la, joint=False)
     mean, cov = la(x[:5])
     ref_mean, ref_cov = jacobian_glm(la, x[:5])
@@ -51,18 +52,7 @@ def test_other_backends_predict_layer_by_layer(backend, structure, device):
     over the same model (made once): equal to the Jacobian path, no Jacobian formed."""
     import laplace_metric.curvature as curvature
 
-    model = cnn().to(device)
-    x = torch.randn(12, 1, 4, 4, dtype=torch.float64, device=device)
-    y = (torch.arange(12) % 3).to(device)
-    la = laplace.Laplace(
-        model,
-        "contrastive",
-        subset_of_weights="all",
-        hessian_structure=structure,
-        backend=getattr(curvature, backend),
-    )
-    la.fit([(x, y)])
-    la.prior_precision = 0.5
+    la, x = fitted(structure, getattr(curvature, backend), device)
     ref_mean, ref_cov = jacobian_glm(la, x[:5])
     calls = []
     jacobians = type(la.backend).jacobians
