@@ -69,19 +69,21 @@ def _posterior_shapes(la: MetricLaplaceMixin) -> list[torch.Size] | None:
 
 
 def _largest_kron_factor(la: MetricLaplaceMixin) -> tuple[str, int, int] | None:
-    """``(name, factor width, bytes of its four copies)`` of the all-layer parameter with the
-    widest Kronecker factor (a ``(1, ...)`` position embedding's dense block, typically)."""
+    """``(name, factor width, bytes of its four copies)`` of the all-layer parameter whose
+    Kronecker factors are largest (a ``(1, ...)`` position embedding's dense block, typically)."""
     if isinstance(la, (LLLaplace, SubnetLaplace)):
         return None
     itemsize = dtype_bytes(la._dtype)
-    widest = None
-    for name, param in la.model.named_parameters():
-        if param.requires_grad:
-            width = max(param.shape[0], int(param.shape[1:].numel())) if param.ndim > 1 else 0
-            width = width or param.numel()
-            if widest is None or width > widest[1]:
-                widest = (name, width, _kron_bytes([param.shape], itemsize))
-    return widest
+    sizes = [
+        (_kron_bytes([p.shape], itemsize), name, p.shape)
+        for name, p in la.model.named_parameters()
+        if p.requires_grad
+    ]
+    if not sizes:
+        return None
+    size, name, shape = max(sizes)
+    width = max(shape[0], int(shape[1:].numel())) if len(shape) > 1 else shape[0]
+    return name, width, size
 
 
 def _kron_without_widest(la: MetricLaplaceMixin, needed: int, budget: int) -> tuple[str, str]:

@@ -326,12 +326,12 @@ class HookPairGGN(PairCurvatureInterface):
             )
             if self.location_gram is False or (self.location_gram is None and gram >= per_column):
                 continue
-            candidates.append(((per_column - gram) / max(elements, 1), elements, name, calls))
+            saving = (per_column - gram) / max(elements, 1)
+            candidates.append((saving, elements, name, calls, n_locations))
         room, plan = 4 * self.max_elements, {}
-        for _, elements, name, calls in sorted(candidates, key=lambda c: -c[0]):
+        for _, elements, name, calls, n_locations in sorted(candidates, key=lambda c: -c[0]):
             if elements <= room:
                 room -= elements
-                n_locations = sum(s.n_locations for s, _ in calls)
                 x = torch.cat([s.x for s, _ in calls], dim=1)
                 plan[name] = (GraphGram(graph, n_locations, self.max_elements), x)
         return plan

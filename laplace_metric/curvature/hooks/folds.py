@@ -38,6 +38,8 @@ class Structure:
         the centred form), 0 for the others and the dump slot.
     general : list of (torch.LongTensor, torch.Tensor)
         Index and block of every other component.
+    centred : bool
+        Whether any uniform component is folded in the centred form.
     """
 
     weights: torch.Tensor
@@ -45,11 +47,7 @@ class Structure:
     offsets: torch.Tensor
     inverse_sizes: torch.Tensor
     general: list[tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def centred(self) -> bool:
-        """Whether any uniform component is folded in the centred form."""
-        return bool((self.inverse_sizes > 0).any())
+    centred: bool
 
 
 def structure(graph: PairGraph, which: str = "matrix") -> Structure:
@@ -84,7 +82,14 @@ def structure(graph: PairGraph, which: str = "matrix") -> Structure:
     def as_tensor(values: list[float]) -> torch.Tensor:
         return torch.tensor(values + [0.0], dtype=matrix.dtype, device=matrix.device)
 
-    result = Structure(weights, labels, as_tensor(offsets), as_tensor(inverse_sizes), general)
+    result = Structure(
+        weights,
+        labels,
+        as_tensor(offsets),
+        as_tensor(inverse_sizes),
+        general,
+        centred=any(v > 0 for v in inverse_sizes),
+    )
     cache[which] = result
     return result
 
