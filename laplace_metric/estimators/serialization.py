@@ -28,6 +28,9 @@ class SerializationMixin:
         signed = self.H_signed
         state["H_signed"] = signed.kfacs if self._structure == HessianStructure.KRON else signed
         state["n_pairs"] = int(self.n_pairs)
+        state["n_candidate_pairs"] = int(self.n_candidate_pairs)
+        scale = self.likelihood_scale
+        state["likelihood_scale"] = scale.value if hasattr(scale, "value") else float(scale)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any], check_weights: bool = True) -> None:
@@ -59,6 +62,15 @@ class SerializationMixin:
             diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current)}
             diff = {k: v for k, v in diff.items() if v[0] != v[1]}
             raise ValueError(f"Likelihood configuration differs from the saved one: {diff}.")
+        saved_scale = state_dict.get("likelihood_scale", "batch")
+        scale = self.likelihood_scale
+        scale = scale.value if hasattr(scale, "value") else float(scale)
+        if saved_scale != scale:
+            raise ValueError(
+                f"This state_dict was saved with likelihood_scale={saved_scale!r}, but the "
+                f"estimator has likelihood_scale={scale!r}; build it with "
+                f"likelihood_scale={saved_scale!r}."
+            )
         previous = dict(self.__dict__)
         super().load_state_dict(state_dict)
         if check_weights:
@@ -89,6 +101,7 @@ class SerializationMixin:
             signed = Kron(signed)
         self.H_signed = signed
         self.n_pairs = int(state_dict["n_pairs"])
+        self.n_candidate_pairs = int(state_dict.get("n_candidate_pairs", 0))
         self._set_posterior_curvature()
 
 

@@ -24,13 +24,17 @@ def build_likelihood(
     divergence : BregmanDivergence or nn.Module, optional
         Required for ``'bregman'``, rejected otherwise.
     **options
-        ``margin``, ``normalize``, ``hessian_method``, ``miner``.
+        ``margin``, ``normalize``, ``hessian_method``, ``miner``; options that are ``None``
+        take the likelihood's default. With a ``PairLikelihood`` instance, an option that
+        differs from the instance's own value raises a ``ValueError`` (it would be ignored).
 
     Returns
     -------
     likelihood : PairLikelihood
     """
+    options = {k: v for k, v in options.items() if v is not None}
     if isinstance(likelihood, PairLikelihood):
+        _check_instance_options(likelihood, options)
         return likelihood
     name = parse_enum(MetricLikelihood, likelihood, "likelihood")
     if name == MetricLikelihood.CONTRASTIVE:
@@ -44,6 +48,24 @@ def build_likelihood(
             "likelihood='bregman' needs divergence=<a BregmanDivergence or potential>."
         )
     return BregmanLikelihood(divergence, **options)
+
+
+def _check_instance_options(likelihood: PairLikelihood, options: dict[str, Any]) -> None:
+    """Raise if an option given beside a likelihood instance differs from the instance's."""
+    config = likelihood.config()
+    ignored = []
+    for key, value in options.items():
+        current = getattr(likelihood, key, config.get(key))
+        given = getattr(value, "value", value)
+        if getattr(current, "value", current) != given:
+            ignored.append(f"{key}={given!r} (the instance has {getattr(current, 'value', current)!r})")
+    if ignored:
+        raise ValueError(
+            f"likelihood is a {type(likelihood).__name__} instance, so its own options apply and "
+            f"{', '.join(ignored)} would be ignored: set them on the instance, e.g. "
+            f"{type(likelihood).__name__}(margin=..., hessian_method=...), or pass "
+            "likelihood='contrastive' with the options."
+        )
 
 
 __all__ = ["GraphTerms", "PairLikelihood", "PairTerms", "ContrastiveLikelihood", "build_likelihood"]

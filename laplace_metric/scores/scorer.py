@@ -128,17 +128,17 @@ class UncertaintyScorer:
 
     def _key(self) -> tuple:
         la = self.la
-        return (la.mean, la.H, la.prior_precision.detach().clone(), la.temperature)
+        return (la.mean, la.H, la.prior_precision.detach().clone(), float(la._H_factor))
 
     def _key_is_current(self) -> bool:
         if self._cache_key is None:
             return False
-        mean, H, prior, temperature = self._cache_key
+        mean, H, prior, factor = self._cache_key
         la = self.la
         return (
             mean is la.mean
             and H is la.H
-            and temperature == la.temperature
+            and factor == float(la._H_factor)
             and torch.equal(prior, la.prior_precision.detach())
         )
 
