@@ -120,3 +120,27 @@ def test_options_beside_a_likelihood_instance_are_checked():
         metric_laplace(make_mlp(), lik, "last_layer", "diag", hessian_method="fixed")
     with pytest.raises(ValueError, match="margin=1.0"):
         metric_laplace(make_mlp(), lik, "last_layer", "diag", margin=1.0)
+
+
+def test_isotropic_noise_baseline_picks_sigma_on_validation_and_restores_modes():
+    from laplace_metric.baselines import IsotropicNoiseBaseline
+
+    x, _ = labelled_data(40, (5,), n_classes=4)
+    encoder = torch.nn.Sequential(make_mlp(), torch.nn.Dropout(0.5)).train()
+    noise = 6 * torch.randn(20, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    base = IsotropicNoiseBaseline(encoder, sigmas=[0.01, 0.3], n_samples=4)
+    base.fit(x[:30], x_val=x[30:], x_val_ood=noise)
+    assert base.sigma in (0.01, 0.3) and set(base.validation) == {0.01, 0.3}
+    assert encoder.training and encoder[1].training  # modes restored
+    score = base.score(x[30:35])
+    assert score.shape == (5,) and bool((score > 0).all())
+    torch.testing.assert_close(base.score(x[30:35]), score)  # same draws every call
+    # sigma -> 0 is the deterministic kNN distance
+    tiny = IsotropicNoiseBaseline(encoder, sigmas=1e-12, n_samples=2).fit(x[:30])
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(encoder.eval()(x), dim=-1)
+    torch.testing.assert_close(tiny.score(x[30:]), torch.cdist(z[30:], z[:30]).min(1).values)
+    with pytest.raises(ValueError, match="validation data"):
+        IsotropicNoiseBaseline(encoder, sigmas=[0.1, 0.2]).fit(x)
+    with pytest.raises(ValueError, match="positive"):
+        IsotropicNoiseBaseline(encoder, sigmas=[0.0])
