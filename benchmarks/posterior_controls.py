@@ -1,0 +1,201 @@
+"""Where the uncertainty comes from: fitted posteriors against their controls (digits split).
+
+Run: ``python benchmarks/posterior_controls.py [--seeds 0 1 2]`` (about 2 minutes per seed on 2
+CPU cores). For each seed it trains the demo encoder on digits 0-5 and reports, for the OOD
+score of each method, AUROC against the held-out digits 6-9 and against uniform noise, AUSE of
+the score as an error predictor, the retrieval ECE where the method has a top-1 confidence,
+and the validation AUROC (in-distribution validation vs validation noise), as mean +- std
+over seeds. Rows:
+
+- every LAM configuration (posterior x likelihood scale x prior precision), its default score
+  (posterior kNN) with the curvature fitted and with the curvature off
+  (:func:`laplace_metric.controls.curvature_off`: same prior precision, same weight samples);
+- isotropic weight noise with its scale tuned on validation data (no curvature, no marglik);
+- the deterministic kNN distance on the embedding and on the penultimate features, and
+  Mahalanobis on the penultimate features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+#: LAM configurations: row name -> (subset, structure, likelihood_scale, prior precision).
+CONFIGS = {
+    "LAM all-layer diag, dataset scale, prior 1 (default)": ("all", "diag", "dataset", 1.0),
+    "LAM all-layer diag, dataset scale, marglik": ("all", "diag", "dataset", "marglik"),
+    "LAM all-layer diag, batch scale, marglik": ("all", "diag", "batch", "marglik"),
+    "LAM last-layer kron, dataset scale, prior 1": ("last_layer", "kron", "dataset", 1.0),
+    "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
+    "LAM last-layer kron, batch scale, marglik": ("last_layer", "kron", "batch", "marglik"),
+}
+COLUMNS = ("AUROC held-out", "AUROC noise", "AUSE", "ECE", "val AUROC noise")
+
+
+def _metrics(score, data, confidence=None) -> dict[str, float]:
+    from laplace_metric.metrics import ood_auroc, retrieval_ece, sparsification_curve
+
+    s = {k: score(x).detach().cpu() for k, x in data["inputs"].items()}
+    row = {
+        "AUROC held-out": ood_auroc(s["test"], s["held"]),
+        "AUROC noise": ood_auroc(s["test"], s["noise"]),
+        "val AUROC noise": ood_auroc(s["val"], s["noise_val"]),
+        "AUSE": sparsification_curve(s["test"], data["wrong"], n_steps=50).error_area,
+    }
+    if confidence is not None:
+        conf, correct = confidence
+        row["ECE"] = retrieval_ece(conf.cpu(), correct.cpu())
+    return row
+
+
+def _lam_rows(rows, name, config, det, loader, data, seed, n_samples) -> None:
+    from laplace_metric.controls import curvature_off
+    from laplace_metric.registry import metric_laplace
+    from laplace_metric.scores import UncertaintyScorer
+
+    subset, structure, scale, prior = config
+    la = metric_laplace(det, "contrastive", subset, structure, likelihood_scale=scale)
+    la.fit(loader)
+    if prior == "marglik":
+        la.optimize_prior_precision(method="marglik")
+    else:
+        la.prior_precision = prior
+    x_tr, y_tr = data["train"]
+    gen = torch.Generator().manual_seed(seed)
+    scorer = UncertaintyScorer(la, x_tr, y_tr, n_samples=n_samples, generator=gen)
+    for suffix, off in (("fitted", False), ("curvature off", True)):
+        with curvature_off(la) if off else _nothing():
+            test = scorer.retrieval(data["inputs"]["test"])
+            confidence = (test.confidence, test.predicted == data["y_test"])
+            rows[f"{name}: {suffix}"] = _metrics(scorer, data, confidence)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _baseline_rows(rows, det, data, seed, n_samples) -> None:
+    from laplace_metric.baselines import (
+        IsotropicNoiseBaseline,
+        KNNDistanceBaseline,
+        MahalanobisBaseline,
+        penultimate,
+    )
+
+    x_tr, y_tr = data["train"]
+    inputs = data["inputs"]
+    for params in ("all", "last_layer"):
+        iso = IsotropicNoiseBaseline(det, parameters=params, n_samples=n_samples, seed=seed)
+        iso.fit(x_tr, x_val=inputs["val"], x_val_ood=inputs["noise_val"])
+        rows[f"isotropic noise ({params.replace('_', '-')}), tuned on validation"] = _metrics(
+            iso.score, data
+        )
+    rows["kNN distance (deterministic)"] = _metrics(KNNDistanceBaseline(det).fit(x_tr).score, data)
+    feats = KNNDistanceBaseline(penultimate(det), normalize=False).fit(x_tr)
+    rows["kNN distance, penultimate features"] = _metrics(feats.score, data)
+    maha = MahalanobisBaseline(penultimate(det)).fit(x_tr, y_tr)
+    rows["Mahalanobis, penultimate features"] = _metrics(maha.score, data)
+
+
+def run_seed(seed: int, n_samples: int, epochs: int, configs: dict) -> dict:
+    from laplace_metric.baselines import train_encoder
+    from laplace_metric.datasets import digits_open_set
+    from laplace_metric.demo import make_encoder
+    from laplace_metric.likelihoods import ContrastiveLikelihood
+    from laplace_metric.metrics import top1_labels
+
+    split = digits_open_set(seed=seed)
+    loader = DataLoader(
+        split.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+    likelihood = ContrastiveLikelihood(margin=1.0)
+    torch.manual_seed(1000 * seed)
+    det = make_encoder(split.train.tensors[0].shape[1])
+    train_encoder(
+        det,
+        loader,
+        lambda g, y: likelihood.loss(g, y, reduction="mean"),
+        epochs=epochs,
+        seed=1000 * seed,
+        progress_bar=False,
+    )
+    det.eval()
+    x_tr, y_tr = split.train.tensors
+    x_te, y_te = split.test.tensors
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(det(torch.cat([x_te, x_tr])), dim=-1)
+    wrong = (top1_labels(z[: len(x_te)], z[len(x_te) :], y_tr) != y_te).double()
+    data = {
+        "train": (x_tr, y_tr),
+        "y_test": y_te,
+        "wrong": wrong,
+        "inputs": {
+            "test": x_te,
+            "held": split.ood_classes.tensors[0],
+            "noise": split.ood_noise.tensors[0],
+            "val": split.val.tensors[0],
+            "noise_val": split.ood_noise_val.tensors[0],
+        },
+    }
+    rows: dict[str, dict[str, float]] = {}
+    for name, config in configs.items():
+        _lam_rows(rows, name, config, det, loader, data, seed, n_samples)
+    _baseline_rows(rows, det, data, seed, n_samples)
+    return rows
+
+
+def format_table(results: list[dict]) -> str:
+    """Mean +- std over seeds, one row per method."""
+    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
+    for name in results[0]:
+        cells = []
+        for col in COLUMNS:
+            values = torch.tensor(
+                [r[name].get(col, math.nan) for r in results], dtype=torch.float64
+            )
+            if torch.isnan(values).all():
+                cells.append("-")
+                continue
+            std = values.std().item() if len(values) > 1 else 0.0
+            digits = 4 if col in ("AUSE", "ECE") else 3
+            cells.append(f"{values.mean().item():.{digits}f} ± {std:.{digits}f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
+    parser.add_argument("--samples", type=int, default=30, help="weight samples per score")
+    parser.add_argument("--epochs", type=int, default=30, help="encoder training epochs")
+    parser.add_argument(
+        "--quick", action="store_true", help="one seed, 2 epochs, 4 samples, 2 configurations"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    configs = CONFIGS
+    if args.quick:
+        args.seeds, args.epochs, args.samples = args.seeds[:1], 2, 4
+        configs = dict(list(CONFIGS.items())[:1] + list(CONFIGS.items())[3:4])
+    start = time.perf_counter()
+    results = [run_seed(s, args.samples, args.epochs, configs) for s in args.seeds]
+    table = format_table(results)
+    print(table)
+    print(f"\n{len(args.seeds)} seeds, {time.perf_counter() - start:.0f} s")
+    return table
+
+
+if __name__ == "__main__":
+    main()
