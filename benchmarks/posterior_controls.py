@@ -4,8 +4,9 @@ Run: ``python benchmarks/posterior_controls.py [--seeds 0 1 2]`` (about 2 minute
 CPU cores). For each seed it trains the demo encoder on digits 0-5 and reports, for the OOD
 score of each method, AUROC against the held-out digits 6-9 and against uniform noise, AUSE of
 the score as an error predictor, the retrieval ECE where the method has a top-1 confidence,
-and the validation AUROC (in-distribution validation vs validation noise), as mean +- std
-over seeds. Rows:
+and the validation figures used to choose a configuration (AUROC of in-distribution
+validation vs validation noise; retrieval ECE of the validation queries), as mean +- std over
+seeds. Rows:
 
 - every LAM configuration (posterior x likelihood scale x prior precision), its default score
   (posterior kNN) with the curvature fitted and with the curvature off
@@ -37,7 +38,7 @@ CONFIGS = {
     "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
     "LAM last-layer kron, batch scale, marglik": ("last_layer", "kron", "batch", "marglik"),
 }
-COLUMNS = ("AUROC held-out", "AUROC noise", "AUSE", "ECE", "val AUROC noise")
+COLUMNS = ("AUROC held-out", "AUROC noise", "AUSE", "ECE", "val AUROC noise", "val ECE")
 
 
 def _metrics(score, data, confidence=None) -> dict[str, float]:
@@ -58,6 +59,7 @@ def _metrics(score, data, confidence=None) -> dict[str, float]:
 
 def _lam_rows(rows, name, config, det, loader, data, seed, n_samples) -> None:
     from laplace_metric.controls import curvature_off
+    from laplace_metric.metrics import retrieval_ece
     from laplace_metric.registry import metric_laplace
     from laplace_metric.scores import UncertaintyScorer
 
@@ -75,7 +77,11 @@ def _lam_rows(rows, name, config, det, loader, data, seed, n_samples) -> None:
         with curvature_off(la) if off else _nothing():
             test = scorer.retrieval(data["inputs"]["test"])
             confidence = (test.confidence, test.predicted == data["y_test"])
-            rows[f"{name}: {suffix}"] = _metrics(scorer, data, confidence)
+            row = _metrics(scorer, data, confidence)
+            val = scorer.retrieval(data["inputs"]["val"])
+            correct = (val.predicted == data["y_val"]).cpu()
+            row["val ECE"] = retrieval_ece(val.confidence.cpu(), correct)
+            rows[f"{name}: {suffix}"] = row
 
 
 class _nothing:
@@ -140,6 +146,7 @@ def run_seed(seed: int, n_samples: int, epochs: int, configs: dict) -> dict:
     data = {
         "train": (x_tr, y_tr),
         "y_test": y_te,
+        "y_val": split.val.tensors[1],
         "wrong": wrong,
         "inputs": {
             "test": x_te,

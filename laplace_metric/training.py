@@ -120,7 +120,9 @@ def fit_online_lam(
         Controls the weight samples.
     **laplace_kwargs
         Estimator options: ``margin``, ``hessian_method``, ``normalize``, ``miner``,
-        ``temperature``, ``backend``, ``divergence``, ...
+        ``temperature``, ``backend``, ``divergence``, ... Online LAM scales its curvature to
+        one epoch of batches (``likelihood_scale='batch'``, the only value it takes); its
+        strength against the prior is set by ``prior_precision`` and ``temperature``.
 
     Returns
     -------
@@ -129,6 +131,14 @@ def fit_online_lam(
     """
     prior_update = parse_enum(PriorUpdate, prior_update, "prior_update")
     _check_schedule(train_loader, decay, epochs, update_every)
+    scale = laplace_kwargs.setdefault("likelihood_scale", "batch")
+    if getattr(scale, "value", scale) != "batch":
+        raise ValueError(
+            f"fit_online_lam scales its curvature to one epoch of batches and takes "
+            f"likelihood_scale='batch' only, got {scale!r}; set the curvature's strength with "
+            "prior_precision or temperature, or fit a post-hoc estimator with "
+            "likelihood_scale='dataset' after training."
+        )
     la = _build_estimator(
         encoder, likelihood, subset_of_weights, hessian_structure, prior_precision, laplace_kwargs
     )

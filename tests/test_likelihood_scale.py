@@ -32,12 +32,12 @@ def test_dataset_scale_equals_curvature_and_loss_times_pair_ratio(subset, struct
     # 40 samples in batches of 10: 780 pairs stand for 4 * 45 offered ones
     assert la.n_candidate_pairs == 4 * 45
     assert la.likelihood_factor == pytest.approx(780 / 180)
-    ref, _ = fitted(subset, structure, device, temperature=180 / 780)
+    ref, _ = fitted(subset, structure, device, likelihood_scale="batch", temperature=180 / 780)
     for prior in (0.5, 3.0):
         la.prior_precision = ref.prior_precision = prior
         assert torch.allclose(la.log_marginal_likelihood(), ref.log_marginal_likelihood())
         torch.testing.assert_close(la(x[:4])[1], ref(x[:4])[1])
-    batch, _ = fitted(subset, structure, device)
+    batch, _ = fitted(subset, structure, device, likelihood_scale="batch")
     assert batch.likelihood_factor == 1.0
     assert torch.allclose(batch.log_likelihood * 780 / 180, la.log_likelihood)
 
@@ -70,7 +70,7 @@ def test_scale_is_saved_and_checked_on_load():
     other.load_state_dict(state)
     assert other.likelihood_factor == la.likelihood_factor
     torch.testing.assert_close(other(x[:3])[1], la(x[:3])[1])
-    wrong = metric_laplace(la.model, "contrastive", "all", "diag")
+    wrong = metric_laplace(la.model, "contrastive", "all", "diag", likelihood_scale="batch")
     with pytest.raises(ValueError, match="saved with likelihood_scale='dataset'"):
         wrong.load_state_dict(state)
 

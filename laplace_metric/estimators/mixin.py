@@ -63,7 +63,7 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         for ``'bregman'``.
     backend : type[PairCurvatureInterface], optional
         Curvature backend; ``None`` picks the fastest one that supports the model.
-    likelihood_scale : {'batch', 'dataset'} or float, default='batch'
+    likelihood_scale : {'batch', 'dataset'} or float, default='dataset'
         How many pairs the fitted likelihood stands for (see :class:`LikelihoodScale` and
         ``docs/mathematics.rst``): ``'batch'`` keeps the curvature and loss as summed over the
         pairs the batches offered; ``'dataset'`` rescales both to all ``N (N - 1) / 2`` pairs of
@@ -96,7 +96,7 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         divergence: nn.Module | None = None,
         likelihood_kwargs: dict[str, Any] | None = None,
         backend: type[PairCurvatureInterface] | None = None,
-        likelihood_scale: LikelihoodScale | str | float = LikelihoodScale.BATCH,
+        likelihood_scale: LikelihoodScale | str | float = LikelihoodScale.DATASET,
         memory_budget: int | float | str | None = None,
         **kwargs: Any,
     ) -> None:
