@@ -30,7 +30,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
 
         return run_seed(config, seed, record)
 
-    monkeypatch.setattr(demo, "run_seed", recording_run_seed)
+    monkeypatch.setattr(demo.runner, "run_seed", recording_run_seed)
     argv = ["demo", *TINY, "--seeds", "3", "--id-classes", "1", "2", "3", "7"]
     argv += ["--output-dir", str(tmp_path)]
     assert main(argv) == 0
@@ -75,8 +75,8 @@ def test_partial_results_are_written_after_each_seed(tmp_path, monkeypatch):
         path.write_bytes(b"png")
         return [path]
 
-    monkeypatch.setattr(demo, "run_seed", interrupted)
-    monkeypatch.setattr(demo, "write_plots", plots)
+    monkeypatch.setattr(demo.runner, "run_seed", interrupted)
+    monkeypatch.setattr(demo.runner, "write_plots", plots)
     argv = ["demo", *TINY, "--seeds", "0", "1", "--output-dir", str(tmp_path)]
     assert main(argv) == 130
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -124,7 +124,7 @@ class _no_raise:
 
 
 def test_output_dir_that_is_a_file_fails_before_any_work(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(demo, "run_seed", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(demo.runner, "run_seed", lambda *a, **k: pytest.fail("work started"))
     existing = tmp_path / "a_file"
     existing.write_text("x")
     assert main(["demo", "--output-dir", str(existing)]) == 2

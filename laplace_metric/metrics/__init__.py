@@ -13,7 +13,8 @@ Conventions
 
 Families
 --------
-* :mod:`~laplace_metric.metrics.retrieval`: nearest neighbours, recall@k, MAP@R, MAP@k.
+* :mod:`~laplace_metric.metrics.retrieval`: nearest neighbours, recall@k, MAP@R, MAP@k,
+  truncated mAP@k.
 * :mod:`~laplace_metric.metrics.ood`: the kNN-distance score, AUROC and AUPR.
 * :mod:`~laplace_metric.metrics.calibration`: retrieval confidence, reliability bins, ECE.
 * :mod:`~laplace_metric.metrics.sparsification`: sparsification curves and AUSE.
@@ -36,6 +37,7 @@ from laplace_metric.metrics.retrieval import (
     nearest_neighbours,
     recall_at_k,
     top1_labels,
+    truncated_map_at_k,
 )
 from laplace_metric.metrics.sparsification import (
     SparsificationCurve,
@@ -51,6 +53,7 @@ __all__ = [
     "recall_at_k",
     "map_at_r",
     "map_at_k",
+    "truncated_map_at_k",
     "nearest_neighbours",
     "top1_labels",
     "knn_distance_score",

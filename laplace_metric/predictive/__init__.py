@@ -14,6 +14,9 @@ Three jobs, one module each, all used by :class:`laplace_metric.estimators.Metri
 * **Posterior embeddings with a frozen backbone** (:mod:`~laplace_metric.predictive.samples`,
   :class:`PosteriorEmbedder`): for a last-layer posterior the backbone runs once per input;
   each weight sample only re-runs the head on the cached features.
+* **Head samples on cached features** (:mod:`~laplace_metric.predictive.heads`,
+  :class:`HeadSamples`): weight samples of a Linear head (Laplace or dropout), one matrix
+  product per sample.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ from laplace_metric.predictive.glm import (
     linear_head,
     structured_glm,
 )
+from laplace_metric.predictive.heads import (
+    HeadSamples,
+    dropout_head_samples,
+    head_features,
+    laplace_head_samples,
+)
 from laplace_metric.predictive.samples import FORWARD_BATCH_SIZE as FORWARD_BATCH_SIZE
 from laplace_metric.predictive.samples import (
     PosteriorEmbedder,
@@ -42,6 +51,7 @@ from laplace_metric.predictive.sizes import FULL_COPIES as FULL_COPIES
 from laplace_metric.predictive.sizes import check_posterior_memory, structure_bytes
 
 __all__ = [
+    "HeadSamples",
     "MemoryBudgetError",
     "PosteriorEmbedder",
     "check_posterior_memory",
@@ -53,6 +63,9 @@ __all__ = [
     "jacobian_glm_diagonal",
     "linear_head",
     "draw_weight_samples",
+    "dropout_head_samples",
+    "head_features",
+    "laplace_head_samples",
     "nn_embedding_samples",
     "structure_bytes",
     "structured_glm",
