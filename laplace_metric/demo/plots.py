@@ -11,7 +11,7 @@ from laplace_metric.baselines import train_encoder
 from laplace_metric.datasets import open_set_split
 from laplace_metric.demo.config import DemoConfig, make_encoder
 from laplace_metric.demo.report import SCORE_ROWS
-from laplace_metric.evaluation import SeedResult
+from laplace_metric.evaluation import SeedResult, slug
 from laplace_metric.likelihoods import ContrastiveLikelihood
 from laplace_metric.registry import metric_laplace
 from laplace_metric.scores import PosteriorScore, UncertaintyScorer
@@ -38,11 +38,6 @@ def _families(curves: dict) -> dict[str, dict]:
 def _data_label(config: DemoConfig, result: SeedResult) -> str:
     ids = list(config.id_classes)
     return f"{config.dataset}, seed {result.seed}, in-distribution classes {ids}"
-
-
-def slug(name: str) -> str:
-    """``name`` as a file-name part: lower case, non-alphanumerics as underscores."""
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
 def _histograms(result: SeedResult, output_dir: Path, data: str, tag: str) -> list[Path]:

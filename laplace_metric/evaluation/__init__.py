@@ -11,6 +11,12 @@ draws the bar and sphere figures of the benchmarks.
 
 from __future__ import annotations
 
+from laplace_metric.evaluation.figures import (
+    plot_metric_bars,
+    plot_sphere,
+    slug,
+    write_seed_plots,
+)
 from laplace_metric.evaluation.measures import (
     calibration_metrics,
     ood_metrics,
@@ -28,6 +34,10 @@ __all__ = [
     "calibration_metrics",
     "mean_std",
     "ood_metrics",
+    "plot_metric_bars",
+    "plot_sphere",
     "retrieval_metrics",
+    "slug",
     "sparsification_metrics",
+    "write_seed_plots",
 ]
