@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from laplace_metric import demo
-from laplace_metric.cli import build_parser, main
+from laplace_metric_cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--members", "2", "--samples", "3", "--no-progress"]
@@ -188,3 +188,20 @@ def test_quickstart_example_runs_without_warnings(tmp_path):
     assert "posterior kNN" in done.stdout and "recall@1" in done.stdout
     assert "Warning" not in done.stderr, done.stderr
     assert (tmp_path / "quickstart_uncertainty.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "module, names",
+    [
+        ("laplace_metric.cli", ("build_parser", "main", "UsageError", "validate_demo_args")),
+        ("laplace_metric.demo_report", ("format_table", "write_plots", "write_results")),
+    ],
+)
+def test_moved_modules_warn_and_keep_their_names(module, names):
+    import importlib
+
+    sys.modules.pop(module, None)
+    with pytest.warns(DeprecationWarning, match=module.replace(".", r"\.")):
+        mod = importlib.import_module(module)
+    for name in names:
+        assert callable(getattr(mod, name))

@@ -1,5 +1,10 @@
 """Memory-planned prediction and sampling for the laplace-metric estimators.
 
+Every function works on a :class:`PredictiveView`, the frozen view an estimator hands over
+(``la.predictive_view()``; passing the estimator itself also works), and never reads the
+estimator's private state, so this package imports nothing from
+:mod:`laplace_metric.estimators`.
+
 Three jobs, one module each, all used by :class:`laplace_metric.estimators.MetricLaplaceMixin`:
 
 * **Posterior size checks** (:mod:`~laplace_metric.predictive.sizes`,
@@ -49,11 +54,15 @@ from laplace_metric.predictive.samples import (
 from laplace_metric.predictive.samples import iter_query_chunks as iter_query_chunks
 from laplace_metric.predictive.sizes import FULL_COPIES as FULL_COPIES
 from laplace_metric.predictive.sizes import check_posterior_memory, structure_bytes
+from laplace_metric.predictive.view import PosteriorOps, PredictiveView, as_view
 
 __all__ = [
     "HeadSamples",
     "MemoryBudgetError",
     "PosteriorEmbedder",
+    "PosteriorOps",
+    "PredictiveView",
+    "as_view",
     "check_posterior_memory",
     "glm_bytes_per_query",
     "glm_chunks",
