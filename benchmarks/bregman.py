@@ -20,8 +20,10 @@ posterior, about 35 s more per method and seed).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import laplace
 import torch
@@ -34,11 +36,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import binary_auroc
 
-import laplace_metric  # noqa: F401  (registers the pairwise likelihoods with laplace.Laplace)
-from laplace_metric.bregman import BregmanDivergence, BregmanKNN, ICNNPotential, bregman_knn
-from laplace_metric.bregman.losses import fit_bregman
-from laplace_metric.evaluation import Column, ResultTable
-from laplace_metric.likelihoods import ContrastiveLikelihood
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import laplace_metric  # noqa: F401, E402  (registers the pairwise likelihoods with laplace.Laplace)
+from laplace_metric.bregman import BregmanDivergence, BregmanKNN, ICNNPotential, bregman_knn  # noqa: E402
+from laplace_metric.bregman.losses import fit_bregman  # noqa: E402
+from laplace_metric.evaluation import Column, ResultTable  # noqa: E402
+from laplace_metric.likelihoods import ContrastiveLikelihood  # noqa: E402
 
 ID_CLASSES = 6
 # marginal-likelihood steps for the prior precision (a dense 2064 x 2064 posterior is slow)

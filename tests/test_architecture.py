@@ -197,3 +197,21 @@ def test_modules_and_functions_are_small():
             long += [f for f in _long_functions(path) if f not in KNOWN_LONG_FUNCTIONS]
     assert not large, f"modules over {MAX_MODULE_LINES} lines: {large}"
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_renamed_public_names_warn_and_alias():
+    import warnings
+
+    import laplace_metric
+
+    for old, new in (
+        ("UncertaintyScore", "CovarianceScore"),
+        ("uncertainty_score", "covariance_score"),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            obj = getattr(laplace_metric, old)
+        assert obj is getattr(laplace_metric, new)
+        assert any(
+            issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught
+        )

@@ -205,3 +205,14 @@ def test_moved_modules_warn_and_keep_their_names(module, names):
         mod = importlib.import_module(module)
     for name in names:
         assert callable(getattr(mod, name))
+
+
+def test_validation_module_is_a_deprecated_alias():
+    import importlib
+
+    from laplace_metric.metrics import PositivePairGaussianNLL
+
+    sys.modules.pop("laplace_metric.validation", None)
+    with pytest.warns(DeprecationWarning, match="laplace_metric.validation"):
+        validation = importlib.import_module("laplace_metric.validation")
+    assert validation.PositivePairGaussianNLL is PositivePairGaussianNLL

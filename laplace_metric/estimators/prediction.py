@@ -13,7 +13,7 @@ import torch
 from laplace.utils.enums import PredType
 
 from laplace_metric.encoders import keeps_module_modes
-from laplace_metric.enums import UncertaintyScore, parse_enum
+from laplace_metric.enums import CovarianceScore, parse_enum
 from laplace_metric.estimators.batches import check_inputs
 from laplace_metric.memory import dtype_bytes
 from laplace_metric.predictive import (
@@ -24,7 +24,7 @@ from laplace_metric.predictive import (
     nn_embedding_samples,
 )
 from laplace_metric.sampling import gaussian_samples, project_to_sphere
-from laplace_metric.uncertainty import uncertainty_score
+from laplace_metric.uncertainty import covariance_score
 
 
 class PredictionMixin:
@@ -176,7 +176,7 @@ class PredictionMixin:
     def predictive_uncertainty(
         self,
         x: torch.Tensor,
-        score: UncertaintyScore | str = UncertaintyScore.TRACE,
+        score: CovarianceScore | str = CovarianceScore.TRACE,
         pred_type: PredType | str = PredType.GLM,
         n_samples: int = 100,
         batch_size: int | None = None,
@@ -188,7 +188,7 @@ class PredictionMixin:
         ----------
         x : torch.Tensor
         score : {'trace', 'std_sum', 'logdet'}, default='trace'
-            See :func:`laplace_metric.uncertainty.uncertainty_score`.
+            See :func:`laplace_metric.uncertainty.covariance_score`.
         pred_type : {'glm', 'nn'}, default='glm'
         n_samples : int, default=100
         batch_size : int, optional
@@ -203,9 +203,9 @@ class PredictionMixin:
             ``(batch,)``.
         """
         self._check_output(x)
-        score = parse_enum(UncertaintyScore, score, "score")
+        score = parse_enum(CovarianceScore, score, "score")
         pred_type = parse_enum(PredType, pred_type, "pred_type")
-        diagonal = score != UncertaintyScore.LOGDET
+        diagonal = score != CovarianceScore.LOGDET
         if pred_type == PredType.GLM:
             self._check_fitted()
             x = x.to(self._device)
@@ -213,7 +213,7 @@ class PredictionMixin:
             view = self.predictive_view()
             return torch.cat(
                 [
-                    uncertainty_score(cov, score)
+                    covariance_score(cov, score)
                     for _, cov in glm_chunks(view, x, diagonal, batch_size)
                 ]
             )
@@ -228,7 +228,7 @@ class PredictionMixin:
         scores = []
         for chunk in iter_query_chunks(view, x, batch_size, per_query):
             samples = self._nn_embedding_samples(chunk, n_samples, None, batch_size, weights)
-            scores.append(uncertainty_score(_sample_moments(samples, diagonal)[1], score))
+            scores.append(covariance_score(_sample_moments(samples, diagonal)[1], score))
         return torch.cat(scores)
 
 

@@ -18,6 +18,8 @@ Families
 * :mod:`~laplace_metric.metrics.ood`: the kNN-distance score, AUROC and AUPR.
 * :mod:`~laplace_metric.metrics.calibration`: retrieval confidence, reliability bins, ECE.
 * :mod:`~laplace_metric.metrics.sparsification`: sparsification curves and AUSE.
+* :mod:`~laplace_metric.metrics.pair_nll`: the positive-pair Gaussian NLL of the predictive
+  (the prior-precision objective of a grid search).
 
 Every public name is re-exported here (``from laplace_metric.metrics import recall_at_k``).
 """
@@ -31,6 +33,7 @@ from laplace_metric.metrics.calibration import (
     retrieval_ece,
 )
 from laplace_metric.metrics.ood import knn_distance_score, ood_aupr, ood_auroc
+from laplace_metric.metrics.pair_nll import PositivePairGaussianNLL
 from laplace_metric.metrics.retrieval import (
     map_at_k,
     map_at_r,
@@ -47,6 +50,7 @@ from laplace_metric.metrics.sparsification import (
 
 __all__ = [
     "DistanceFn",
+    "PositivePairGaussianNLL",
     "RetrievalConfidence",
     "ReliabilityBins",
     "SparsificationCurve",
