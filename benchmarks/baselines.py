@@ -30,7 +30,7 @@ from laplace_metric.baselines import (  # noqa: E402
     penultimate,
     train_encoder,
 )
-from laplace_metric.datasets import digits_open_set  # noqa: E402
+from laplace_metric.data import digits_open_set  # noqa: E402
 from laplace_metric.evaluation import (  # noqa: E402
     Column,
     ResultTable,

@@ -25,7 +25,7 @@ from harness import median_seconds  # noqa: E402
 
 import laplace_metric  # noqa: E402
 from laplace_metric.curvature import PairCurvatureInterface  # noqa: E402
-from laplace_metric.datasets import digits_open_set  # noqa: E402
+from laplace_metric.data import digits_open_set  # noqa: E402
 from laplace_metric.demo import POSTHOC_CONFIGS, make_encoder  # noqa: E402
 from laplace_metric.likelihoods import ContrastiveLikelihood  # noqa: E402
 

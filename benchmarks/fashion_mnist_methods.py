@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Usage, measure  # noqa: E402
 
+from laplace_metric.data.idx import load_idx_dataset  # noqa: E402
 from laplace_metric.evaluation import (  # noqa: E402
     SeedResult,
     calibration_metrics,
@@ -31,7 +32,6 @@ from laplace_metric.evaluation import (  # noqa: E402
     retrieval_metrics,
     sparsification_metrics,
 )
-from laplace_metric.idx import load_idx_dataset  # noqa: E402
 from laplace_metric.likelihoods import ContrastiveLikelihood  # noqa: E402
 from laplace_metric.predictive import (  # noqa: E402
     HeadSamples,

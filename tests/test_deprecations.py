@@ -37,3 +37,22 @@ def test_ignored_model_kwargs_warn():
     with pytest.warns(DeprecationWarning, match="foo"):
         mean, _ = la(x, foo=1)
     assert mean.shape == (16, 2)
+
+
+@pytest.mark.parametrize(
+    "old, new, name",
+    [
+        ("laplace_metric.datasets", "laplace_metric.data.open_set", "open_set_split"),
+        ("laplace_metric.idx", "laplace_metric.data.idx", "load_idx_dataset"),
+    ],
+)
+def test_moved_data_modules_warn_and_re_export(old, new, name):
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=old.replace(".", r"\.")):
+        shim = importlib.import_module(old)
+    moved = importlib.import_module(new)
+    assert getattr(shim, name) is getattr(moved, name)
+    assert set(shim.__all__) == set(moved.__all__)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from laplace_metric import idx
-from laplace_metric.idx import (
+from laplace_metric.data import idx
+from laplace_metric.data.idx import (
     FILES,
     find_idx_folder,
     load_idx_dataset,

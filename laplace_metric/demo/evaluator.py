@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from laplace_metric.datasets import OpenSetSplit
+from laplace_metric.data import OpenSetSplit
 from laplace_metric.evaluation import (
     SeedResult,
     calibration_metrics,

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from laplace_metric.baselines import train_encoder
-from laplace_metric.datasets import open_set_split
+from laplace_metric.data import open_set_split
 from laplace_metric.demo.config import DemoConfig, make_encoder
 from laplace_metric.demo.report import SCORE_ROWS
 from laplace_metric.evaluation import SeedResult, slug

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from laplace_metric.datasets import open_set_split
+from laplace_metric.data import open_set_split
 from laplace_metric.demo.config import POSTHOC_CONFIGS, STAGES, DemoConfig
 from laplace_metric.demo.evaluator import DemoEvaluator
 from laplace_metric.demo.methods import (
