@@ -17,7 +17,7 @@ from laplace_metric.demo.evaluator import DemoEvaluator
 from laplace_metric.demo.plots import write_plots
 from laplace_metric.demo.report import COLUMNS, SCORE_ROWS, footer, format_table, write_results
 from laplace_metric.demo.runner import run_demo, run_seed
-from laplace_metric.evaluation import SeedResult
+from laplace_metric.evaluation import SeedResult as SeedResult  # documented there
 
 __all__ = [
     "COLUMNS",
@@ -26,7 +26,6 @@ __all__ = [
     "POSTHOC_CONFIGS",
     "SCORE_ROWS",
     "STAGES",
-    "SeedResult",
     "footer",
     "format_table",
     "make_encoder",
