@@ -20,11 +20,12 @@ posterior, about 35 s more per method and seed).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import laplace
-import numpy as np
 import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -35,10 +36,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import binary_auroc
 
-import laplace_metric  # noqa: F401  (registers the pairwise likelihoods with laplace.Laplace)
-from laplace_metric.bregman import BregmanDivergence, BregmanKNN, ICNNPotential, bregman_knn
-from laplace_metric.bregman.losses import fit_bregman
-from laplace_metric.likelihoods import ContrastiveLikelihood
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import laplace_metric  # noqa: F401, E402  (registers the pairwise likelihoods with laplace.Laplace)
+from laplace_metric.bregman import BregmanDivergence, BregmanKNN, ICNNPotential, bregman_knn  # noqa: E402
+from laplace_metric.bregman.losses import fit_bregman  # noqa: E402
+from laplace_metric.evaluation import Column, ResultTable  # noqa: E402
+from laplace_metric.likelihoods import ContrastiveLikelihood  # noqa: E402
 
 ID_CLASSES = 6
 # marginal-likelihood steps for the prior precision (a dense 2064 x 2064 posterior is slow)
@@ -118,6 +122,44 @@ def method_label(method: str) -> str:
     return f"(b) ICNN Bregman, alpha={float(method.split('=')[1]):g}"
 
 
+def _train(method: str, model: nn.Module, loader: DataLoader, epochs: int):
+    """Train ``model`` for ``method``; returns the retrieval kNN and the divergence (or None)."""
+    if method == "euclidean":
+        lik = ContrastiveLikelihood(margin=1.0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(epochs):
+            for xb, yb in loader:
+                opt.zero_grad()
+                lik.loss(model(xb), yb, reduction="mean").backward()
+                opt.step()
+        model.eval()
+        return CustomKNN(LpDistance(normalize_embeddings=True)), None
+    # alpha = 2: the quadratic part alone gives ||x - y||^2, the Euclidean loss (a)
+    alpha = float(method.split("=")[1])
+    div = BregmanDivergence(ICNNPotential(16, hidden=(64, 64), alpha=alpha))
+    fit_bregman(
+        model, div, loader, epochs=epochs, lr=1e-3, loss="contrastive", margin=1.0,
+        progress_bar=False,
+    )  # fmt: skip
+    return BregmanKNN(div), div
+
+
+def _laplace_rows(row: dict, model, data, div, laplace_configs) -> None:
+    """The Laplace OOD AUROC and fit time of every (subset, structure) into ``row``."""
+    for subset, structure in laplace_configs:
+        start = time.perf_counter()
+        kwargs = {"margin": 1.0}
+        if div is None:
+            name = "contrastive"
+        else:
+            name = "bregman"
+            kwargs["divergence"] = div
+        row[f"AUROC LA {subset}/{structure}"] = laplace_auroc(
+            model, data, name, structure, subset, MARGLIK_STEPS[structure], **kwargs
+        )
+        row[f"LA {subset}/{structure} s"] = time.perf_counter() - start
+
+
 def run_seed(
     seed: int, epochs: int, alphas: list[float], laplace_configs: list[tuple[str, str]]
 ) -> dict[str, dict]:
@@ -134,26 +176,7 @@ def run_seed(
             generator=torch.Generator().manual_seed(seed),
         )
         start = time.perf_counter()
-        if method == "euclidean":
-            lik = ContrastiveLikelihood(margin=1.0)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            for _ in range(epochs):
-                for xb, yb in loader:
-                    opt.zero_grad()
-                    lik.loss(model(xb), yb, reduction="mean").backward()
-                    opt.step()
-            model.eval()
-            knn = CustomKNN(LpDistance(normalize_embeddings=True))
-            div = None
-        else:
-            # alpha = 2: the quadratic part alone gives ||x - y||^2, the Euclidean loss (a)
-            alpha = float(method.split("=")[1])
-            div = BregmanDivergence(ICNNPotential(16, hidden=(64, 64), alpha=alpha))
-            fit_bregman(
-                model, div, loader, epochs=epochs, lr=1e-3, loss="contrastive", margin=1.0,
-                progress_bar=False,
-            )  # fmt: skip
-            knn = BregmanKNN(div)
+        knn, div = _train(method, model, loader, epochs)
         train_time = time.perf_counter() - start
         z_tr, z_te, z_ood = (embed(model, data[k]) for k in ("x_train", "x_test", "x_ood"))
         row = retrieval(z_te, data["y_test"], z_tr, data["y_train"], knn)
@@ -165,18 +188,7 @@ def run_seed(
             nn_ood = bregman_knn(z_ood, z_tr, 1, div)[0][:, 0]
         row["AUROC kNN"] = auroc(nn_id, nn_ood)
         row["train s"] = train_time
-        for subset, structure in laplace_configs:
-            start = time.perf_counter()
-            kwargs = {"margin": 1.0}
-            if div is None:
-                name = "contrastive"
-            else:
-                name = "bregman"
-                kwargs["divergence"] = div
-            row[f"AUROC LA {subset}/{structure}"] = laplace_auroc(
-                model, data, name, structure, subset, MARGLIK_STEPS[structure], **kwargs
-            )
-            row[f"LA {subset}/{structure} s"] = time.perf_counter() - start
+        _laplace_rows(row, model, data, div, laplace_configs)
         results[method] = row
     return results
 
@@ -184,8 +196,8 @@ def run_seed(
 def main() -> None:
     """Parse arguments, run all seeds and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
     parser.add_argument(
         "--laplace",
         nargs="*",
@@ -199,26 +211,21 @@ def main() -> None:
         default=[2.0, 0.5],
         help="strong-convexity moduli of the ICNN potentials (2 nests the Euclidean loss)",
     )
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configs = [tuple(c.split("/")) for c in args.laplace]
     start = time.perf_counter()
     per_seed = [run_seed(s, args.epochs, args.alphas, configs) for s in args.seeds]
-    columns = list(per_seed[0]["euclidean"])
+    names = list(per_seed[0]["euclidean"])
+    table = ResultTable([Column(c, digits=1 if c.endswith(" s") else 3) for c in names])
+    for method in per_seed[0]:
+        table.add_row(method_label(method), {c: [r[method][c] for r in per_seed] for c in names})
     print(
         f"digits: train classes 0-{ID_CLASSES - 1}, OOD 6-9; MLP 64-128-16; {args.epochs} "
-        f"epochs; seeds {args.seeds}; mean +- std\n"
+        f"epochs; seeds {args.seeds}; mean ± std (sample std over seeds)\n"
     )
-    print("| method | " + " | ".join(columns) + " |")
-    print("|---" * (len(columns) + 1) + "|")
-    for method in per_seed[0]:
-        cells = []
-        for col in columns:
-            vals = np.array([r[method][col] for r in per_seed])
-            fmt = "{:.1f} +- {:.1f}" if col.endswith(" s") else "{:.3f} +- {:.3f}"
-            cells.append(fmt.format(vals.mean(), vals.std()))
-        print(f"| {method_label(method)} | " + " | ".join(cells) + " |")
+    print(table.to_markdown())
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -11,9 +11,7 @@ on the same encoder and loader. Run ``python benchmarks/demo_fit_stages.py``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -21,29 +19,21 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import median_seconds  # noqa: E402
 
 import laplace_metric  # noqa: E402
 from laplace_metric.curvature import PairCurvatureInterface  # noqa: E402
-from laplace_metric.datasets import digits_open_set  # noqa: E402
+from laplace_metric.data import digits_open_set  # noqa: E402
 from laplace_metric.demo import POSTHOC_CONFIGS, make_encoder  # noqa: E402
 from laplace_metric.likelihoods import ContrastiveLikelihood  # noqa: E402
 
 
-def time_stage(run, repeats: int) -> float:
-    """Median seconds of ``run()`` after one warm-up."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per stage (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -75,7 +65,7 @@ def main() -> None:
         seconds = {}
         for graph in (False, True):
             PairCurvatureInterface.use_pair_graph = graph
-            seconds[graph] = time_stage(run, args.repeats)
+            seconds[graph] = median_seconds(run, args.repeats)
         PairCurvatureInterface.use_pair_graph = True
         ratio = seconds[True] / seconds[False]
         print(f"| {name} | {seconds[False]:.3f} | {seconds[True]:.3f} | {ratio:.2f} |", flush=True)

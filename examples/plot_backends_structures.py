@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 import laplace_metric.curvature as curvature
 from laplace_metric import ContrastiveLikelihood, PairCurvatureInterface, UncertaintyScorer
-from laplace_metric.datasets import digits_open_set
+from laplace_metric.data import digits_open_set
 from laplace_metric.metrics import ood_auroc
 
 backends = {

@@ -28,7 +28,7 @@ from laplace import Laplace
 from torch.utils.data import DataLoader
 
 from laplace_metric import ContrastiveLikelihood, UncertaintyScorer, fit_online_lam
-from laplace_metric.datasets import digits_open_set
+from laplace_metric.data import digits_open_set
 from laplace_metric.metrics import map_at_r, ood_auroc, recall_at_k
 
 torch.manual_seed(0)

@@ -25,7 +25,7 @@ from pytorch_metric_learning import miners
 from torch.utils.data import DataLoader
 
 from laplace_metric import ContrastiveLikelihood, UncertaintyScorer
-from laplace_metric.datasets import digits_open_set
+from laplace_metric.data import digits_open_set
 from laplace_metric.metrics import ood_auroc, recall_at_k
 
 torch.manual_seed(0)

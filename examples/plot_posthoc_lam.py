@@ -18,7 +18,7 @@ on a CPU.
 # %%
 # Data and encoder
 # ----------------
-# :func:`laplace_metric.datasets.digits_open_set` gives the split of the design brief: classes
+# :func:`laplace_metric.data.digits_open_set` gives the split of the design brief: classes
 # 0-5 are in-distribution (train / val / test), classes 6-9 and uniform noise are OOD.
 import time
 
@@ -28,7 +28,7 @@ from laplace import Laplace
 from torch.utils.data import DataLoader
 
 from laplace_metric import ContrastiveLikelihood, UncertaintyScorer
-from laplace_metric.datasets import digits_open_set
+from laplace_metric.data import digits_open_set
 from laplace_metric.metrics import ood_auroc, recall_at_k
 
 torch.manual_seed(0)

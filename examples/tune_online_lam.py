@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from laplace_metric import ContrastiveLikelihood, UncertaintyScorer, fit_online_lam
-from laplace_metric.datasets import open_set_split
+from laplace_metric.data import open_set_split
 from laplace_metric.demo import make_encoder
 from laplace_metric.metrics import map_at_r, ood_auroc
 

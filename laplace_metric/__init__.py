@@ -27,7 +27,7 @@ from laplace_metric.curvature import (
     default_backend,
 )
 from laplace_metric.encoders import SelectOutput, check_encoder_output
-from laplace_metric.enums import HessianMethod, MetricLikelihood, UncertaintyScore
+from laplace_metric.enums import CovarianceScore, HessianMethod, MetricLikelihood
 from laplace_metric.estimators import (
     ESTIMATORS,
     MetricDiagLaplace,
@@ -47,6 +47,7 @@ from laplace_metric.likelihoods import (
     build_likelihood,
 )
 from laplace_metric.memory import MemoryBudgetError
+from laplace_metric.metrics.pair_nll import PositivePairGaussianNLL
 from laplace_metric.mining import PairBudgetMiner, Pairs, mine_pairs
 from laplace_metric.registry import metric_laplace
 from laplace_metric.scores import (
@@ -56,8 +57,7 @@ from laplace_metric.scores import (
     posterior_retrieval,
 )
 from laplace_metric.training import fit_online_lam
-from laplace_metric.uncertainty import uncertainty_score
-from laplace_metric.validation import PositivePairGaussianNLL
+from laplace_metric.uncertainty import covariance_score
 
 __version__ = "0.1.0"
 
@@ -68,6 +68,7 @@ __all__ = [
     "BackPackPairGGN",
     "BregmanLikelihood",
     "ContrastiveLikelihood",
+    "CovarianceScore",
     "ESTIMATORS",
     "HookPairGGN",
     "HessianMethod",
@@ -91,14 +92,33 @@ __all__ = [
     "PosteriorScore",
     "ReferencePairGGN",
     "SelectOutput",
-    "UncertaintyScore",
     "UncertaintyScorer",
     "build_likelihood",
     "check_encoder_output",
+    "covariance_score",
     "default_backend",
     "fit_online_lam",
     "posterior_retrieval",
     "metric_laplace",
     "mine_pairs",
-    "uncertainty_score",
 ]
+
+#: Former public names, kept as deprecated aliases: ``{old: (new name, object)}``.
+_DEPRECATED = {
+    "UncertaintyScore": ("CovarianceScore", CovarianceScore),
+    "uncertainty_score": ("covariance_score", covariance_score),
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _DEPRECATED:
+        import warnings
+
+        new, obj = _DEPRECATED[name]
+        warnings.warn(
+            f"laplace_metric.{name} is deprecated; use laplace_metric.{new} (same object).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return obj
+    raise AttributeError(f"module 'laplace_metric' has no attribute {name!r}")

@@ -39,8 +39,14 @@ class LikelihoodScale(str, Enum):
     curvature and loss are rescaled by ``N (N - 1) / sum_b B_b (B_b - 1)``."""
 
 
-class UncertaintyScore(str, Enum):
-    """Scalar uncertainty scores computed from a predictive covariance."""
+class CovarianceScore(str, Enum):
+    """Reductions of a predictive covariance to one uncertainty number per input.
+
+    Used by :func:`laplace_metric.uncertainty.covariance_score` and
+    ``predictive_uncertainty``; not to be confused with
+    :class:`~laplace_metric.scores.PosteriorScore`, the scores of ``UncertaintyScorer``
+    (whose ``TRACE`` is this ``TRACE`` of the linearised predictive).
+    """
 
     TRACE = "trace"
     """Trace of the predictive covariance, ``sum_d Var[z_d]``."""
@@ -50,6 +56,10 @@ class UncertaintyScore(str, Enum):
 
     LOGDET = "logdet"
     """Log-determinant of the predictive covariance plus a small jitter."""
+
+
+#: The former name of :class:`CovarianceScore` (kept; ``laplace_metric.UncertaintyScore`` warns).
+UncertaintyScore = CovarianceScore
 
 
 def parse_enum(enum_cls: type[Enum], value: object, name: str) -> Enum:

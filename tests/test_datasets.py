@@ -1,4 +1,4 @@
-"""Tests of laplace_metric.datasets (no network: torchvision is monkeypatched)."""
+"""Tests of laplace_metric.data.open_set (no network: torchvision is monkeypatched)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import urllib.error
 import pytest
 import torch
 
-from laplace_metric import datasets as D
+from laplace_metric.data import open_set as D
 
 
 @pytest.fixture(scope="module")

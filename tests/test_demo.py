@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from laplace_metric import demo
-from laplace_metric.cli import build_parser, main
+from laplace_metric_cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--members", "2", "--samples", "3", "--no-progress"]
@@ -30,7 +30,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
 
         return run_seed(config, seed, record)
 
-    monkeypatch.setattr(demo, "run_seed", recording_run_seed)
+    monkeypatch.setattr(demo.runner, "run_seed", recording_run_seed)
     argv = ["demo", *TINY, "--seeds", "3", "--id-classes", "1", "2", "3", "7"]
     argv += ["--output-dir", str(tmp_path)]
     assert main(argv) == 0
@@ -75,8 +75,8 @@ def test_partial_results_are_written_after_each_seed(tmp_path, monkeypatch):
         path.write_bytes(b"png")
         return [path]
 
-    monkeypatch.setattr(demo, "run_seed", interrupted)
-    monkeypatch.setattr(demo, "write_plots", plots)
+    monkeypatch.setattr(demo.runner, "run_seed", interrupted)
+    monkeypatch.setattr(demo.runner, "write_plots", plots)
     argv = ["demo", *TINY, "--seeds", "0", "1", "--output-dir", str(tmp_path)]
     assert main(argv) == 130
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -124,7 +124,7 @@ class _no_raise:
 
 
 def test_output_dir_that_is_a_file_fails_before_any_work(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(demo, "run_seed", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(demo.runner, "run_seed", lambda *a, **k: pytest.fail("work started"))
     existing = tmp_path / "a_file"
     existing.write_text("x")
     assert main(["demo", "--output-dir", str(existing)]) == 2
@@ -188,3 +188,31 @@ def test_quickstart_example_runs_without_warnings(tmp_path):
     assert "posterior kNN" in done.stdout and "recall@1" in done.stdout
     assert "Warning" not in done.stderr, done.stderr
     assert (tmp_path / "quickstart_uncertainty.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "module, names",
+    [
+        ("laplace_metric.cli", ("build_parser", "main", "UsageError", "validate_demo_args")),
+        ("laplace_metric.demo_report", ("format_table", "write_plots", "write_results")),
+    ],
+)
+def test_moved_modules_warn_and_keep_their_names(module, names):
+    import importlib
+
+    sys.modules.pop(module, None)
+    with pytest.warns(DeprecationWarning, match=module.replace(".", r"\.")):
+        mod = importlib.import_module(module)
+    for name in names:
+        assert callable(getattr(mod, name))
+
+
+def test_validation_module_is_a_deprecated_alias():
+    import importlib
+
+    from laplace_metric.metrics import PositivePairGaussianNLL
+
+    sys.modules.pop("laplace_metric.validation", None)
+    with pytest.warns(DeprecationWarning, match="laplace_metric.validation"):
+        validation = importlib.import_module("laplace_metric.validation")
+    assert validation.PositivePairGaussianNLL is PositivePairGaussianNLL

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from laplace_metric import idx
-from laplace_metric.idx import (
+from laplace_metric.data import idx
+from laplace_metric.data.idx import (
     FILES,
     find_idx_folder,
     load_idx_dataset,
@@ -23,12 +24,14 @@ from laplace_metric.idx import (
     read_idx,
     write_idx,
 )
+from laplace_metric.metrics import truncated_map_at_k
+from laplace_metric.predictive import dropout_head_samples, head_features, laplace_head_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _benchmark():
-    """The benchmark script as a module (registered in sys.modules: it defines dataclasses)."""
+    """The benchmark script (its library code is in the package; only ``main`` is used here)."""
     name = "fashion_mnist_benchmark"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(
@@ -129,17 +132,15 @@ def test_packaged_copies_are_the_standard_files():
 
 # ---------------------------------------------------------------------------- benchmark
 def test_truncated_map_at_k_by_hand():
-    bench = _benchmark()
     db = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
     db_labels = torch.tensor([0, 1, 0, 1])
     query = torch.tensor([[-0.1]])  # neighbours in order: 0 (rel), 1, 0 (rel), 1
-    value = bench.truncated_map_at_k(query, torch.tensor([0]), db, db_labels, k=3)
+    value = truncated_map_at_k(query, torch.tensor([0]), db, db_labels, k=3)
     # relevant at ranks 1 and 3: (1/1 + 2/3) / min(3, 2)
     assert value == pytest.approx((1 + 2 / 3) / 2)
 
 
 def test_cached_feature_path_equals_posterior_retrieval():
-    bench = _benchmark()
     from laplace_metric import posterior_retrieval
     from laplace_metric.likelihoods import ContrastiveLikelihood
     from laplace_metric.registry import metric_laplace
@@ -150,8 +151,8 @@ def test_cached_feature_path_equals_posterior_retrieval():
     la = metric_laplace(model, ContrastiveLikelihood(margin=1.0), "last_layer", "diag")
     la.fit(DataLoader(TensorDataset(x, y), batch_size=20))
     la.prior_precision = 2.0  # a wide posterior, so that samples move the neighbours
-    samples = bench.laplace_head_samples(la, model[-1], n_samples=7, seed=3)
-    feats_q, feats_db = bench.features(model, x[:10]), bench.features(model, x)
+    samples = laplace_head_samples(la, model[-1], n_samples=7, seed=3)
+    feats_q, feats_db = head_features(model, x[:10]), head_features(model, x)
     knn, conf, predicted = samples.sampled_knn(feats_q, feats_db, y)
     ref = posterior_retrieval(
         la, x[:10], x, y, n_samples=7, generator=torch.Generator().manual_seed(3)
@@ -197,3 +198,35 @@ def test_quick_mode_on_synthetic_idx_files(tmp_path):
     assert (output / "D3_auroc.png").stat().st_size > 0
     assert (output / "D3_sparsification.png").stat().st_size > 0
     assert (output / "D3_embedding.png").stat().st_size > 0
+
+
+def test_dropout_head_samples_keep_the_mean_and_scale_kept_columns():
+    head = nn.Linear(4, 2)
+    samples = dropout_head_samples(head, p=0.5, n_samples=6, seed=0)
+    assert samples.weight.shape == (6, 2, 4) and samples.bias.shape == (6, 2)
+    w = head.weight.detach()
+    for weight in samples.weight:
+        kept = weight.abs().sum(0) > 0
+        torch.testing.assert_close(weight[:, kept], 2 * w[:, kept])
+    torch.testing.assert_close(samples.mean_weight, w)
+
+
+def test_help_is_fast_and_every_flag_has_help_text():
+    """``--help`` imports neither torch nor the package (lazy imports)."""
+    script = ROOT / "benchmarks" / "fashion_mnist.py"
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['fashion_mnist.py', '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules, 'laplace_metric' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip().endswith("False False")
+    parser = _benchmark().build_parser()
+    for action in parser._actions:
+        assert action.help, action.dest

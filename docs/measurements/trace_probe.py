@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from laplace_metric import ContrastiveLikelihood, UncertaintyScorer, metric_laplace
 from laplace_metric.baselines import train_encoder
-from laplace_metric.datasets import open_set_split
+from laplace_metric.data import open_set_split
 from laplace_metric.demo import make_encoder
 from laplace_metric.metrics import ood_auroc
 

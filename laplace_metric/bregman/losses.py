@@ -7,6 +7,7 @@ Laplace posterior fitted afterwards uses exactly the training objective.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
@@ -90,7 +91,14 @@ class BregmanContrastiveLoss(nn.Module):
     def to_likelihood(
         self, hessian_method: HessianMethod | str = HessianMethod.POSITIVES
     ) -> BregmanLikelihood:
-        """The matching :class:`BregmanLikelihood` (same divergence, margin, normalisation, miner)."""
+        """The matching :class:`BregmanLikelihood` (deprecated: use :attr:`likelihood`, or build
+        a ``BregmanLikelihood`` with another ``hessian_method``)."""
+        warnings.warn(
+            "BregmanContrastiveLoss.to_likelihood is deprecated and will be removed; use the "
+            "loss's .likelihood or build a BregmanLikelihood directly.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         lik = self.likelihood
         return BregmanLikelihood(
             self.divergence,

@@ -154,7 +154,7 @@ class FitMixin:
         self._check_output(first[0])
         self.model.eval()
         self._prepare_last_layer(first)
-        check_posterior_memory(self)
+        check_posterior_memory(self.predictive_view())
         return first, checked_batches(first, rest, self._device, param_dtype)
 
     def _accumulate(

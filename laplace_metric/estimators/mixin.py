@@ -31,9 +31,10 @@ from laplace_metric.estimators.fitting import FitMixin
 from laplace_metric.estimators.prediction import PredictionMixin
 from laplace_metric.estimators.prior import PriorPrecisionMixin
 from laplace_metric.estimators.serialization import SerializationMixin
+from laplace_metric.estimators.view import predictive_view
 from laplace_metric.likelihoods import PairLikelihood, build_likelihood
 from laplace_metric.memory import resolve_budget
-from laplace_metric.predictive import check_posterior_memory
+from laplace_metric.predictive import PredictiveView, check_posterior_memory
 
 
 class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, SerializationMixin):
@@ -218,7 +219,7 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
 
     def _init_H(self) -> None:
         """Check the posterior against the memory budget, then let laplace-torch allocate it."""
-        check_posterior_memory(self)
+        check_posterior_memory(self.predictive_view())
         super()._init_H()
 
     @property
@@ -230,6 +231,10 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         if isinstance(self, LLLaplace):
             return list(self.model.last_layer.parameters())
         return self.params
+
+    def predictive_view(self) -> PredictiveView:
+        """The frozen view of this estimator that :mod:`laplace_metric.predictive` works on."""
+        return predictive_view(self)
 
     def _check_output(self, x: torch.Tensor) -> None:
         """Check (once per estimator) that the encoder returns one (batch, D) tensor."""

@@ -6,13 +6,14 @@ Never a softmax: the linearised (``'glm'``) or Monte-Carlo (``'nn'``) predictive
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from laplace.utils.enums import PredType
 
 from laplace_metric.encoders import keeps_module_modes
-from laplace_metric.enums import UncertaintyScore, parse_enum
+from laplace_metric.enums import CovarianceScore, parse_enum
 from laplace_metric.estimators.batches import check_inputs
 from laplace_metric.memory import dtype_bytes
 from laplace_metric.predictive import (
@@ -23,7 +24,7 @@ from laplace_metric.predictive import (
     nn_embedding_samples,
 )
 from laplace_metric.sampling import gaussian_samples, project_to_sphere
-from laplace_metric.uncertainty import uncertainty_score
+from laplace_metric.uncertainty import covariance_score
 
 
 class PredictionMixin:
@@ -42,8 +43,8 @@ class PredictionMixin:
         X = X.to(self._device)
         check_inputs(X)
         if joint:
-            return glm_joint(self, X)
-        means, covs = zip(*glm_chunks(self, X, diagonal_output, batch_size))
+            return glm_joint(self.predictive_view(), X)
+        means, covs = zip(*glm_chunks(self.predictive_view(), X, diagonal_output, batch_size))
         return torch.cat(means), torch.cat(covs)
 
     @keeps_module_modes
@@ -83,6 +84,9 @@ class PredictionMixin:
             Queries per chunk. ``None``: as many as fit ``memory_budget``. Results do not
             depend on it.
 
+        **model_kwargs
+            Ignored (deprecated: a warning names them).
+
         Returns
         -------
         mean : torch.Tensor
@@ -95,16 +99,12 @@ class PredictionMixin:
         MemoryBudgetError
             If one query (or the joint covariance) does not fit ``memory_budget``.
         """
+        _warn_ignored(model_kwargs)
         self._check_output(x)
-        pred_type = parse_enum(PredType, pred_type, "pred_type")
-        if pred_type == PredType.GP:
-            raise ValueError("pred_type='gp' is not available; use 'glm' or 'nn'.")
-        if pred_type == PredType.GLM:
+        if _checked_pred_type(pred_type, joint) == PredType.GLM:
             return self._glm_predictive_distribution(
                 x, joint=joint, diagonal_output=diagonal_output, batch_size=batch_size
             )
-        if joint:
-            raise ValueError("joint=True is only available for pred_type='glm'.")
         samples = self._nn_embedding_samples(x, n_samples, generator, batch_size)
         return _sample_moments(samples, diagonal_output)
 
@@ -127,7 +127,9 @@ class PredictionMixin:
         self._check_generator(generator)
         x = x.to(self._device)
         check_inputs(x)
-        return nn_embedding_samples(self, x, n_samples, generator, batch_size, weights)
+        return nn_embedding_samples(
+            self.predictive_view(), x, n_samples, generator, batch_size, weights
+        )
 
     def functional_samples(
         self,
@@ -174,7 +176,7 @@ class PredictionMixin:
     def predictive_uncertainty(
         self,
         x: torch.Tensor,
-        score: UncertaintyScore | str = UncertaintyScore.TRACE,
+        score: CovarianceScore | str = CovarianceScore.TRACE,
         pred_type: PredType | str = PredType.GLM,
         n_samples: int = 100,
         batch_size: int | None = None,
@@ -186,7 +188,7 @@ class PredictionMixin:
         ----------
         x : torch.Tensor
         score : {'trace', 'std_sum', 'logdet'}, default='trace'
-            See :func:`laplace_metric.uncertainty.uncertainty_score`.
+            See :func:`laplace_metric.uncertainty.covariance_score`.
         pred_type : {'glm', 'nn'}, default='glm'
         n_samples : int, default=100
         batch_size : int, optional
@@ -201,31 +203,52 @@ class PredictionMixin:
             ``(batch,)``.
         """
         self._check_output(x)
-        score = parse_enum(UncertaintyScore, score, "score")
+        score = parse_enum(CovarianceScore, score, "score")
         pred_type = parse_enum(PredType, pred_type, "pred_type")
-        diagonal = score != UncertaintyScore.LOGDET
+        diagonal = score != CovarianceScore.LOGDET
         if pred_type == PredType.GLM:
             self._check_fitted()
             x = x.to(self._device)
             check_inputs(x)
+            view = self.predictive_view()
             return torch.cat(
                 [
-                    uncertainty_score(cov, score)
-                    for _, cov in glm_chunks(self, x, diagonal, batch_size)
+                    covariance_score(cov, score)
+                    for _, cov in glm_chunks(view, x, diagonal, batch_size)
                 ]
             )
         if pred_type != PredType.NN:
             raise ValueError("pred_type='gp' is not available; use 'glm' or 'nn'.")
         self._check_fitted()
         self._check_generator(generator)
-        weights = draw_weight_samples(self, n_samples, generator)
+        view = self.predictive_view()
+        weights = draw_weight_samples(view, n_samples, generator)
         D = int(self.n_outputs)
         per_query = (2 * n_samples * D + D * D) * dtype_bytes(self._dtype)
         scores = []
-        for chunk in iter_query_chunks(self, x, batch_size, per_query):
+        for chunk in iter_query_chunks(view, x, batch_size, per_query):
             samples = self._nn_embedding_samples(chunk, n_samples, None, batch_size, weights)
-            scores.append(uncertainty_score(_sample_moments(samples, diagonal)[1], score))
+            scores.append(covariance_score(_sample_moments(samples, diagonal)[1], score))
         return torch.cat(scores)
+
+
+def _checked_pred_type(pred_type: PredType | str, joint: bool) -> PredType:
+    pred_type = parse_enum(PredType, pred_type, "pred_type")
+    if pred_type == PredType.GP:
+        raise ValueError("pred_type='gp' is not available; use 'glm' or 'nn'.")
+    if joint and pred_type == PredType.NN:
+        raise ValueError("joint=True is only available for pred_type='glm'.")
+    return pred_type
+
+
+def _warn_ignored(model_kwargs: dict[str, Any]) -> None:
+    if model_kwargs:
+        warnings.warn(
+            f"Keyword arguments {sorted(model_kwargs)} are ignored by the embedding "
+            "predictive; passing them is deprecated and will raise in a future release.",
+            DeprecationWarning,
+            stacklevel=4,
+        )
 
 
 def _sample_moments(

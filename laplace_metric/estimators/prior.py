@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from laplace_metric.enums import parse_enum
 from laplace_metric.estimators.batches import check_inputs, unpack_batch
-from laplace_metric.validation import PositivePairGaussianNLL
+from laplace_metric.metrics.pair_nll import PositivePairGaussianNLL
 
 
 class PriorPrecisionMixin:
@@ -42,7 +42,7 @@ class PriorPrecisionMixin:
         ``method='marglik'`` maximises the Laplace log marginal likelihood built on the
         pairwise negative log-likelihood. ``method='gridsearch'`` minimises a validation
         objective ``loss(means, covariances, labels)`` over ``val_loader``; the default is
-        :class:`laplace_metric.validation.PositivePairGaussianNLL`, the Gaussian negative
+        :class:`laplace_metric.metrics.PositivePairGaussianNLL`, the Gaussian negative
         log-likelihood of the difference of positive validation pairs under the predictive.
         """
         self._check_fitted()

@@ -13,6 +13,7 @@ Curvature backends only consume :class:`PairTerms`; they never see the loss itse
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,7 +59,14 @@ class PairTerms:
         return int((self.signs != 0).sum())
 
     def contributing(self) -> PairTerms:
-        """The same terms restricted to the pairs with a non-zero sign."""
+        """The same terms restricted to the pairs with a non-zero sign (deprecated, unused:
+        :meth:`PairLikelihood.pair_term_chunks` already drops zero-weight pairs)."""
+        warnings.warn(
+            "PairTerms.contributing is deprecated and will be removed; pair_term_chunks "
+            "already yields only the contributing pairs.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         keep = self.signs != 0
         pairs = Pairs(self.pairs.first[keep], self.pairs.second[keep], self.pairs.positive[keep])
         return PairTerms(

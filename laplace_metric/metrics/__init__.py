@@ -13,10 +13,13 @@ Conventions
 
 Families
 --------
-* :mod:`~laplace_metric.metrics.retrieval`: nearest neighbours, recall@k, MAP@R, MAP@k.
+* :mod:`~laplace_metric.metrics.retrieval`: nearest neighbours, recall@k, MAP@R, MAP@k,
+  truncated mAP@k.
 * :mod:`~laplace_metric.metrics.ood`: the kNN-distance score, AUROC and AUPR.
 * :mod:`~laplace_metric.metrics.calibration`: retrieval confidence, reliability bins, ECE.
 * :mod:`~laplace_metric.metrics.sparsification`: sparsification curves and AUSE.
+* :mod:`~laplace_metric.metrics.pair_nll`: the positive-pair Gaussian NLL of the predictive
+  (the prior-precision objective of a grid search).
 
 Every public name is re-exported here (``from laplace_metric.metrics import recall_at_k``).
 """
@@ -30,12 +33,14 @@ from laplace_metric.metrics.calibration import (
     retrieval_ece,
 )
 from laplace_metric.metrics.ood import knn_distance_score, ood_aupr, ood_auroc
+from laplace_metric.metrics.pair_nll import PositivePairGaussianNLL
 from laplace_metric.metrics.retrieval import (
     map_at_k,
     map_at_r,
     nearest_neighbours,
     recall_at_k,
     top1_labels,
+    truncated_map_at_k,
 )
 from laplace_metric.metrics.sparsification import (
     SparsificationCurve,
@@ -45,12 +50,14 @@ from laplace_metric.metrics.sparsification import (
 
 __all__ = [
     "DistanceFn",
+    "PositivePairGaussianNLL",
     "RetrievalConfidence",
     "ReliabilityBins",
     "SparsificationCurve",
     "recall_at_k",
     "map_at_r",
     "map_at_k",
+    "truncated_map_at_k",
     "nearest_neighbours",
     "top1_labels",
     "knn_distance_score",

@@ -245,3 +245,35 @@ def map_at_k(
         exclude_self,
         distance,
     )
+
+
+def truncated_map_at_k(
+    query_emb: Tensor, query_labels: Tensor, db_emb: Tensor, db_labels: Tensor, k: int = 5
+) -> float:
+    """mAP@k normalised by ``min(k, R)`` (the information-retrieval convention), Euclidean.
+
+    ``AP@k(q) = 1 / min(k, R_q) sum_{i <= k} P(i) rel(i)`` with ``R_q`` the number of
+    same-class database items, averaged over queries whose class occurs in the database.
+    pytorch-metric-learning's ``mean_average_precision`` (and :func:`map_at_k`) divide by
+    ``R_q`` instead, which caps the value at ``k / R_q``; LAM's reported mAP@5 is on this
+    truncated scale.
+
+    Parameters
+    ----------
+    query_emb, query_labels, db_emb, db_labels : Tensor
+        As in :func:`recall_at_k`.
+    k : int, default=5
+
+    Returns
+    -------
+    truncated_map_at_k : float
+    """
+    import torch
+
+    _check_k(k, db_emb.shape[0], False)
+    index = torch.cdist(query_emb, db_emb).topk(k, largest=False).indices
+    rel = (db_labels[index] == query_labels[:, None]).double()
+    precision = rel.cumsum(1) / torch.arange(1, k + 1, dtype=torch.float64, device=rel.device)
+    n_rel = (db_labels[None, :] == query_labels[:, None]).sum(1).clamp(max=k).double()
+    keep = n_rel > 0
+    return float(((precision * rel).sum(1)[keep] / n_rel[keep]).mean())

@@ -1,5 +1,10 @@
 """Memory-planned prediction and sampling for the laplace-metric estimators.
 
+Every function works on a :class:`PredictiveView`, the frozen view an estimator hands over
+(``la.predictive_view()``; passing the estimator itself also works), and never reads the
+estimator's private state, so this package imports nothing from
+:mod:`laplace_metric.estimators`.
+
 Three jobs, one module each, all used by :class:`laplace_metric.estimators.MetricLaplaceMixin`:
 
 * **Posterior size checks** (:mod:`~laplace_metric.predictive.sizes`,
@@ -14,6 +19,9 @@ Three jobs, one module each, all used by :class:`laplace_metric.estimators.Metri
 * **Posterior embeddings with a frozen backbone** (:mod:`~laplace_metric.predictive.samples`,
   :class:`PosteriorEmbedder`): for a last-layer posterior the backbone runs once per input;
   each weight sample only re-runs the head on the cached features.
+* **Head samples on cached features** (:mod:`~laplace_metric.predictive.heads`,
+  :class:`HeadSamples`): weight samples of a Linear head (Laplace or dropout), one matrix
+  product per sample.
 """
 
 from __future__ import annotations
@@ -30,6 +38,12 @@ from laplace_metric.predictive.glm import (
     linear_head,
     structured_glm,
 )
+from laplace_metric.predictive.heads import (
+    HeadSamples,
+    dropout_head_samples,
+    head_features,
+    laplace_head_samples,
+)
 from laplace_metric.predictive.samples import FORWARD_BATCH_SIZE as FORWARD_BATCH_SIZE
 from laplace_metric.predictive.samples import (
     PosteriorEmbedder,
@@ -40,10 +54,15 @@ from laplace_metric.predictive.samples import (
 from laplace_metric.predictive.samples import iter_query_chunks as iter_query_chunks
 from laplace_metric.predictive.sizes import FULL_COPIES as FULL_COPIES
 from laplace_metric.predictive.sizes import check_posterior_memory, structure_bytes
+from laplace_metric.predictive.view import PosteriorOps, PredictiveView, as_view
 
 __all__ = [
+    "HeadSamples",
     "MemoryBudgetError",
     "PosteriorEmbedder",
+    "PosteriorOps",
+    "PredictiveView",
+    "as_view",
     "check_posterior_memory",
     "glm_bytes_per_query",
     "glm_chunks",
@@ -53,6 +72,9 @@ __all__ = [
     "jacobian_glm_diagonal",
     "linear_head",
     "draw_weight_samples",
+    "dropout_head_samples",
+    "head_features",
+    "laplace_head_samples",
     "nn_embedding_samples",
     "structure_bytes",
     "structured_glm",

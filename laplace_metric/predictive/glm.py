@@ -23,17 +23,13 @@ models the hook backend does not support, use the backend's ``(B, D, P)`` Jacobi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
-from laplace.lllaplace import LLLaplace
 from laplace.utils.enums import HessianStructure, SubsetOfWeights
 from torch import nn
 
 from laplace_metric.memory import check_fits, chunk_size, dtype_bytes, split
-
-if TYPE_CHECKING:
-    from laplace_metric.estimators import MetricLaplaceMixin
+from laplace_metric.predictive.view import PredictiveView, as_view
 
 #: Working copies of a ``D x P`` Jacobian per query on the Jacobian path (raw, normalised,
 #: parameter selection / posterior product).
@@ -42,40 +38,42 @@ JACOBIAN_COPIES = 4
 KRON_JACOBIAN_COPIES = 3
 
 
-def linear_head(la: MetricLaplaceMixin) -> nn.Linear | None:
+def linear_head(la: PredictiveView) -> nn.Linear | None:
     """The last layer of a last-layer posterior when it is an ``nn.Linear``, else ``None``."""
-    if not isinstance(la, LLLaplace):
+    la = as_view(la)
+    if not la.last_layer:
         return None
     last = la.model.last_layer
     return last if type(last) is nn.Linear else None
 
 
-def _jacobian_params(la: MetricLaplaceMixin) -> int:
+def _jacobian_params(la: PredictiveView) -> int:
     """Columns of the Jacobians the backend computes (before any subnetwork selection)."""
-    if isinstance(la, LLLaplace):
+    if la.last_layer:
         return int(la.n_params)
     return sum(p.numel() for p in la.params)
 
 
-def glm_bytes_per_query(la: MetricLaplaceMixin, structured: bool) -> int:
+def glm_bytes_per_query(la: PredictiveView, structured: bool) -> int:
     """Working memory of the GLM predictive for one query."""
-    itemsize = dtype_bytes(la._dtype)
+    la = as_view(la)
+    itemsize = dtype_bytes(la.dtype)
     D = int(la.n_outputs)
     if structured:
         head = la.model.last_layer
         n_in = head.in_features
-        if la._structure == HessianStructure.FULL:
+        if la.structure == HessianStructure.FULL:
             return (2 * D * int(la.n_params) + 4 * D * D + 3 * n_in) * itemsize
         return (3 * n_in + 2 * D * n_in + 6 * D * D) * itemsize
     copies = JACOBIAN_COPIES + (
-        KRON_JACOBIAN_COPIES if la._structure == HessianStructure.KRON else 0
+        KRON_JACOBIAN_COPIES if la.structure == HessianStructure.KRON else 0
     )
     return (copies * D * _jacobian_params(la) + 4 * D * D) * itemsize
 
 
-def _jacobian_alternatives(la: MetricLaplaceMixin) -> list[str]:
+def _jacobian_alternatives(la: PredictiveView) -> list[str]:
     options = ["pred_type='nn' (weight samples, no Jacobians)"]
-    if la._subset == SubsetOfWeights.ALL:
+    if la.subset == SubsetOfWeights.ALL:
         options.append("subset_of_weights='last_layer'")
     return options
 
@@ -107,9 +105,7 @@ def _kron_inverse_weights(ls: list[torch.Tensor], delta: torch.Tensor, damping: 
     return 1 / (torch.outer(l1, l2) + delta)
 
 
-def _structured_raw_covariance(
-    la: MetricLaplaceMixin, phi: torch.Tensor, joint: bool
-) -> torch.Tensor:
+def _structured_raw_covariance(la: PredictiveView, phi: torch.Tensor, joint: bool) -> torch.Tensor:
     """``J Sigma J^T`` of the raw head output from features ``phi`` ``(B, N)``.
 
     Returns ``(B, D, D)``, or ``(B, D, B, D)`` when ``joint``.
@@ -118,7 +114,7 @@ def _structured_raw_covariance(
     D, N = head.out_features, head.in_features
     n_weight = D * N
     has_bias = head.bias is not None
-    structure = la._structure
+    structure = la.structure
     if structure == HessianStructure.DIAG:
         var = la.posterior_variance
         var_w = var[:n_weight].reshape(D, N)
@@ -165,19 +161,20 @@ def _structured_raw_covariance(
 
 
 def structured_glm(
-    la: MetricLaplaceMixin, x: torch.Tensor, joint: bool = False
+    la: PredictiveView, x: torch.Tensor, joint: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GLM predictive of a last-layer ``nn.Linear`` posterior from the head's features.
 
     Returns the embedding mean ``(B, D)`` and covariance ``(B, D, D)`` (``joint``: the mean
     flattened to ``(B*D,)`` and the covariance ``(B*D, B*D)``).
     """
+    la = as_view(la)
     g, phi = la.model.forward_with_features(x)
     if phi.ndim != 2:
         raise ValueError("structured_glm needs (batch, features) inputs to the last layer.")
     cov = _structured_raw_covariance(la, phi, joint)
-    z = la.pair_likelihood.embed(g)
-    if la.pair_likelihood.normalize:
+    z = la.likelihood.embed(g)
+    if la.likelihood.normalize:
         cov = _project_joint(cov, g, z) if joint else _project(cov, g, z)
     if joint:
         B, D = z.shape
@@ -185,11 +182,12 @@ def structured_glm(
     return z, cov
 
 
-def _uses_structured_path(la: MetricLaplaceMixin, x: torch.Tensor) -> bool:
+def _uses_structured_path(la: PredictiveView, x: torch.Tensor) -> bool:
+    la = as_view(la)
     return linear_head(la) is not None and isinstance(x, torch.Tensor)
 
 
-def layer_predictor(la: MetricLaplaceMixin) -> object | None:
+def layer_predictor(la: PredictiveView) -> object | None:
     """What computes ``J Sigma J^T`` layer by layer for ``la``, or ``None``.
 
     The estimator's backend if it has ``predictive_covariance``
@@ -197,36 +195,38 @@ def layer_predictor(la: MetricLaplaceMixin) -> object | None:
     same model and likelihood, made once and kept on the estimator, if it supports the model
     (the posterior's parameter order is the model's either way).
     """
+    la = as_view(la)
     if hasattr(la.backend, "predictive_covariance"):
         predictor = la.backend
     else:
-        if "_layer_predictor" not in la.__dict__:
+        if "layer_predictor" not in la.cache:
             from laplace_metric.curvature import HookPairGGN
             from laplace_metric.curvature.hooks.support import hooks_support_error
 
-            supported = hooks_support_error(la.model, la._structure.value) is None
+            supported = hooks_support_error(la.model, la.structure.value) is None
             helper = HookPairGGN(la.model, la.backend.likelihood) if supported else None
-            la._layer_predictor = helper
-        predictor = la._layer_predictor
+            la.cache["layer_predictor"] = helper
+        predictor = la.cache["layer_predictor"]
     if predictor is not None and hasattr(type(predictor), "memory_budget"):
         predictor.memory_budget = la.memory_budget
     return predictor
 
 
-def _uses_layer_path(la: MetricLaplaceMixin, joint: bool, x: object = None) -> bool:
+def _uses_layer_path(la: PredictiveView, joint: bool, x: object = None) -> bool:
     """All-layer diag/kron posteriors over tensor inputs: ``J Sigma J^T`` layer by layer
     (:func:`layer_predictor`), never forming ``D x P`` Jacobians."""
+    la = as_view(la)
     return (
         not joint
-        and la._subset == SubsetOfWeights.ALL
-        and la._structure in (HessianStructure.DIAG, HessianStructure.KRON)
+        and la.subset == SubsetOfWeights.ALL
+        and la.structure in (HessianStructure.DIAG, HessianStructure.KRON)
         and la.backend.subnetwork_indices is None
         and (x is None or isinstance(x, torch.Tensor))
         and layer_predictor(la) is not None
     )
 
 
-def _layer_path_bytes(la: MetricLaplaceMixin) -> int:
+def _layer_path_bytes(la: PredictiveView) -> int:
     """Working memory per query of the layer-by-layer predictive: the largest layer's
     per-query Jacobian block, twice, but at most the backend's own bound on its intermediate
     tensors (``4 max_elements``: it forms blocks of output rows or location Gram matrices),
@@ -237,13 +237,14 @@ def _layer_path_bytes(la: MetricLaplaceMixin) -> int:
     bound = getattr(layer_predictor(la), "max_elements", None)
     if bound is not None:
         working = min(working, 4 * int(bound))
-    return (working + 4 * D * D) * dtype_bytes(la._dtype)
+    return (working + 4 * D * D) * dtype_bytes(la.dtype)
 
 
 def jacobian_glm(
-    la: MetricLaplaceMixin, x: torch.Tensor, joint: bool = False
+    la: PredictiveView, x: torch.Tensor, joint: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GLM predictive from the backend's ``(B, D, P)`` Jacobians (any posterior)."""
+    la = as_view(la)
     Js, f_mu = la.backend.jacobians(x, enable_backprop=la.enable_backprop)
     if joint:
         return f_mu.flatten(), la.functional_covariance(Js)
@@ -259,18 +260,17 @@ def _weighted_square_sum(Js: torch.Tensor, weights: torch.Tensor, block: int = 8
     return out
 
 
-def jacobian_glm_diagonal(
-    la: MetricLaplaceMixin, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def jacobian_glm_diagonal(la: PredictiveView, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension GLM variances ``(B, D)`` from the Jacobians, never forming ``D x D``.
 
     ``O(B D P)`` for a diagonal posterior (``sum_p J[d, p]^2 sigma_p``) and after one
     Kronecker-factored product for ``kron``; dense posteriors square ``J S``.
     """
+    la = as_view(la)
     Js, f_mu = la.backend.jacobians(x, enable_backprop=la.enable_backprop)
-    if la._structure == HessianStructure.DIAG:
+    if la.structure == HessianStructure.DIAG:
         var = _weighted_square_sum(Js, la.posterior_variance)
-    elif la._structure == HessianStructure.KRON:
+    elif la.structure == HessianStructure.KRON:
         var = (Js * la.posterior_precision.bmm(Js, exponent=-1)).sum(-1)
     else:
         var = (Js @ la.posterior_scale).square().sum(-1)
@@ -280,11 +280,12 @@ def jacobian_glm_diagonal(
 def _glm_one(
     la, x: torch.Tensor, joint: bool, diagonal_output: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    la = as_view(la)
     if _uses_structured_path(la, x):
         with torch.set_grad_enabled(la.enable_backprop):
             mean, cov = structured_glm(la, x, joint)
     elif _uses_layer_path(la, joint, x):
-        diag = la._structure == HessianStructure.DIAG
+        diag = la.structure == HessianStructure.DIAG
         posterior = la.posterior_variance if diag else la.posterior_precision
         mean, cov = layer_predictor(la).predictive_covariance(x, posterior)
     else:
@@ -298,7 +299,7 @@ def _glm_one(
 
 
 def glm_chunks(
-    la: MetricLaplaceMixin,
+    la: PredictiveView,
     x: torch.Tensor,
     diagonal_output: bool = False,
     batch_size: int | None = None,
@@ -313,6 +314,7 @@ def glm_chunks(
     MemoryBudgetError
         If a single query does not fit the budget.
     """
+    la = as_view(la)
     structured = _uses_structured_path(la, x)
     per_query = glm_bytes_per_query(la, structured)
     if not structured and _uses_layer_path(la, joint=False, x=x):
@@ -336,10 +338,11 @@ def glm_chunks(
         yield mean, cov
 
 
-def glm_joint(la: MetricLaplaceMixin, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def glm_joint(la: PredictiveView, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The joint GLM predictive ``(B*D,)``, ``(B*D, B*D)``; checked against the budget."""
+    la = as_view(la)
     structured = _uses_structured_path(la, x)
-    itemsize = dtype_bytes(la._dtype)
+    itemsize = dtype_bytes(la.dtype)
     n = len(x) * int(la.n_outputs)
     needed = len(x) * glm_bytes_per_query(la, structured) + 3 * n * n * itemsize
     check_fits(

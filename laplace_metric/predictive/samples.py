@@ -9,18 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from laplace.lllaplace import LLLaplace
 from torch.nn.utils import vector_to_parameters
 
 from laplace_metric.memory import check_batch_size, check_fits, chunk_size, dtype_bytes, split
 from laplace_metric.predictive.glm import linear_head
-
-if TYPE_CHECKING:
-    from laplace_metric.estimators import MetricLaplaceMixin
+from laplace_metric.predictive.view import PredictiveView, as_view
 
 #: Rows per forward pass when the budget does not bound them (activations are not planned).
 FORWARD_BATCH_SIZE = 256
@@ -36,19 +32,20 @@ class PosteriorEmbedder:
 
     Parameters
     ----------
-    la : MetricLaplaceMixin
-        A fitted estimator.
+    la : PredictiveView or estimator
+        A fitted estimator or its :class:`~laplace_metric.predictive.PredictiveView`.
     batch_size : int, optional
         Rows per forward pass; default :data:`FORWARD_BATCH_SIZE`.
     """
 
-    def __init__(self, la: MetricLaplaceMixin, batch_size: int | None = None) -> None:
-        la._check_fitted()
+    def __init__(self, la: PredictiveView, batch_size: int | None = None) -> None:
+        la = as_view(la)
+        la.check_fitted()
         self.la = la
         self.batch_size = check_batch_size(FORWARD_BATCH_SIZE if batch_size is None else batch_size)
-        self.last_layer = isinstance(la, LLLaplace)
+        self.last_layer = la.last_layer
         self.head = linear_head(la)
-        self.params = la._posterior_parameters()
+        self.params = la.posterior_parameters()
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +82,7 @@ class PosteriorEmbedder:
 
     def embed(self, features: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings ``(n, D)`` at weight vector ``sample`` (``None``: the posterior mean)."""
-        return self.la.pair_likelihood.embed(self.raw(features, sample))
+        return self.la.likelihood.embed(self.raw(features, sample))
 
     def samples(
         self, n_samples: int, generator: torch.Generator | None = None
@@ -97,7 +94,7 @@ class PosteriorEmbedder:
         if n_samples < 1:
             raise ValueError(f"n_samples must be positive, got {n_samples}.")
         la = self.la
-        per_sample = int(la.mean.numel()) * dtype_bytes(la._dtype)
+        per_sample = int(la.mean.numel()) * dtype_bytes(la.dtype)
         block = chunk_size(n_samples, per_sample, la.memory_budget // 4)
         remaining = n_samples
         while remaining > 0:
@@ -107,11 +104,12 @@ class PosteriorEmbedder:
 
 
 def draw_weight_samples(
-    la: MetricLaplaceMixin, n_samples: int, generator: torch.Generator | None = None
+    la: PredictiveView, n_samples: int, generator: torch.Generator | None = None
 ) -> list[torch.Tensor]:
     """``n_samples`` weight vectors, kept to reuse across query chunks (checked to fit)."""
+    la = as_view(la)
     check_fits(
-        n_samples * int(la.mean.numel()) * dtype_bytes(la._dtype),
+        n_samples * int(la.mean.numel()) * dtype_bytes(la.dtype),
         la.memory_budget,
         f"{n_samples} weight samples of {int(la.mean.numel()):,} parameters",
         ["fewer samples", "pred_type='glm'"],
@@ -120,7 +118,7 @@ def draw_weight_samples(
 
 
 def nn_embedding_samples(
-    la: MetricLaplaceMixin,
+    la: PredictiveView,
     x: torch.Tensor,
     n_samples: int,
     generator: torch.Generator | None = None,
@@ -131,11 +129,12 @@ def nn_embedding_samples(
 
     ``weights``: reuse these weight samples instead of drawing ``n_samples`` new ones.
     """
+    la = as_view(la)
     embedder = PosteriorEmbedder(la, batch_size)
     if weights is not None:
         n_samples = len(weights)
     if batch_size is None:
-        itemsize = dtype_bytes(la._dtype)
+        itemsize = dtype_bytes(la.dtype)
         per_query = n_samples * int(la.n_outputs) * itemsize * 2
         out_bytes = len(x) * per_query
         check_fits(
@@ -171,9 +170,10 @@ def knn_and_top1(
 
 
 def iter_query_chunks(
-    la: MetricLaplaceMixin, x: torch.Tensor, batch_size: int | None, per_query: float
+    la: PredictiveView, x: torch.Tensor, batch_size: int | None, per_query: float
 ) -> Iterator[torch.Tensor]:
     """Chunks of ``x`` whose memory ``per_query`` each fits the budget (or ``batch_size``)."""
+    la = as_view(la)
     yield from split(x, chunk_size(len(x), per_query, la.memory_budget, batch_size))
 
 

@@ -6,18 +6,12 @@ size with the budget and names the structures and subsets that would fit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-from laplace.lllaplace import LLLaplace
-from laplace.subnetlaplace import SubnetLaplace
 from laplace.utils.enums import HessianStructure, SubsetOfWeights
 from torch import nn
 
 from laplace_metric.memory import check_fits, dtype_bytes, format_bytes
-
-if TYPE_CHECKING:
-    from laplace_metric.estimators import MetricLaplaceMixin
+from laplace_metric.predictive.view import PredictiveView, as_view
 
 #: Dense ``P x P`` matrices alive at once for a full structure (signed curvature, PSD
 #: curvature and posterior precision or scale).
@@ -58,22 +52,22 @@ def _last_module_with_parameters(model: nn.Module) -> tuple[str, nn.Module] | No
     return found
 
 
-def _posterior_shapes(la: MetricLaplaceMixin) -> list[torch.Size] | None:
-    if isinstance(la, LLLaplace):
+def _posterior_shapes(la: PredictiveView) -> list[torch.Size] | None:
+    if la.last_layer:
         if la.model.last_layer is None:
             return None
         return [p.shape for p in la.model.last_layer.parameters()]
-    if isinstance(la, SubnetLaplace):
+    if la.subnetwork:
         return [torch.Size([int(la.n_params)])]
     return [p.shape for p in la.params]
 
 
-def _largest_kron_factor(la: MetricLaplaceMixin) -> tuple[str, int, int] | None:
+def _largest_kron_factor(la: PredictiveView) -> tuple[str, int, int] | None:
     """``(name, factor width, bytes of its four copies)`` of the all-layer parameter whose
     Kronecker factors are largest (a ``(1, ...)`` position embedding's dense block, typically)."""
-    if isinstance(la, (LLLaplace, SubnetLaplace)):
+    if la.last_layer or la.subnetwork:
         return None
-    itemsize = dtype_bytes(la._dtype)
+    itemsize = dtype_bytes(la.dtype)
     sizes = [
         (_kron_bytes([p.shape], itemsize), name, p.shape)
         for name, p in la.model.named_parameters()
@@ -86,7 +80,7 @@ def _largest_kron_factor(la: MetricLaplaceMixin) -> tuple[str, int, int] | None:
     return name, width, size
 
 
-def _kron_without_widest(la: MetricLaplaceMixin, needed: int, budget: int) -> tuple[str, str]:
+def _kron_without_widest(la: PredictiveView, needed: int, budget: int) -> tuple[str, str]:
     """A note on the widest factor's share of ``needed`` and, if leaving it out fits, that
     alternative (empty strings when the widest factor is not most of the size)."""
     widest = _largest_kron_factor(la)
@@ -102,23 +96,24 @@ def _kron_without_widest(la: MetricLaplaceMixin, needed: int, budget: int) -> tu
     )
 
 
-def check_posterior_memory(la: MetricLaplaceMixin) -> None:
+def check_posterior_memory(la: PredictiveView) -> None:
     """Raise :class:`~laplace_metric.memory.MemoryBudgetError` if the posterior's curvature
     does not fit ``la.memory_budget``, naming the structures and subsets that would.
 
     A no-op while a last-layer estimator has not located its last layer yet.
     """
+    la = as_view(la)
     shapes = _posterior_shapes(la)
     if shapes is None:
         return
-    itemsize = dtype_bytes(la._dtype)
+    itemsize = dtype_bytes(la.dtype)
     budget = la.memory_budget
-    structure = la._structure
+    structure = la.structure
     needed = structure_bytes(structure, shapes, itemsize)
     if needed <= budget:
         return
     n_params = sum(int(torch.Size(s).numel()) for s in shapes)
-    is_subnet = isinstance(la, SubnetLaplace)
+    is_subnet = la.subnetwork
     allowed = (
         (HessianStructure.DIAG, HessianStructure.FULL)
         if is_subnet
@@ -135,7 +130,7 @@ def check_posterior_memory(la: MetricLaplaceMixin) -> None:
         size = structure_bytes(other, shapes, itemsize)
         if size <= budget:
             alternatives.append(f"hessian_structure='{other.value}' ({format_bytes(size)})")
-    if la._subset == SubsetOfWeights.ALL:
+    if la.subset == SubsetOfWeights.ALL:
         last = _last_module_with_parameters(la.model)
         if last is not None:
             last_shapes = [p.shape for p in last[1].parameters(recurse=False)]
@@ -152,7 +147,7 @@ def check_posterior_memory(la: MetricLaplaceMixin) -> None:
     what = f"A {structure.value} posterior over {n_params:,} parameters{note}"
     if structure == HessianStructure.FULL:
         what += (
-            f" ({FULL_COPIES} dense P x P matrices in {str(la._dtype).removeprefix('torch.')}, "
+            f" ({FULL_COPIES} dense P x P matrices in {str(la.dtype).removeprefix('torch.')}, "
             f"{format_bytes(n_params**2 * itemsize)} each)"
         )
     check_fits(needed, budget, what, alternatives)
