@@ -144,3 +144,18 @@ def test_isotropic_noise_baseline_picks_sigma_on_validation_and_restores_modes()
         IsotropicNoiseBaseline(encoder, sigmas=[0.1, 0.2]).fit(x)
     with pytest.raises(ValueError, match="positive"):
         IsotropicNoiseBaseline(encoder, sigmas=[0.0])
+
+
+def test_isotropic_last_layer_runs_the_backbone_once_and_matches_the_full_path():
+    from laplace_metric.baselines import IsotropicNoiseBaseline
+
+    x, _ = labelled_data(30, (5,), n_classes=3)
+    encoder = make_mlp()
+    fast = IsotropicNoiseBaseline(encoder, sigmas=0.2, parameters="last_layer", n_samples=3)
+    slow = IsotropicNoiseBaseline(
+        torch.nn.Sequential(encoder, torch.nn.Identity()), 0.2, "last_layer", n_samples=3
+    )
+    assert fast._split() is not None and slow._split() is None
+    fast.fit(x[:20])
+    slow.fit(x[:20])
+    torch.testing.assert_close(fast.score(x[20:]), slow.score(x[20:]))

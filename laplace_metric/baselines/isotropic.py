@@ -103,9 +103,25 @@ class IsotropicNoiseBaseline(OODBaseline):
             for module, training in modes.items():
                 module.train(training)
 
+    def _split(self) -> tuple[nn.Module, nn.Module] | None:
+        """``(backbone, head)`` when only the final ``nn.Linear`` of a Sequential is noised, so
+        the backbone runs once per input and each draw re-runs only the head."""
+        enc = self.encoder
+        if self.parameters == "last_layer" and isinstance(enc, nn.Sequential):
+            if isinstance(enc[-1], nn.Linear):
+                return enc[:-1], enc[-1]
+        return None
+
     def _draw(self, x: Tensor, sigma: float) -> Tensor:
-        params = dict(self.encoder.named_parameters())
-        noised = self._noised()
+        split = self._split()
+        if split is not None:
+            backbone, head = split
+            x = torch.cat([backbone(c) for c in x.split(self.batch_size)])
+            return self._draw_from(head, x, sigma, list(dict(head.named_parameters())))
+        return self._draw_from(self.encoder, x, sigma, self._noised())
+
+    def _draw_from(self, module: nn.Module, x: Tensor, sigma: float, noised: list[str]) -> Tensor:
+        params = dict(module.named_parameters())
         device = next(iter(params.values())).device
         gen = torch.Generator(device=device).manual_seed(self.seed)
         out = []
@@ -115,9 +131,7 @@ class IsotropicNoiseBaseline(OODBaseline):
                 p = params[name]
                 eps = torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype)
                 sample[name] = p + sigma * eps
-            z = torch.cat(
-                [functional_call(self.encoder, sample, (c,)) for c in x.split(self.batch_size)]
-            )
+            z = torch.cat([functional_call(module, sample, (c,)) for c in x.split(self.batch_size)])
             out.append(torch.nn.functional.normalize(z, dim=-1) if self.normalize else z)
         return torch.stack(out)
 
