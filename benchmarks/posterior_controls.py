@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 #: LAM configurations: row name -> (subset, structure, likelihood_scale, prior precision).
 CONFIGS = {
-    "LAM all-layer diag, dataset scale, prior 1 (default)": ("all", "diag", "dataset", 1.0),
-    "LAM all-layer diag, dataset scale, marglik": ("all", "diag", "dataset", "marglik"),
+    "LAM all-layer diag, dataset scale, prior 1": ("all", "diag", "dataset", 1.0),
+    "LAM all-layer diag, dataset scale, marglik (default)": ("all", "diag", "dataset", "marglik"),
     "LAM all-layer diag, batch scale, marglik": ("all", "diag", "batch", "marglik"),
     "LAM last-layer kron, dataset scale, prior 1": ("last_layer", "kron", "dataset", 1.0),
     "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
@@ -46,8 +46,8 @@ FASHION_CONFIGS = {
     "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
 }
 FASHION_ALL_LAYER = {
-    "LAM all-layer diag, dataset scale, prior 1 (default)": ("all", "diag", "dataset", 1.0),
-    "LAM all-layer diag, dataset scale, marglik": ("all", "diag", "dataset", "marglik"),
+    "LAM all-layer diag, dataset scale, prior 1": ("all", "diag", "dataset", 1.0),
+    "LAM all-layer diag, dataset scale, marglik (default)": ("all", "diag", "dataset", "marglik"),
 }
 COLUMNS = ("AUROC held-out", "AUROC noise", "AUSE", "ECE", "val AUROC noise", "val ECE")
 
@@ -150,8 +150,7 @@ def fashion_split(seed: int, n_train: int = 4000, n_val: int = 1000, n_test: int
     set, uniform noise; the packaged offline copies (see ``docs/fashion_mnist.rst``)."""
     from torch.utils.data import TensorDataset
 
-    from laplace_metric.datasets import OpenSetSplit
-    from laplace_metric.idx import load_idx_dataset
+    from laplace_metric.data import OpenSetSplit, load_idx_dataset
 
     fashion, mnist = load_idx_dataset("fashion_mnist"), load_idx_dataset("mnist")
     gen = torch.Generator().manual_seed(seed)
@@ -181,7 +180,7 @@ def fashion_split(seed: int, n_train: int = 4000, n_val: int = 1000, n_test: int
 def run_seed(seed: int, n_samples: int, epochs: int, configs: dict, dim: int | None = None):
     """All rows of one seed; ``dim`` set: FashionMNIST -> MNIST with LAM's CNN of that size."""
     from laplace_metric.baselines import train_encoder
-    from laplace_metric.datasets import digits_open_set
+    from laplace_metric.data import digits_open_set
     from laplace_metric.demo import make_encoder
     from laplace_metric.likelihoods import ContrastiveLikelihood
     from laplace_metric.metrics import top1_labels
@@ -233,22 +232,15 @@ def run_seed(seed: int, n_samples: int, epochs: int, configs: dict, dim: int | N
 
 
 def format_table(results: list[dict]) -> str:
-    """Mean +- std over seeds, one row per method."""
-    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
+    """Mean +- std over seeds, one row per method (the shared evaluation layer's table)."""
+    from laplace_metric.evaluation import Column, ResultTable
+
+    digits = {"AUSE": 4, "ECE": 4, "val ECE": 4}
+    table = ResultTable([Column(c, digits.get(c, 3)) for c in COLUMNS])
     for name in results[0]:
-        cells = []
-        for col in COLUMNS:
-            values = torch.tensor(
-                [r[name].get(col, math.nan) for r in results], dtype=torch.float64
-            )
-            if torch.isnan(values).all():
-                cells.append("-")
-                continue
-            std = values.std().item() if len(values) > 1 else 0.0
-            digits = 4 if col in ("AUSE", "ECE") else 3
-            cells.append(f"{values.mean().item():.{digits}f} ± {std:.{digits}f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        values = {c: [r[name].get(c, math.nan) for r in results] for c in COLUMNS}
+        table.add_row(name, values)
+    return table.to_markdown()
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -79,6 +79,7 @@ class IsotropicNoiseBaseline(OODBaseline):
         self.validation: dict[float, float] = {}
         self._x_train: Tensor | None = None
         self._train_samples: dict[float, Tensor] = {}
+        self._features: dict[tuple, Tensor] = {}
 
     # ------------------------------------------------------------------ internals
     def _noised(self) -> list[str]:
@@ -116,8 +117,11 @@ class IsotropicNoiseBaseline(OODBaseline):
         split = self._split()
         if split is not None:
             backbone, head = split
-            x = torch.cat([backbone(c) for c in x.split(self.batch_size)])
-            return self._draw_from(head, x, sigma, list(dict(head.named_parameters())))
+            key = (x.data_ptr(), tuple(x.shape), x._version)
+            if key not in self._features:  # one backbone pass per input set, for every sigma
+                self._features = {key: torch.cat([backbone(c) for c in x.split(self.batch_size)])}
+            features = self._features[key]
+            return self._draw_from(head, features, sigma, list(dict(head.named_parameters())))
         return self._draw_from(self.encoder, x, sigma, self._noised())
 
     def _draw_from(self, module: nn.Module, x: Tensor, sigma: float, noised: list[str]) -> Tensor:
