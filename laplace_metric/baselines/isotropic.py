@@ -119,7 +119,9 @@ class IsotropicNoiseBaseline(OODBaseline):
             backbone, head = split
             key = (x.data_ptr(), tuple(x.shape), x._version)
             if key not in self._features:  # one backbone pass per input set, for every sigma
-                self._features = {key: torch.cat([backbone(c) for c in x.split(self.batch_size)])}
+                if len(self._features) >= 4:  # train, validation, validation OOD, one query set
+                    self._features.pop(next(iter(self._features)))
+                self._features[key] = torch.cat([backbone(c) for c in x.split(self.batch_size)])
             features = self._features[key]
             return self._draw_from(head, features, sigma, list(dict(head.named_parameters())))
         return self._draw_from(self.encoder, x, sigma, self._noised())
