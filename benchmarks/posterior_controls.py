@@ -19,6 +19,7 @@ seeds. Rows:
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import math
 import sys
 import time
@@ -87,7 +88,7 @@ def _lam_rows(rows, name, config, det, loader, data, seed, n_samples, margin) ->
     gen = torch.Generator().manual_seed(seed)
     scorer = UncertaintyScorer(la, x_tr, y_tr, n_samples=n_samples, generator=gen)
     for suffix, off in (("fitted", False), ("curvature off", True)):
-        with curvature_off(la) if off else _nothing():
+        with curvature_off(la) if off else nullcontext():
             test = scorer.retrieval(data["inputs"]["test"])
             confidence = (test.confidence, test.predicted == data["y_test"])
             row = _metrics(scorer, data, confidence)
@@ -95,14 +96,6 @@ def _lam_rows(rows, name, config, det, loader, data, seed, n_samples, margin) ->
             correct = (val.predicted == data["y_val"]).cpu()
             row["val ECE"] = retrieval_ece(val.confidence.cpu(), correct)
             rows[f"{name}: {suffix}"] = row
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _baseline_rows(rows, det, data, seed, n_samples, image: bool = False) -> None:
