@@ -19,10 +19,10 @@ seeds. Rows:
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
