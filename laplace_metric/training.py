@@ -120,9 +120,7 @@ def fit_online_lam(
         Controls the weight samples.
     **laplace_kwargs
         Estimator options: ``margin``, ``hessian_method``, ``normalize``, ``miner``,
-        ``temperature``, ``backend``, ``divergence``, ... Online LAM scales its curvature to
-        one epoch of batches (``likelihood_scale='batch'``, the only value it takes); its
-        strength against the prior is set by ``prior_precision`` and ``temperature``.
+        ``temperature``, ``backend``, ``divergence``, ...; ``likelihood_scale='batch'`` only.
 
     Returns
     -------
@@ -131,6 +129,15 @@ def fit_online_lam(
     """
     prior_update = parse_enum(PriorUpdate, prior_update, "prior_update")
     _check_schedule(train_loader, decay, epochs, update_every)
+    la = _build_estimator(
+        encoder, likelihood, subset_of_weights, hessian_structure, prior_precision, laplace_kwargs
+    )
+    run = _OnlineLAM(la, train_loader, optimizer, lr, decay, update_every, generator)
+    return run.train(epochs, prior_update, progress_bar)
+
+
+def _check_online_scale(laplace_kwargs: dict[str, Any]) -> None:
+    """Online LAM scales its curvature to one epoch of batches: ``likelihood_scale='batch'``."""
     scale = laplace_kwargs.setdefault("likelihood_scale", "batch")
     if getattr(scale, "value", scale) != "batch":
         raise ValueError(
@@ -139,11 +146,6 @@ def fit_online_lam(
             "prior_precision or temperature, or fit a post-hoc estimator with "
             "likelihood_scale='dataset' after training."
         )
-    la = _build_estimator(
-        encoder, likelihood, subset_of_weights, hessian_structure, prior_precision, laplace_kwargs
-    )
-    run = _OnlineLAM(la, train_loader, optimizer, lr, decay, update_every, generator)
-    return run.train(epochs, prior_update, progress_bar)
 
 
 def _check_schedule(train_loader: DataLoader, decay: float, epochs: int, update_every: int) -> None:
@@ -163,6 +165,7 @@ def _build_estimator(
     prior_precision: float,
     laplace_kwargs: dict[str, Any],
 ) -> MetricLaplaceMixin:
+    _check_online_scale(laplace_kwargs)
     return metric_laplace(
         encoder,
         likelihood,

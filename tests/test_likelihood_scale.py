@@ -159,3 +159,13 @@ def test_isotropic_last_layer_runs_the_backbone_once_and_matches_the_full_path()
     fast.fit(x[:20])
     slow.fit(x[:20])
     torch.testing.assert_close(fast.score(x[20:]), slow.score(x[20:]))
+
+
+def test_online_lam_keeps_its_epoch_scaling():
+    from laplace_metric import fit_online_lam
+
+    x, y = labelled_data(24, (5,), n_classes=3)
+    la = fit_online_lam(make_mlp(), loader(x, y, 8), "contrastive", "all", "diag", epochs=1)
+    assert la.likelihood_scale.value == "batch" and la.likelihood_factor == 1.0
+    with pytest.raises(ValueError, match="likelihood_scale='batch' only"):
+        fit_online_lam(make_mlp(), loader(x, y, 8), epochs=1, likelihood_scale="dataset")

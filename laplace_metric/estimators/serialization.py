@@ -33,6 +33,18 @@ class SerializationMixin:
         state["likelihood_scale"] = scale.value if hasattr(scale, "value") else float(scale)
         return state
 
+    def _check_saved_scale(self, state_dict: dict[str, Any]) -> None:
+        """Raise if the state was saved under another ``likelihood_scale`` (older states,
+        without the entry, were fitted under ``'batch'``)."""
+        saved = state_dict.get("likelihood_scale", "batch")
+        scale = self.likelihood_scale
+        scale = scale.value if hasattr(scale, "value") else float(scale)
+        if saved != scale:
+            raise ValueError(
+                f"This state_dict was saved with likelihood_scale={saved!r}, but the estimator "
+                f"has likelihood_scale={scale!r}; build it with likelihood_scale={saved!r}."
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any], check_weights: bool = True) -> None:
         """Restore a fit saved by :meth:`state_dict` into an estimator of the same configuration.
 
@@ -62,15 +74,7 @@ class SerializationMixin:
             diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current)}
             diff = {k: v for k, v in diff.items() if v[0] != v[1]}
             raise ValueError(f"Likelihood configuration differs from the saved one: {diff}.")
-        saved_scale = state_dict.get("likelihood_scale", "batch")
-        scale = self.likelihood_scale
-        scale = scale.value if hasattr(scale, "value") else float(scale)
-        if saved_scale != scale:
-            raise ValueError(
-                f"This state_dict was saved with likelihood_scale={saved_scale!r}, but the "
-                f"estimator has likelihood_scale={scale!r}; build it with "
-                f"likelihood_scale={saved_scale!r}."
-            )
+        self._check_saved_scale(state_dict)
         previous = dict(self.__dict__)
         super().load_state_dict(state_dict)
         if check_weights:
@@ -94,6 +98,10 @@ class SerializationMixin:
                     "this check and keeps the model's weights)."
                 )
         self.pair_likelihood.load_state_dict(state_dict.get("likelihood_state", {}))
+        self._restore_curvature(state_dict)
+
+    def _restore_curvature(self, state_dict: dict[str, Any]) -> None:
+        """Set the signed curvature and pair counts of ``state_dict``; derive the posterior."""
         signed = state_dict["H_signed"]
         if self._structure == HessianStructure.KRON:
             from laplace.utils import Kron
