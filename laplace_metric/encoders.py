@@ -16,13 +16,20 @@ a fit starts, with errors that name the fix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SelectOutput", "check_encoder_output", "check_input_dtype", "keeps_module_modes"]
+__all__ = [
+    "SelectOutput",
+    "check_encoder_output",
+    "check_input_dtype",
+    "eval_mode",
+    "keeps_module_modes",
+]
 
 _WRAP_HINT = (
     "wrap the encoder so that it returns the embedding tensor: "
@@ -220,19 +227,53 @@ def check_input_dtype(model: nn.Module, x: Any, name: str = "x") -> None:
         )
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with ``model`` in eval mode, then restore every submodule's train/eval mode
+    and every buffer (e.g. BatchNorm's running statistics) as they were.
+
+    Scores, samples and predictions must not depend on the mode the encoder was left in (a
+    model is in train mode right after construction or a training loop): in train mode
+    BatchNorm would use batch statistics and overwrite its running statistics, and Dropout
+    would drop units.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Yields
+    ------
+    model : torch.nn.Module
+        The same module, in eval mode.
+
+    Examples
+    --------
+    >>> with eval_mode(encoder):                # doctest: +SKIP
+    ...     z = encoder(x)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if buffer.shape == saved.shape and not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
+
+
 def keeps_module_modes(method: Callable) -> Callable:
     """Decorate an estimator method: run it with ``self.model`` in eval mode, then restore the
-    train/eval mode of every submodule as it was before the call."""
+    train/eval mode of every submodule and every buffer as before the call (see
+    :func:`eval_mode`)."""
     import functools
 
     @functools.wraps(method)
     def wrapper(self, *args: Any, **kwargs: Any) -> Any:
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             return method(self, *args, **kwargs)
-        finally:
-            for module, mode in modes:
-                module.training = mode
 
     return wrapper

@@ -129,6 +129,7 @@ class PredictionMixin:
         check_inputs(x)
         return nn_embedding_samples(self, x, n_samples, generator, batch_size, weights)
 
+    @keeps_module_modes
     def functional_samples(
         self,
         x: torch.Tensor,
