@@ -77,7 +77,9 @@ def test_scores_equal_eval_mode_scores_and_model_untouched(subset, structure):
     x, y = labelled_data(24, (5,))
     model = bn_dropout_encoder()
     model.eval()
-    la = laplace.Laplace(model, "contrastive", subset_of_weights=subset, hessian_structure=structure)
+    la = laplace.Laplace(
+        model, "contrastive", subset_of_weights=subset, hessian_structure=structure
+    )
     la.fit(loader(x, y, 12), progress_bar=False)
     expected = _outputs(la, x, x[:6])
 
