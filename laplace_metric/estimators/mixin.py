@@ -44,8 +44,11 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
     model : torch.nn.Module
         Encoder mapping inputs to embeddings ``(batch, D)``.
     likelihood : {'contrastive', 'bregman'} or PairLikelihood, default='contrastive'
-    margin : float, default=1.0
-        Hinge margin of negative pairs (on the squared distance for ``'contrastive'``).
+    margin : float, optional
+        Hinge margin of negative pairs (on the squared distance for ``'contrastive'``);
+        default 1.0. Use the margin the encoder was trained with: pass the likelihood it was
+        trained with (``likelihood=history.likelihood`` from
+        :func:`~laplace_metric.baselines.train_encoder`) to take it from there.
     normalize : bool, default=True
         L2-normalise embeddings (the posterior is over embeddings on the unit sphere).
     hessian_method : {'positives', 'fixed', 'full'}, default='positives'
@@ -78,7 +81,7 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         model: nn.Module,
         likelihood: str | PairLikelihood = "contrastive",
         *,
-        margin: float = 1.0,
+        margin: float | None = None,
         normalize: bool = True,
         hessian_method: HessianMethod | str = HessianMethod.POSITIVES,
         miner: Any | None = None,
