@@ -166,7 +166,7 @@ def digits_open_set(
     Pixels are scaled to ``[0, 1]`` (divided by 16) and flattened to 64 float32 features. Of the
     in-distribution images, ``test_fraction`` go to test and ``val_fraction`` of the rest to val,
     stratified by class; the defaults give train 606 / val 152 / test 325 for classes 0-5, and
-    714 OOD images of classes 6-9 (BRIEF section 6).
+    714 OOD images of classes 6-9.
 
     Parameters
     ----------

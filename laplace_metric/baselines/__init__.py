@@ -1,4 +1,4 @@
-"""Uncertainty baselines for metric learning (BRIEF section 6), one module per baseline.
+"""Uncertainty baselines for metric learning, one module per baseline.
 
 Every baseline follows the same two-step use: ``fit(x_train, y_train)`` once, then
 ``score(x)`` gives one OOD score per input (higher = more OOD). Baselines that also retrieve

@@ -36,7 +36,7 @@ class DeepEnsembleBaseline(OODBaseline):
     The embedding of a metric-learning loss is only defined up to an isometry: every rotation of
     a member's embedding space has the same loss. Two members therefore disagree on the raw
     coordinates even for training inputs, and the spread of raw embeddings across members
-    measures arbitrary rotations, not uncertainty (BRIEF section 6: AUROC 0.54 / 0.33). The
+    measures arbitrary rotations, not uncertainty (measured on the digits split: AUROC 0.54 / 0.33). The
     default score is rotation-invariant: the mean over members ``m`` of the distance from
     ``z_m(x)`` to its k-th nearest training embedding *of the same member*. Retrieval uses the
     concatenation ``[z_1, ..., z_M] / sqrt(M)``, whose squared distances are the members' mean
