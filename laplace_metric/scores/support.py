@@ -61,6 +61,8 @@ def in_eval_mode(method: _F) -> _F:
 
 
 def check_tensor(x: Any, name: str, la) -> torch.Tensor:
+    """``x`` checked (a non-empty tensor batch whose floating dtype matches the model's) and
+    moved to the estimator's device."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
     if x.ndim == 0 or len(x) == 0:
