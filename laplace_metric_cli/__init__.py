@@ -50,25 +50,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``laplace-metric`` argument parser (every flag has help text and its default)."""
-    parser = _Parser(
-        prog="laplace-metric",
-        description="Bayesian metric learning for laplace-torch (LAM: Laplacian Metric Learner).",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = commands.add_parser(
-        "demo",
-        help="post-hoc and online LAM vs baselines on an open-set split (digits: no download)",
-        description=(
-            "Train an encoder on the in-distribution classes, fit post-hoc and online LAM and "
-            "four baselines for each seed, and report retrieval, OOD detection (held-out "
-            "classes and uniform noise), sparsification and calibration as mean ± std over the "
-            "seeds. Writes results.md, results.json (updated after every seed) and plots."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
+    """The flags of ``laplace-metric demo``."""
     demo.add_argument(
         "--dataset",
         default="digits",
@@ -112,6 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
         "layout works); also the download target",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``laplace-metric`` argument parser (every flag has help text and its default)."""
+    parser = _Parser(
+        prog="laplace-metric",
+        description="Bayesian metric learning for laplace-torch (LAM: Laplacian Metric Learner).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo = commands.add_parser(
+        "demo",
+        help="post-hoc and online LAM vs baselines on an open-set split (digits: no download)",
+        description=(
+            "Train an encoder on the in-distribution classes, fit post-hoc and online LAM and "
+            "four baselines for each seed, and report retrieval, OOD detection (held-out "
+            "classes and uniform noise), sparsification and calibration as mean ± std over the "
+            "seeds. Writes results.md, results.json (updated after every seed) and plots."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_demo_arguments(demo)
     return parser
 
 

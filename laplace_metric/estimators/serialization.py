@@ -54,17 +54,7 @@ class SerializationMixin:
                 f"cannot be loaded into a {type(self).__name__} (given): use the same "
                 "subset_of_weights and hessian_structure as when saving."
             )
-        current = self.pair_likelihood.config()
-        if saved != current:
-            keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            details = "; ".join(
-                f"{k}: saved {saved.get(k)!r}, given {current.get(k)!r}" for k in keys
-            )
-            fix = ", ".join(f"{k}={saved.get(k)!r}" for k in keys if k != "name")
-            raise ValueError(
-                f"The likelihood configuration differs from the saved one ({details}). Build the "
-                f"estimator with the saved values ({fix}) before load_state_dict."
-            )
+        check_config(saved, self.pair_likelihood.config())
         previous = dict(self.__dict__)
         super().load_state_dict(state_dict)
         if check_weights:
@@ -96,6 +86,19 @@ class SerializationMixin:
         self.H_signed = signed
         self.n_pairs = int(state_dict["n_pairs"])
         self._set_posterior_curvature()
+
+
+def check_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` naming every saved and given value that differ."""
+    if saved == current:
+        return
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    details = "; ".join(f"{k}: saved {saved.get(k)!r}, given {current.get(k)!r}" for k in keys)
+    fix = ", ".join(f"{k}={saved.get(k)!r}" for k in keys if k != "name")
+    raise ValueError(
+        f"The likelihood configuration differs from the saved one ({details}). Build the "
+        f"estimator with the saved values ({fix}) before load_state_dict."
+    )
 
 
 __all__ = ["SerializationMixin"]
