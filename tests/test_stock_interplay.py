@@ -11,6 +11,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_metric  # noqa: F401
 
+# stock BackPACK's own backward passes on inputs without grad: expected, not ours
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+
 
 def test_stock_backpack_before_and_after_plugin_fits():
     torch.manual_seed(0)
