@@ -45,8 +45,11 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
     model : torch.nn.Module
         Encoder mapping inputs to embeddings ``(batch, D)``.
     likelihood : {'contrastive', 'bregman'} or PairLikelihood, default='contrastive'
-    margin : float, default=1.0
-        Hinge margin of negative pairs (on the squared distance for ``'contrastive'``).
+    margin : float, optional
+        Hinge margin of negative pairs (on the squared distance for ``'contrastive'``);
+        default 1.0. Use the margin the encoder was trained with: pass the likelihood it was
+        trained with (``likelihood=history.likelihood`` from
+        :func:`~laplace_metric.baselines.train_encoder`) to take it from there.
     normalize : bool, default=True
         L2-normalise embeddings (the posterior is over embeddings on the unit sphere).
     hessian_method : {'positives', 'fixed', 'full'}, default='positives'
@@ -79,7 +82,7 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         model: nn.Module,
         likelihood: str | PairLikelihood = "contrastive",
         *,
-        margin: float = 1.0,
+        margin: float | None = None,
         normalize: bool = True,
         hessian_method: HessianMethod | str = HessianMethod.POSITIVES,
         miner: Any | None = None,
@@ -111,6 +114,8 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
                 f"subclass such as ReferencePairGGN), got {backend!r}. Stock laplace-torch "
                 "backends square each sample separately and are wrong for pairwise likelihoods."
             )
+        if kwargs.get("last_layer_name") is not None:
+            kwargs["last_layer_name"] = resolve_last_layer_name(model, kwargs["last_layer_name"])
         self.H_signed: torch.Tensor | Any | None = None
         self.n_pairs: int = 0
         # laplace-torch only accepts its own likelihoods: initialise as 'classification', then
@@ -174,7 +179,10 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
             return
         last_layer = isinstance(self, LLLaplace)
         encoder = getattr(self.model, "model", self.model) if last_layer else self.model
-        check_encoder_output(encoder, x[:1].to(self._device), last_layer=last_layer)
+        name = getattr(self.model, "_last_layer_name", None) if last_layer else None
+        check_encoder_output(
+            encoder, x[:1].to(self._device), last_layer=last_layer, last_layer_name=name
+        )
         self._output_checked = True
 
     def _check_fitted(self) -> None:
@@ -252,4 +260,21 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         self._posterior_scale = None
 
 
-__all__ = ["MetricLaplaceMixin"]
+def resolve_last_layer_name(model: nn.Module, name: str) -> str:
+    """``name`` as a key of ``model.named_modules()``; the ``'model.'`` prefix that the
+    estimator's feature extractor adds (``la.model.named_modules()``) is accepted too."""
+    names = dict(model.named_modules())
+    if not isinstance(name, str):
+        raise TypeError(f"last_layer_name must be a str, got {type(name).__name__}.")
+    if name in names:
+        return name
+    if name.startswith("model.") and name[len("model.") :] in names:
+        return name[len("model.") :]
+    linears = [n for n, m in names.items() if isinstance(m, nn.Linear)]
+    raise ValueError(
+        f"last_layer_name={name!r} is not a module of the encoder; pass the name of its "
+        f"embedding nn.Linear as in encoder.named_modules(), one of {linears}."
+    )
+
+
+__all__ = ["MetricLaplaceMixin", "resolve_last_layer_name"]

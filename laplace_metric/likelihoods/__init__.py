@@ -24,14 +24,29 @@ def build_likelihood(
     divergence : BregmanDivergence or nn.Module, optional
         Required for ``'bregman'``, rejected otherwise.
     **options
-        ``margin``, ``normalize``, ``hessian_method``, ``miner``.
+        ``margin``, ``normalize``, ``hessian_method``, ``miner``. ``margin=None`` means the
+        default (1.0), or the instance's margin when ``likelihood`` is an instance.
 
     Returns
     -------
     likelihood : PairLikelihood
+
+    Raises
+    ------
+    ValueError
+        If ``likelihood`` is an instance and ``margin`` is given and differs from its margin.
     """
+    margin = options.pop("margin", None)
     if isinstance(likelihood, PairLikelihood):
+        if margin is not None and float(margin) != likelihood.margin:
+            raise ValueError(
+                f"margin={margin} differs from the margin of the likelihood passed "
+                f"({likelihood.margin}); drop margin= (the likelihood's is used) or build the "
+                "likelihood with the margin the encoder was trained with."
+            )
         return likelihood
+    if margin is not None:
+        options["margin"] = margin
     name = parse_enum(MetricLikelihood, likelihood, "likelihood")
     if name == MetricLikelihood.CONTRASTIVE:
         if divergence is not None:
