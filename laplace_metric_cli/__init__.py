@@ -177,7 +177,7 @@ def dataset_error(args: argparse.Namespace) -> str | None:
     """
     if args.dataset == "digits":
         return None
-    from laplace_metric.idx import IDXDataset, load_idx_dataset
+    from laplace_metric.data.idx import IDXDataset, load_idx_dataset
 
     try:
         load_idx_dataset(args.dataset, data_root=args.data_root, download=True)

