@@ -1,4 +1,4 @@
-"""Uncertainty baselines on the digits open-set split (BRIEF section 6), over 3 seeds.
+"""Uncertainty baselines on the digits open-set split, over 3 seeds.
 
 Run: ``python benchmarks/baselines.py [--plots DIR]`` (under 2 minutes on 2 CPU cores). Prints
 recall@1 (test queries against the training embeddings), OOD AUROC (in-distribution test vs
@@ -53,7 +53,7 @@ from laplace_metric.plots import (  # noqa: E402
 
 
 def mlp(dropout: float = 0.0) -> nn.Sequential:
-    """The BRIEF encoder: 64-128-128-16, tanh (optionally dropout after each hidden layer)."""
+    """The demo's encoder: 64-128-128-16, tanh (optionally dropout after each hidden layer)."""
     layers: list[nn.Module] = []
     for d_in, d_out in [(64, 128), (128, 128)]:
         layers += [nn.Linear(d_in, d_out), nn.Tanh()]

@@ -8,7 +8,7 @@
 * ``resnet18`` / ``resnet50``: torchvision, ``fc`` of width ``dim``, 3x32x32 inputs;
 * ``vit_tiny``: a ViT-Tiny-sized torchvision ``VisionTransformer`` (patch 4, 12 layers, 3 heads,
   width 192, MLP 768) on 3x32x32 inputs;
-* ``vit_small``: the 2-layer ViT of issue #12 (patch 4, 4 heads, width 64, MLP 128).
+* ``vit_small``: a small 2-layer ViT (patch 4, 4 heads, width 64, MLP 128).
 
 torchvision zero-initialises a ViT head; it is re-initialised here so embeddings differ.
 """

@@ -2,7 +2,7 @@
 
 Models (random weights, nothing downloaded; 3x32x32 inputs, a 128-d head): torchvision
 ``resnet18``, ``resnet50``, a ViT-Tiny-sized ``torchvision.models.VisionTransformer`` (patch 4,
-12 layers, 3 heads, width 192), and the smaller encoders of issue #12's table: a 2-layer ViT of
+12 layers, 3 heads, width 192), and smaller encoders: a 2-layer ViT of
 width 64 (``vit_small``), a CNN with two 3x3 convolutions (``cnn``: 16 and 32 channels, 1x28x28
 inputs) and the MLP 784-256-256-128 (on flattened 1x28x28 inputs). Data: 512 random images of 10
 classes, batches of 64; 32 queries.

@@ -1,4 +1,4 @@
-"""FashionMNIST -> MNIST with LAM's own protocol, offline (issue #13).
+"""FashionMNIST -> MNIST with LAM's own protocol, offline.
 
 Run from a checkout::
 

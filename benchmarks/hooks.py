@@ -1,4 +1,4 @@
-"""Time and peak memory of all-layer fits with :class:`HookPairGGN` on real encoders (issue #12).
+"""Time and peak memory of all-layer fits with :class:`HookPairGGN` on real encoders.
 
 Cells (random weights, eval mode, float32, CPU): torchvision ``resnet18`` and ``resnet50`` with a
 128-d ``fc``, and a small torchvision ``VisionTransformer`` (image 32, patch 4, 2 layers, 4 heads,

@@ -18,7 +18,7 @@ on a CPU.
 # %%
 # Data and encoder
 # ----------------
-# :func:`laplace_metric.data.digits_open_set` gives the split of the design brief: classes
+# :func:`laplace_metric.data.digits_open_set` gives the standard open-set split: classes
 # 0-5 are in-distribution (train / val / test), classes 6-9 and uniform noise are OOD.
 import time
 

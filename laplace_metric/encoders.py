@@ -16,13 +16,20 @@ a fit starts, with errors that name the fix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SelectOutput", "check_encoder_output", "check_input_dtype", "keeps_module_modes"]
+__all__ = [
+    "SelectOutput",
+    "check_encoder_output",
+    "check_input_dtype",
+    "eval_mode",
+    "keeps_module_modes",
+]
 
 _WRAP_HINT = (
     "wrap the encoder so that it returns the embedding tensor: "
@@ -87,6 +94,11 @@ class SelectOutput(nn.Module):
                 f"key={self.key} selects from a tuple or list, but the model returned "
                 f"{type(out).__name__}."
             )
+        if not -len(out) <= self.key < len(out):
+            raise IndexError(
+                f"SelectOutput(key={self.key}) is out of range: the model returned "
+                f"{_describe(out)}; pick the embedding with key=0 to key={len(out) - 1}."
+            )
         return out[self.key]
 
     def extra_repr(self) -> str:
@@ -132,7 +144,44 @@ def _run_recording_leaves(
     return out, order
 
 
-def _check_last_linear(out: torch.Tensor, name: str, module: nn.Module, last_out: Any) -> None:
+def _same_output(a: Any, out: torch.Tensor) -> bool:
+    return a is out or (
+        isinstance(a, torch.Tensor) and a.shape == out.shape and torch.equal(a, out)
+    )
+
+
+def _name_hint(out: torch.Tensor, order: list[tuple[str, nn.Module, Any]]) -> str:
+    """``last_layer_name='...'`` for the nn.Linear that produced ``out``, if there is one."""
+    names = [n for n, m, o in order if isinstance(m, nn.Linear) and _same_output(o, out)]
+    if names:
+        return f"pass last_layer_name={names[-1]!r} (the nn.Linear that produced the embedding)"
+    return (
+        "pass last_layer_name= the name, as in model.named_modules(), of the nn.Linear that "
+        "produces the embedding"
+    )
+
+
+def _check_named_last_layer(
+    out: torch.Tensor, name: str, order: list[tuple[str, nn.Module, Any]]
+) -> None:
+    """``last_layer_name=name``: that module must be an ``nn.Linear`` whose output is ``out``."""
+    runs = [(m, o) for n, m, o in order if n == name]
+    if not runs:
+        raise ValueError(
+            f"last_layer_name={name!r} names no module that the forward pass runs; "
+            f"{_name_hint(out, order)}."
+        )
+    module, last_out = runs[-1]
+    if not isinstance(module, nn.Linear) or not _same_output(last_out, out):
+        raise ValueError(
+            f"last_layer_name={name!r} is a {type(module).__name__} whose output is not the "
+            f"encoder's output; {_name_hint(out, order)}."
+        )
+
+
+def _check_last_linear(
+    out: torch.Tensor, name: str, module: nn.Module, last_out: Any, order: list | None = None
+) -> None:
     """laplace-torch's last-layer rule: the last module run is an ``nn.Linear`` giving ``out``."""
     if not isinstance(module, nn.Linear):
         raise ValueError(
@@ -141,20 +190,21 @@ def _check_last_linear(out: torch.Tensor, name: str, module: nn.Module, last_out
             "drop a final normalisation (the likelihood L2-normalises; normalize=True), move "
             "the non-linearity before a final nn.Linear, or use subset_of_weights='all'."
         )
-    if last_out is not out and not (
-        isinstance(last_out, torch.Tensor)
-        and last_out.shape == out.shape
-        and torch.equal(last_out, out)
-    ):
+    if not _same_output(last_out, out):
         raise ValueError(
             f"Last-layer Laplace would fit '{name}' (the last nn.Linear run), but its output is "
             "not the encoder's output: something runs after it or another head is returned. "
-            "Make the embedding layer the last one run, or pass last_layer_name=... ."
+            f"Make the embedding layer the last one run, or {_name_hint(out, order or [])}."
         )
 
 
 @torch.no_grad()
-def check_encoder_output(model: nn.Module, x: torch.Tensor, last_layer: bool = False) -> None:
+def check_encoder_output(
+    model: nn.Module,
+    x: torch.Tensor,
+    last_layer: bool = False,
+    last_layer_name: str | None = None,
+) -> None:
     """Check that ``model(x)`` is one ``(batch, D)`` embedding tensor; raise a clear error if not.
 
     Parameters
@@ -167,6 +217,9 @@ def check_encoder_output(model: nn.Module, x: torch.Tensor, last_layer: bool = F
     last_layer : bool, default=False
         Also check laplace-torch's last-layer rule: the last module run is an ``nn.Linear``
         whose output is the embedding.
+    last_layer_name : str, optional
+        With ``last_layer``: the name (as in ``model.named_modules()``) of the layer to fit,
+        which must be an ``nn.Linear`` producing the embedding, instead of the last one run.
 
     Raises
     ------
@@ -191,8 +244,10 @@ def check_encoder_output(model: nn.Module, x: torch.Tensor, last_layer: bool = F
             f"The encoder returned shape {tuple(out.shape)} for {x.shape[0]} inputs; embeddings must "
             "have shape (batch, D): flatten or pool them inside the encoder."
         )
-    if last_layer and order:
-        _check_last_linear(out, *order[-1])
+    if last_layer and last_layer_name is not None:
+        _check_named_last_layer(out, last_layer_name, order)
+    elif last_layer and order:
+        _check_last_linear(out, *order[-1], order)
 
 
 def check_input_dtype(model: nn.Module, x: Any, name: str = "x") -> None:
@@ -220,19 +275,53 @@ def check_input_dtype(model: nn.Module, x: Any, name: str = "x") -> None:
         )
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with ``model`` in eval mode, then restore every submodule's train/eval mode
+    and every buffer (e.g. BatchNorm's running statistics) as they were.
+
+    Scores, samples and predictions must not depend on the mode the encoder was left in (a
+    model is in train mode right after construction or a training loop): in train mode
+    BatchNorm would use batch statistics and overwrite its running statistics, and Dropout
+    would drop units.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Yields
+    ------
+    model : torch.nn.Module
+        The same module, in eval mode.
+
+    Examples
+    --------
+    >>> with eval_mode(encoder):                # doctest: +SKIP
+    ...     z = encoder(x)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if buffer.shape == saved.shape and not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
+
+
 def keeps_module_modes(method: Callable) -> Callable:
     """Decorate an estimator method: run it with ``self.model`` in eval mode, then restore the
-    train/eval mode of every submodule as it was before the call."""
+    train/eval mode of every submodule and every buffer as before the call (see
+    :func:`eval_mode`)."""
     import functools
 
     @functools.wraps(method)
     def wrapper(self, *args: Any, **kwargs: Any) -> Any:
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             return method(self, *args, **kwargs)
-        finally:
-            for module, mode in modes:
-                module.training = mode
 
     return wrapper

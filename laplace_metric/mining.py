@@ -136,6 +136,69 @@ def pairs_from_miner_output(indices: tuple[torch.Tensor, ...], labels: torch.Ten
     return Pairs(low, high, labels[low] == labels[high])
 
 
+def _miner_key(name: str) -> str:
+    key = name.lower().replace("_", "").replace("-", "").replace(" ", "")
+    return key[: -len("miner")] if key.endswith("miner") else key
+
+
+def miner_names() -> dict[str, str]:
+    """pytorch-metric-learning's miners, ``{key: class name}``, keyed by the lower-case name
+    without ``Miner`` (``'multisimilarity'``, ``'pairmargin'``, ...)."""
+    from pytorch_metric_learning import miners
+
+    return {
+        _miner_key(name): name
+        for name in dir(miners)
+        if name.endswith("Miner") and name != "BaseMiner"
+    }
+
+
+def resolve_miner(miner: Any | None) -> Any | None:
+    """A miner from its value: ``None``, a callable, or the name of a pytorch-metric-learning
+    miner (built with its default arguments).
+
+    Parameters
+    ----------
+    miner : callable, str or None
+        ``'multisimilarity'``, ``'MultiSimilarityMiner'``, ``'pair_margin'``, ... (case,
+        ``_`` and the ``Miner`` suffix do not matter).
+
+    Returns
+    -------
+    miner : callable or None
+
+    Raises
+    ------
+    ValueError
+        If a string names no pytorch-metric-learning miner.
+    TypeError
+        If ``miner`` is neither None, a string nor callable.
+    """
+    if miner is None or (callable(miner) and not isinstance(miner, str)):
+        return miner
+    if not isinstance(miner, str):
+        raise TypeError(
+            f"miner must be a pytorch-metric-learning miner (e.g. "
+            f"pytorch_metric_learning.miners.MultiSimilarityMiner()), its name, or None; got "
+            f"{type(miner).__name__}."
+        )
+    names = miner_names()
+    name = names.get(_miner_key(miner))
+    if name is None:
+        import difflib
+
+        close = difflib.get_close_matches(_miner_key(miner), list(names), n=1)
+        hint = f" Did you mean miner={names[close[0]]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown miner {miner!r}.{hint} Pass a pytorch-metric-learning miner instance, "
+            "e.g. miner=pytorch_metric_learning.miners.MultiSimilarityMiner(epsilon=0.1), or "
+            f"one of the names {sorted(names.values())} (built with default arguments)."
+        )
+    from pytorch_metric_learning import miners
+
+    return getattr(miners, name)()
+
+
 def mine_pairs(
     labels: torch.Tensor,
     embeddings: torch.Tensor | None = None,

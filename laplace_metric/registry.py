@@ -19,7 +19,7 @@ from typing import Any
 import laplace
 import laplace.laplace as laplace_module
 from laplace.baselaplace import BaseLaplace
-from laplace.utils.enums import HessianStructure, SubsetOfWeights
+from laplace.utils.enums import HessianStructure, Likelihood, SubsetOfWeights
 from torch import nn
 
 from laplace_metric.enums import MetricLikelihood, parse_enum
@@ -34,6 +34,26 @@ def is_metric_likelihood(likelihood: Any) -> bool:
     if isinstance(likelihood, PairLikelihood):
         return True
     return isinstance(likelihood, str) and likelihood in {m.value for m in MetricLikelihood}
+
+
+def check_likelihood_name(likelihood: Any) -> None:
+    """Raise a ``ValueError`` listing every option when a likelihood *name* is neither
+    laplace-torch's nor this package's (valid names and objects pass untouched)."""
+    name = getattr(likelihood, "value", likelihood)
+    if not isinstance(name, str):
+        return
+    stock = [item.value for item in Likelihood]
+    ours = [item.value for item in MetricLikelihood]
+    if name in stock or name in ours:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, stock + ours, n=1)
+    hint = f" Did you mean likelihood={close[0]!r}?" if close else ""
+    raise ValueError(
+        f"Invalid likelihood type {name!r}.{hint} Choose one of {ours} (pairwise, "
+        f"laplace-metric) or {stock} (laplace-torch)."
+    )
 
 
 def _unsupported(subset: SubsetOfWeights | str, structure: HessianStructure | str) -> ValueError:
@@ -112,6 +132,7 @@ def install() -> None:
         *args: Any,
         **kwargs: Any,
     ) -> Any:
+        check_likelihood_name(likelihood)
         if is_metric_likelihood(likelihood):
             if args:
                 raise TypeError(

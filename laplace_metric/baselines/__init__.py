@@ -1,4 +1,4 @@
-"""Uncertainty baselines for metric learning (BRIEF section 6), one module per baseline.
+"""Uncertainty baselines for metric learning, one module per baseline.
 
 Every baseline follows the same two-step use: ``fit(x_train, y_train)`` once, then
 ``score(x)`` gives one OOD score per input (higher = more OOD). Baselines that also retrieve
@@ -7,7 +7,8 @@ have ``embed(x)``, the point embedding to use for recall@k.
 * :class:`KNNDistanceBaseline`: distance to the k-th nearest training embedding of one
   deterministic encoder.
 * :class:`MahalanobisBaseline`: class-conditional Gaussians with a shared covariance on
-  penultimate features; score = smallest Mahalanobis distance to a class mean.
+  penultimate features (or pooled feature maps); score = smallest Mahalanobis distance to a
+  class mean. :class:`MultiLayerMahalanobisBaseline` combines several pooled layers.
 * :class:`MCDropoutBaseline`: dropout kept active at test time; score from the spread of the
   normalised embedding samples.
 * :class:`DeepEnsembleBaseline`: encoders trained from different seeds; score = mean over
@@ -29,21 +30,25 @@ from laplace_metric.baselines.embedding import embed, penultimate
 from laplace_metric.baselines.ensemble import DeepEnsembleBaseline, EnsembleScore
 from laplace_metric.baselines.isotropic import IsotropicNoiseBaseline
 from laplace_metric.baselines.knn import KNNDistanceBaseline
-from laplace_metric.baselines.mahalanobis import MahalanobisBaseline
+from laplace_metric.baselines.mahalanobis import FeaturePooling, MahalanobisBaseline
+from laplace_metric.baselines.mahalanobis_layers import MultiLayerMahalanobisBaseline
 from laplace_metric.baselines.mc_dropout import MCDropoutBaseline
 from laplace_metric.baselines.pfe import PFEBaseline
-from laplace_metric.baselines.train import train_encoder
+from laplace_metric.baselines.train import TrainingHistory, train_encoder
 
 __all__ = [
     "BASELINES",
     "DeepEnsembleBaseline",
     "EnsembleScore",
+    "FeaturePooling",
     "IsotropicNoiseBaseline",
     "KNNDistanceBaseline",
     "MCDropoutBaseline",
     "MahalanobisBaseline",
+    "MultiLayerMahalanobisBaseline",
     "OODBaseline",
     "PFEBaseline",
+    "TrainingHistory",
     "embed",
     "penultimate",
     "register_baseline",

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from laplace_metric.encoders import eval_mode
+
 __all__ = ["embed", "penultimate"]
 
 
@@ -60,12 +62,18 @@ def embed(
 
 
 def _eval_embed(module: nn.Module, x: Tensor, normalize: bool, batch_size: int) -> Tensor:
-    was_training = module.training
-    module.eval()
-    try:
+    """:func:`embed` in eval mode, every submodule's mode and buffer restored afterwards."""
+    with eval_mode(module):
         return embed(module, x, normalize, batch_size)
-    finally:
-        module.train(was_training)
+
+
+@torch.no_grad()
+def run_batches(module: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    """``module(x)`` in batches, without gradients, on the module's device (any output shape)."""
+    device = _module_device(module)
+    return torch.cat(
+        [module(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    )
 
 
 def penultimate(encoder: nn.Sequential) -> nn.Sequential:

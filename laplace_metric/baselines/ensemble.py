@@ -36,11 +36,13 @@ class DeepEnsembleBaseline(OODBaseline):
     The embedding of a metric-learning loss is only defined up to an isometry: every rotation of
     a member's embedding space has the same loss. Two members therefore disagree on the raw
     coordinates even for training inputs, and the spread of raw embeddings across members
-    measures arbitrary rotations, not uncertainty (BRIEF section 6: AUROC 0.54 / 0.33). The
+    measures arbitrary rotations, not uncertainty (measured on the digits split: AUROC 0.54 / 0.33). The
     default score is rotation-invariant: the mean over members ``m`` of the distance from
     ``z_m(x)`` to its k-th nearest training embedding *of the same member*. Retrieval uses the
     concatenation ``[z_1, ..., z_M] / sqrt(M)``, whose squared distances are the members' mean
-    squared distances (also rotation-invariant).
+    squared distances (also rotation-invariant). After :meth:`fit`, ``train_emb`` holds exactly
+    what :meth:`embed` returns for the training inputs (the scaled concatenation), so the two can
+    be mixed for retrieval; ``member_train_emb`` holds each member's own training embeddings.
 
     Parameters
     ----------
@@ -68,7 +70,8 @@ class DeepEnsembleBaseline(OODBaseline):
         self.score_kind = parse_enum(EnsembleScore, score, "score")
         self.normalize = normalize
         self.batch_size = batch_size
-        self.train_emb: list[Tensor] | None = None
+        self.train_emb: Tensor | None = None
+        self.member_train_emb: list[Tensor] | None = None
 
     @classmethod
     def train(
@@ -107,17 +110,21 @@ class DeepEnsembleBaseline(OODBaseline):
         """Each member's embeddings ``(n, D)``."""
         return [_eval_embed(m, x, self.normalize, self.batch_size) for m in self.members]
 
+    def _joint(self, member_embeddings: list[Tensor]) -> Tensor:
+        return torch.cat(member_embeddings, dim=1) / math.sqrt(len(self.members))
+
     def embed(self, x: Tensor) -> Tensor:
         """Concatenated member embeddings scaled by ``1/sqrt(M)``, ``(n, M D)``."""
-        return torch.cat(self.member_embeddings(x), dim=1) / math.sqrt(len(self.members))
+        return self._joint(self.member_embeddings(x))
 
     def fit(self, x_train: Tensor, y_train: Tensor | None = None) -> DeepEnsembleBaseline:
-        """Store every member's training embeddings; ``y_train`` is not used."""
-        self.train_emb = self.member_embeddings(x_train)
-        if self.train_emb[0].shape[0] < self.k:
-            raise ValueError(
-                f"k={self.k} exceeds the {self.train_emb[0].shape[0]} training inputs."
-            )
+        """Store the training embeddings: ``train_emb`` (as :meth:`embed` returns them) and
+        ``member_train_emb`` (each member's); ``y_train`` is not used."""
+        members = self.member_embeddings(x_train)
+        if members[0].shape[0] < self.k:
+            raise ValueError(f"k={self.k} exceeds the {members[0].shape[0]} training inputs.")
+        self.member_train_emb = members
+        self.train_emb = self._joint(members)
         return self
 
     def score(self, x: Tensor) -> Tensor:
@@ -125,6 +132,6 @@ class DeepEnsembleBaseline(OODBaseline):
         embs = self.member_embeddings(x)
         if self.score_kind == EnsembleScore.EMBEDDING_STD:
             return torch.stack(embs).std(dim=0).sum(-1)
-        self._require_fit("train_emb")
-        dists = [knn_distance_score(e, t, self.k) for e, t in zip(embs, self.train_emb)]
+        self._require_fit("member_train_emb")
+        dists = [knn_distance_score(e, t, self.k) for e, t in zip(embs, self.member_train_emb)]
         return torch.stack(dists).mean(0)

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from laplace_metric.baselines.base import OODBaseline, register_baseline
-from laplace_metric.baselines.embedding import _module_device, embed
+from laplace_metric.baselines.embedding import _module_device, embed, run_batches
+from laplace_metric.encoders import eval_mode
 from laplace_metric.enums import UncertaintyScore, parse_enum
 
 __all__ = ["MCDropoutBaseline"]
@@ -41,6 +42,13 @@ class MCDropoutBaseline(OODBaseline):
     With ``S`` stochastic forward passes ``z^s(x)`` (L2-normalised), the score is the trace of
     their sample covariance ``sum_d Var_s[z_d^s]`` (default), the sum of per-dimension standard
     deviations, or the log-determinant. The retrieval embedding is the normalised sample mean.
+
+    For an ``nn.Sequential`` encoder the layers before the first one holding a dropout module
+    run once per input (in eval mode, their outputs cached) and only the rest runs per sample:
+    for a CNN with dropout in its head, the convolutions run once. Other architectures re-run
+    the whole encoder per sample; wrap them as ``nn.Sequential(backbone, head)`` to get the
+    cache. Everything except dropout runs in eval mode, and every submodule's mode and buffer
+    is restored afterwards.
 
     Parameters
     ----------
@@ -78,26 +86,33 @@ class MCDropoutBaseline(OODBaseline):
         """Nothing to fit (kept for a uniform interface); returns ``self``."""
         return self
 
+    def split(self) -> tuple[nn.Module | None, nn.Module]:
+        """``(deterministic prefix or None, stochastic rest)`` of the encoder: for an
+        ``nn.Sequential``, the layers before the first one holding a dropout module."""
+        encoder = self.encoder
+        if isinstance(encoder, nn.Sequential):
+            for i, child in enumerate(encoder):
+                if any(isinstance(m, _DROPOUT_TYPES) for m in child.modules()):
+                    return (encoder[:i] if i else None), encoder[i:]
+        return None, encoder
+
     def samples(self, x: Tensor) -> Tensor:
         """Embedding samples ``(S, n, D)`` with dropout active and everything else in eval."""
-        was_training = self.encoder.training
-        self.encoder.eval()
-        for module in self.encoder.modules():
-            if isinstance(module, _DROPOUT_TYPES):
-                module.train()
-        devices = (
-            [] if _module_device(self.encoder).type == "cpu" else [_module_device(self.encoder)]
-        )
-        try:
+        device = _module_device(self.encoder)
+        devices = [] if device.type == "cpu" else [device]
+        prefix, rest = self.split()
+        with eval_mode(self.encoder):
+            features = x if prefix is None else run_batches(prefix, x, self.batch_size)
+            for module in self.encoder.modules():
+                if isinstance(module, _DROPOUT_TYPES):
+                    module.train()
             with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
                 if self.seed is not None:
                     torch.manual_seed(self.seed)
                 draws = [
-                    embed(self.encoder, x, self.normalize, self.batch_size)
+                    embed(rest, features, self.normalize, self.batch_size).to(x.device)
                     for _ in range(self.n_samples)
                 ]
-        finally:
-            self.encoder.train(was_training)
         return torch.stack(draws)
 
     def embed(self, x: Tensor) -> Tensor:

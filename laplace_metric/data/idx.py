@@ -272,6 +272,15 @@ def _read_folder(folder: Path) -> IDXSplit:
     return IDXSplit(*arrays["train"], *arrays["test"], source=str(folder))
 
 
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders (deepest first) that are empty: a failed download's leftovers."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only succeeds when empty
+        except OSError:
+            pass
+
+
 def _download(name: IDXDataset, data_root: Path) -> IDXSplit:
     try:
         from torchvision import datasets as tv_datasets
@@ -281,10 +290,13 @@ def _download(name: IDXDataset, data_root: Path) -> IDXSplit:
             f"download. {INSTALL_HINT}"
         ) from err
     cls = getattr(tv_datasets, name.torchvision_name)
+    raw = data_root / name.torchvision_name / "raw"
+    new_folders = [f for f in (raw, raw.parent, data_root) if not f.exists()]
     try:
         train = cls(str(data_root), train=True, download=True)
         test = cls(str(data_root), train=False, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
+        _remove_empty(new_folders)
         raise RuntimeError(
             f"{name.value!r}: no local IDX files, and the torchvision download into "
             f"{str(data_root)!r} failed ({err}). {INSTALL_HINT}"

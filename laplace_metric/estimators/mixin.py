@@ -47,7 +47,9 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
     likelihood : {'contrastive', 'bregman'} or PairLikelihood, default='contrastive'
     margin : float, optional
         Hinge margin of negative pairs (on the squared distance for ``'contrastive'``); the
-        likelihood's default (1.0) when not given.
+        likelihood's default (1.0) when not given. Use the margin the encoder was trained with:
+        pass the likelihood it was trained with (``likelihood=history.likelihood`` from
+        :func:`~laplace_metric.baselines.train_encoder`) to take it from there.
     normalize : bool, optional
         L2-normalise embeddings (the posterior is over embeddings on the unit sphere); default
         ``True``.
@@ -125,6 +127,8 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
                 f"subclass such as ReferencePairGGN), got {backend!r}. Stock laplace-torch "
                 "backends square each sample separately and are wrong for pairwise likelihoods."
             )
+        if kwargs.get("last_layer_name") is not None:
+            kwargs["last_layer_name"] = resolve_last_layer_name(model, kwargs["last_layer_name"])
         self.H_signed: torch.Tensor | Any | None = None
         self.n_pairs: int = 0
         # laplace-torch only accepts its own likelihoods: initialise as 'classification', then
@@ -243,7 +247,10 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
             return
         last_layer = isinstance(self, LLLaplace)
         encoder = getattr(self.model, "model", self.model) if last_layer else self.model
-        check_encoder_output(encoder, x[:1].to(self._device), last_layer=last_layer)
+        name = getattr(self.model, "_last_layer_name", None) if last_layer else None
+        check_encoder_output(
+            encoder, x[:1].to(self._device), last_layer=last_layer, last_layer_name=name
+        )
         self._output_checked = True
 
     def _check_fitted(self) -> None:
@@ -321,4 +328,21 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         self._posterior_scale = None
 
 
-__all__ = ["MetricLaplaceMixin"]
+def resolve_last_layer_name(model: nn.Module, name: str) -> str:
+    """``name`` as a key of ``model.named_modules()``; the ``'model.'`` prefix that the
+    estimator's feature extractor adds (``la.model.named_modules()``) is accepted too."""
+    names = dict(model.named_modules())
+    if not isinstance(name, str):
+        raise TypeError(f"last_layer_name must be a str, got {type(name).__name__}.")
+    if name in names:
+        return name
+    if name.startswith("model.") and name[len("model.") :] in names:
+        return name[len("model.") :]
+    linears = [n for n, m in names.items() if isinstance(m, nn.Linear)]
+    raise ValueError(
+        f"last_layer_name={name!r} is not a module of the encoder; pass the name of its "
+        f"embedding nn.Linear as in encoder.named_modules(), one of {linears}."
+    )
+
+
+__all__ = ["MetricLaplaceMixin", "resolve_last_layer_name"]

@@ -131,6 +131,7 @@ class PredictionMixin:
             self.predictive_view(), x, n_samples, generator, batch_size, weights
         )
 
+    @keeps_module_modes
     def functional_samples(
         self,
         x: torch.Tensor,

@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 from laplace_metric.enums import parse_enum
 from laplace_metric.estimators.batches import check_inputs, unpack_batch
 from laplace_metric.metrics.pair_nll import PositivePairGaussianNLL
+from laplace_metric.progress import progress as show_progress
+from laplace_metric.progress import progress_enabled
 
 
 class PriorPrecisionMixin:
@@ -34,7 +36,7 @@ class PriorPrecisionMixin:
         link_approx: Any = "mc",
         n_samples: int = 100,
         verbose: bool = False,
-        progress_bar: bool = False,
+        progress_bar: bool | None = None,
         log_prior_prec_base: float = 10.0,
     ) -> None:
         """Tune the prior precision by marginal likelihood or grid search.
@@ -44,6 +46,10 @@ class PriorPrecisionMixin:
         objective ``loss(means, covariances, labels)`` over ``val_loader``; the default is
         :class:`laplace_metric.metrics.PositivePairGaussianNLL`, the Gaussian negative
         log-likelihood of the difference of positive validation pairs under the predictive.
+
+        ``progress_bar``: a bar over the optimisation steps or grid points; ``None`` (default)
+        shows it when standard error is a terminal, ``False`` never (see
+        :mod:`laplace_metric.progress`). The other parameters are laplace-torch's.
         """
         self._check_fitted()
         method = parse_enum(TuningMethod, method, "method")
@@ -64,7 +70,7 @@ class PriorPrecisionMixin:
             link_approx=link_approx,
             n_samples=n_samples,
             verbose=verbose,
-            progress_bar=progress_bar,
+            progress_bar=progress_enabled(progress_bar),
             log_prior_prec_base=log_prior_prec_base,
         )
 
@@ -78,8 +84,6 @@ class PriorPrecisionMixin:
         n_samples: int = 100,
         progress_bar: bool = False,
     ) -> torch.Tensor:
-        import tqdm
-
         if not callable(loss):
             raise TypeError("loss must be a callable loss(means, covariances, labels) -> scalar.")
         pred_type = parse_enum(PredType, pred_type, "pred_type")
@@ -92,7 +96,8 @@ class PriorPrecisionMixin:
                 Js, f_mu = self.backend.jacobians(x)
                 cached.append((Js, f_mu, y.to(self._device)))
         results = []
-        for prior_prec in tqdm.tqdm(interval, disable=not progress_bar, desc="[Grid search]"):
+        grid = show_progress(interval, desc="Prior grid search", progress_bar=progress_bar)
+        for prior_prec in grid:
             self.prior_precision = prior_prec
             means, covs, labels = [], [], []
             try:

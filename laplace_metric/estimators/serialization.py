@@ -65,15 +65,11 @@ class SerializationMixin:
             raise ValueError("This state_dict was not written by a laplace-metric estimator.")
         if state_dict.get("cls_name") != type(self).__name__:
             raise ValueError(
-                f"This state_dict was saved from a {state_dict.get('cls_name')} and cannot be "
-                f"loaded into a {type(self).__name__}: use the same subset_of_weights and "
-                "hessian_structure."
+                f"This state_dict was saved from a {state_dict.get('cls_name')} (saved) and "
+                f"cannot be loaded into a {type(self).__name__} (given): use the same "
+                "subset_of_weights and hessian_structure as when saving."
             )
-        current = self.pair_likelihood.config()
-        if saved != current:
-            diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current)}
-            diff = {k: v for k, v in diff.items() if v[0] != v[1]}
-            raise ValueError(f"Likelihood configuration differs from the saved one: {diff}.")
+        check_config(saved, self.pair_likelihood.config())
         self._check_saved_scale(state_dict)
         previous = dict(self.__dict__)
         super().load_state_dict(state_dict)
@@ -111,6 +107,19 @@ class SerializationMixin:
         self.n_pairs = int(state_dict["n_pairs"])
         self.n_candidate_pairs = int(state_dict.get("n_candidate_pairs", 0))
         self._set_posterior_curvature()
+
+
+def check_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` naming every saved and given value that differ."""
+    if saved == current:
+        return
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    details = "; ".join(f"{k}: saved {saved.get(k)!r}, given {current.get(k)!r}" for k in keys)
+    fix = ", ".join(f"{k}={saved.get(k)!r}" for k in keys if k != "name")
+    raise ValueError(
+        f"The likelihood configuration differs from the saved one ({details}). Build the "
+        f"estimator with the saved values ({fix}) before load_state_dict."
+    )
 
 
 __all__ = ["SerializationMixin"]

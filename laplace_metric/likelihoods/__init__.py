@@ -31,6 +31,11 @@ def build_likelihood(
     Returns
     -------
     likelihood : PairLikelihood
+
+    Raises
+    ------
+    ValueError
+        If ``likelihood`` is an instance and an option is given that differs from its own.
     """
     options = {k: v for k, v in options.items() if v is not None}
     if isinstance(likelihood, PairLikelihood):

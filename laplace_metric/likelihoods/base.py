@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from laplace_metric.enums import HessianMethod, parse_enum
-from laplace_metric.mining import Pairs, check_labels, mine_pairs
+from laplace_metric.mining import Pairs, check_labels, mine_pairs, resolve_miner
 
 
 @dataclass
@@ -94,8 +94,10 @@ class PairLikelihood(ABC):
         L2-normalise the encoder output before the loss (embeddings on the unit sphere).
     hessian_method : HessianMethod or str
         ``'positives'``, ``'fixed'`` or ``'full'``.
-    miner : callable, optional
-        A pytorch-metric-learning miner; ``None`` uses all pairs of the batch.
+    miner : callable or str, optional
+        A pytorch-metric-learning miner, or its name (``'multisimilarity'``, built with its
+        default arguments, see :func:`laplace_metric.mining.resolve_miner`); ``None`` uses
+        all pairs of the batch.
     """
 
     name: str = "pairwise"
@@ -113,7 +115,7 @@ class PairLikelihood(ABC):
         self.margin = margin
         self.normalize = bool(normalize)
         self.hessian_method = parse_enum(HessianMethod, hessian_method, "hessian_method")
-        self.miner = miner
+        self.miner = resolve_miner(miner)
 
     # ------------------------------------------------------------------ configuration
     def config(self) -> dict[str, Any]:

@@ -107,8 +107,8 @@ class BregmanLikelihood(PairLikelihood):
         L2-normalise the encoder output before the divergence.
     hessian_method : {'positives', 'fixed', 'full'}, default='positives'
         How the indefinite pairwise Hessian is made PSD.
-    miner : callable, optional
-        A pytorch-metric-learning miner; ``None`` uses all pairs ``i < j`` of the batch.
+    miner : callable or str, optional
+        A pytorch-metric-learning miner or its name (e.g. ``'multisimilarity'``); ``None`` uses all pairs ``i < j`` of the batch.
     hessian_point : {'second', 'first', 'midpoint'}, default='second'
         Where ``hess phi`` is evaluated for each pair.
     ordered_pairs : bool, default=True

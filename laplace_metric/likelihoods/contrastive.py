@@ -20,8 +20,8 @@ class ContrastiveLikelihood(PairLikelihood):
     margin : float, default=1.0
     normalize : bool, default=True
     hessian_method : {'positives', 'fixed', 'full'}, default='positives'
-    miner : callable, optional
-        A pytorch-metric-learning miner; ``None`` uses all pairs of the batch.
+    miner : callable or str, optional
+        A pytorch-metric-learning miner or its name (e.g. ``'multisimilarity'``); ``None`` uses all pairs of the batch.
     """
 
     name = "contrastive"

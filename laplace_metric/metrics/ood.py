@@ -29,7 +29,7 @@ def knn_distance_score(
     """Distance from each query to its ``k``-th nearest training embedding (OOD score).
 
     ``s(q) = d(q, t_(k))`` with ``t_(k)`` the k-th nearest training embedding; the deterministic
-    baseline of BRIEF section 6. Higher = more OOD.
+    baseline of the demo. Higher = more OOD.
 
     Parameters
     ----------

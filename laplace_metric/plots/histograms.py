@@ -81,5 +81,6 @@ def plot_uncertainty_histograms(
     ax.set_ylabel("density")
     if title:
         ax.set_title(title, fontsize="medium")
-    ax.legend()
+    # outside the axes, to the right, so that it covers no bar
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     return _save(fig, path)

@@ -53,8 +53,14 @@ def _draw_bins(
 def _ordered_legend(ax: Axes) -> None:
     handles, labels = ax.get_legend_handles_labels()
     order = [labels.index(k) for k in _LEGEND_ORDER]
+    # outside the axes, to the right: inside, it would cover the bars of some bins
     ax.legend(
-        [handles[i] for i in order], [labels[i] for i in order], loc="upper left", fontsize="small"
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize="small",
+        frameon=False,
     )
 
 

@@ -54,22 +54,28 @@ def _panels(
     return panels, grouped
 
 
-def _draw_panel(ax: Axes, group: Mapping[str, SparsificationCurve], top: float, panel: str) -> None:
-    """Each curve (solid, AUSE in its label) with its oracle (dashed, same colour)."""
+def _draw_panel(
+    ax: Axes, group: Mapping[str, SparsificationCurve], top: float, panel: str, keep: float = 0.1
+) -> None:
+    """Each curve (solid, AUSE in its label) with its oracle (dashed, same colour), drawn
+    while at least ``keep`` of the queries remain (the y-limit covers exactly those points,
+    so no curve leaves its panel)."""
     styles = ("-", "-.", ":")
     for i, (name, curve) in enumerate(group.items()):
         colour = f"C{i % 10}"
         frac = curve.fractions.numpy()
+        shown = (1.0 - frac) >= keep
         ax.plot(
-            frac,
-            curve.error.numpy(),
+            frac[shown],
+            curve.error.numpy()[shown],
             color=colour,
             ls=styles[(i // 10) % len(styles)],
             label=f"{name} (AUSE {curve.error_area:.4f})",
         )
-        ax.plot(frac, curve.oracle.numpy(), color=colour, ls="--", lw=0.8, alpha=0.4)
+        ax.plot(frac[shown], curve.oracle.numpy()[shown], color=colour, ls="--", lw=0.8, alpha=0.4)
     ax.plot([], [], color="grey", ls="--", lw=0.8, label="oracle (same colour)")
     ax.set_xlabel("fraction of most uncertain queries removed")
+    ax.set_xlim(0, 1)
     ax.set_ylim(0, top)
     ax.grid(alpha=0.3)
     if panel:
@@ -103,8 +109,10 @@ def plot_sparsification(
 
     Notes
     -----
-    The y-axis ends a little above the largest error while at least 10% of the queries are
-    retained: the last points average over a few queries and would squash the other curves.
+    Curves are drawn while at least 10% of the queries are retained, and the y-axis ends a
+    little above their largest error: the last points average over a few queries, jump to 0
+    or 1, and would either leave the panel or squash the other curves (the AUSE in the legend
+    still covers the whole curve).
     A lower area between a curve and its oracle (AUSE) is better.
     """
     panels, grouped = _panels(curves)

@@ -5,12 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
-
-if TYPE_CHECKING:
-    from laplace_metric.scores.scorer import UncertaintyScorer
 
 __all__ = ["SCORES", "PosteriorScore", "Score", "parse_score", "register_score"]
 
@@ -46,10 +43,12 @@ class Score(ABC):
     """Whether the score needs the scorer's database (embedded under the same samples)."""
 
     @abstractmethod
-    def __call__(
-        self, scorer: UncertaintyScorer, x: torch.Tensor, sampled: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Scores ``(n,)`` of the checked queries ``x``; ``sampled`` is ``(S, n, D)`` or None."""
+    def __call__(self, scorer: Any, x: torch.Tensor, sampled: torch.Tensor | None) -> torch.Tensor:
+        """Scores ``(n,)`` of the checked queries ``x``; ``sampled`` is ``(S, n, D)`` or None.
+
+        ``scorer`` is the calling :class:`~laplace_metric.scores.UncertaintyScorer` (typed
+        ``Any`` here so that this module does not import the scorer's).
+        """
 
 
 SCORES: dict[str, type[Score]] = {}

@@ -3,48 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from laplace_metric.predictive import PosteriorEmbedder, knn_and_top1
+from laplace_metric.progress import progress as show_progress
 from laplace_metric.scores.base import SCORES, PosteriorScore, parse_score
-
-
-@dataclass
-class PosteriorRetrieval:
-    """Per-query results of :func:`posterior_retrieval` / :meth:`UncertaintyScorer.retrieval`.
-
-    Attributes
-    ----------
-    knn_distance : torch.Tensor
-        Mean over weight samples of the distance to the ``k``-th nearest database embedding,
-        ``(n,)``; an OOD score (higher = more likely out of distribution).
-    confidence : torch.Tensor
-        Fraction of weight samples whose top-1 database label equals the top-1 label at the
-        posterior mean, ``(n,)``; the retrieval confidence used for calibration.
-    predicted : torch.Tensor
-        The top-1 database label at the posterior mean, ``(n,)``.
-    """
-
-    knn_distance: torch.Tensor
-    confidence: torch.Tensor
-    predicted: torch.Tensor
-
-
-def _check_tensor(x: Any, name: str, la) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
-    if x.ndim == 0 or len(x) == 0:
-        raise ValueError(f"{name} must be a non-empty batch (n, ...), got shape {tuple(x.shape)}.")
-    param = next(la.model.parameters())
-    if x.is_floating_point() and x.dtype != param.dtype:
-        raise TypeError(
-            f"{name} has dtype {x.dtype} but the model's parameters have dtype {param.dtype}; "
-            f"cast one of them, e.g. {name}.to({param.dtype})."
-        )
-    return x.to(la._device)
+from laplace_metric.scores.support import (
+    PosteriorRetrieval,
+    QueryCache,
+    check_tensor,
+    in_eval_mode,
+)
 
 
 class UncertaintyScorer:
@@ -68,12 +38,27 @@ class UncertaintyScorer:
         every query sees the same samples. Default: a generator seeded with 0.
     batch_size : int, default=1024
         Inputs per forward pass.
+    progress_bar : bool, optional
+        A tqdm bar over the weight samples; ``None`` (default) shows it when standard error
+        is a terminal and the work has run a few seconds (see :mod:`laplace_metric.progress`).
+
+    Notes
+    -----
+    Scores never depend on the encoder's train/eval mode: every call runs it in eval mode and
+    restores each submodule's mode and buffers (BatchNorm statistics) afterwards.
+
+    The embeddings of the last query tensor are cached (at the posterior mean and under the
+    weight samples), so ``scorer(x)`` followed by ``scorer(x, "sampled_std")`` or
+    :meth:`embeddings` runs the encoder once; an in-place change of ``x`` or a new posterior
+    (fit, prior precision) drops the cache. :meth:`scores` computes several scores in one go.
 
     Examples
     --------
     >>> scorer = UncertaintyScorer(la, database=x_train)            # doctest: +SKIP
     >>> ood_score = scorer(x_test)                                  # doctest: +SKIP
     >>> both = scorer.scores(x_test, ["posterior_knn", "sampled_std"])  # doctest: +SKIP
+    >>> z_test = scorer.embeddings(x_test)  # posterior-mean embeddings, e.g. for recall@k
+    ...                                                             # doctest: +SKIP
     """
 
     def __init__(
@@ -86,6 +71,7 @@ class UncertaintyScorer:
         n_samples: int = 30,
         generator: torch.Generator | None = None,
         batch_size: int = 1024,
+        progress_bar: bool | None = None,
     ) -> None:
         la._check_fitted()
         if n_samples < 2:
@@ -95,7 +81,7 @@ class UncertaintyScorer:
         self.la = la
         self.n_samples = int(n_samples)
         self.batch_size = int(batch_size)
-        self.database = None if database is None else _check_tensor(database, "database", la)
+        self.database = None if database is None else check_tensor(database, "database", la)
         if database is not None and not 1 <= k <= len(self.database):
             raise ValueError(f"k must be in [1, {len(self.database)}], got {k}.")
         self.k = int(k)
@@ -115,10 +101,13 @@ class UncertaintyScorer:
             raise ValueError("Invalid random generator (check type and device).")
         self._generator_device = generator.device
         self._generator_state = generator.get_state()
+        self.progress_bar = progress_bar
         self._cache_key: tuple | None = None
         self._db_samples: torch.Tensor | None = None  # (S, m, D)
         self._db_mean: torch.Tensor | None = None  # (m, D)
         self._query_mean: torch.Tensor | None = None  # (n, D) of the last queries
+        self._query_cache: QueryCache | None = None
+        self._moved: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     # ------------------------------------------------------------------ internals
     def _generator(self) -> torch.Generator:
@@ -130,10 +119,11 @@ class UncertaintyScorer:
         la = self.la
         return (la.mean, la.H, la.prior_precision.detach().clone(), float(la._H_factor))
 
-    def _key_is_current(self) -> bool:
-        if self._cache_key is None:
+    def _key_matches(self, key: tuple | None) -> bool:
+        """Whether ``key`` (from :meth:`_key`) still describes the estimator's posterior."""
+        if key is None:
             return False
-        mean, H, prior, factor = self._cache_key
+        mean, H, prior, factor = key
         la = self.la
         return (
             mean is la.mean
@@ -142,38 +132,70 @@ class UncertaintyScorer:
             and torch.equal(prior, la.prior_precision.detach())
         )
 
+    def _key_is_current(self) -> bool:
+        return self._key_matches(self._cache_key)
+
+    def _sample_embeddings(
+        self, embedder: PosteriorEmbedder, features: torch.Tensor, what: str
+    ) -> torch.Tensor:
+        """Embeddings ``(S, n, D)`` of ``features`` under the scorer's fixed weight samples."""
+        samples = embedder.samples(self.n_samples, self._generator())
+        bar = show_progress(
+            samples, total=self.n_samples, desc=f"Scoring ({what})", progress_bar=self.progress_bar
+        )
+        return torch.stack([embedder.embed(features, sample) for sample in bar])
+
     @torch.no_grad()
+    def _refresh_database(self) -> None:
+        """Embed the database at the mean and under every weight sample, once per posterior."""
+        if self.database is None or self._key_is_current():
+            return
+        embedder = PosteriorEmbedder(self.la, self.batch_size)
+        features = embedder.features(self.database)
+        self._db_mean = embedder.embed(features)
+        self._db_samples = self._sample_embeddings(embedder, features, "database")
+        self._cache_key = self._key()
+
+    @torch.no_grad()
+    def _queries(self, x: torch.Tensor, samples: bool) -> QueryCache:
+        """The (cached) embeddings of the checked queries ``x``: at the mean, and under the
+        weight samples when ``samples``. The cache holds the last query tensor; an in-place
+        change of it or a new posterior drops it."""
+        cache = self._query_cache
+        if not (
+            cache is not None
+            and cache.x is x
+            and cache.version == x._version
+            and self._key_matches(cache.key)
+        ):
+            embedder = PosteriorEmbedder(self.la, self.batch_size)
+            features = embedder.features(x)
+            cache = QueryCache(x, x._version, self._key(), features, embedder.embed(features))
+            self._query_cache = cache
+        if samples and cache.sampled is None:
+            embedder = PosteriorEmbedder(self.la, self.batch_size)
+            cache.sampled = self._sample_embeddings(embedder, cache.features, "queries")
+        self._query_mean = cache.mean
+        return cache
+
     def _sampled(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        """Query embeddings ``(S, n, D)`` under the weight samples (refreshing the cache);
-        the queries' embeddings at the posterior mean are kept in ``_query_mean``.
+        """Query embeddings ``(S, n, D)`` under the weight samples (refreshing the database
+        cache); the queries' embeddings at the posterior mean are kept in ``_query_mean``.
 
         A last-layer posterior runs the backbone once per input and samples only the head.
         """
-        refresh = self.database is not None and not self._key_is_current()
-        if x is None and not refresh:
-            return None
-        la = self.la
-        embedder = PosteriorEmbedder(la, self.batch_size)
-        f_x = None if x is None else embedder.features(x)
-        self._query_mean = None if f_x is None else embedder.embed(f_x)
-        f_db = embedder.features(self.database) if refresh else None
-        queries, database = [], []
-        training = la.model.training
-        la.model.eval()
-        try:
-            for sample in embedder.samples(self.n_samples, self._generator()):
-                if f_x is not None:
-                    queries.append(embedder.embed(f_x, sample))
-                if refresh:
-                    database.append(embedder.embed(f_db, sample))
-            if refresh:
-                self._db_mean = embedder.embed(f_db)
-        finally:
-            la.model.train(training)
-        if refresh:
-            self._db_samples = torch.stack(database)
-            self._cache_key = self._key()
-        return torch.stack(queries) if x is not None else None
+        self._refresh_database()
+        return None if x is None else self._queries(x, samples=True).sampled
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` checked and on the estimator's device; the same tensor object for the same
+        input, so that the query cache recognises it."""
+        checked = check_tensor(x, "x", self.la)
+        if checked is not x:
+            if self._moved is not None and self._moved[0] is x and self._moved[2] == x._version:
+                return self._moved[1]
+            self._moved = (x, checked, x._version)
+        return checked
 
     def _knn_top1(
         self, z_q: torch.Tensor, z_db: torch.Tensor
@@ -188,6 +210,48 @@ class UncertaintyScorer:
         return torch.stack(knn), (torch.stack(top1) if top1[0] is not None else None)
 
     # ------------------------------------------------------------------ public
+    @in_eval_mode
+    def embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior-mean embeddings ``(n, D)`` of ``x`` (normalised when the likelihood
+        normalises), e.g. for recall@k or MAP@R; cached with the scores of ``x``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Inputs ``(n, ...)``.
+
+        Returns
+        -------
+        embeddings : torch.Tensor
+        """
+        return self._queries(self._check(x), samples=False).mean
+
+    @in_eval_mode
+    def sampled_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``(n_samples, n, D)`` of ``x`` under the scorer's fixed weight samples
+        (cached with the scores of ``x``).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Inputs ``(n, ...)``.
+
+        Returns
+        -------
+        samples : torch.Tensor
+        """
+        return self._queries(self._check(x), samples=True).sampled
+
+    @property
+    @in_eval_mode
+    def database_embeddings(self) -> torch.Tensor:
+        """Posterior-mean embeddings ``(m, D)`` of the database (computed once per posterior)."""
+        if self.database is None:
+            raise ValueError("No database: UncertaintyScorer(la, database=x_train).")
+        self._refresh_database()
+        return self._db_mean
+
+    @in_eval_mode
     def scores(
         self, x: torch.Tensor, scores: Iterable[PosteriorScore | str] = tuple(PosteriorScore)
     ) -> dict[str, torch.Tensor]:
@@ -207,7 +271,7 @@ class UncertaintyScorer:
             Score name -> ``(n,)`` scores, higher = less certain.
         """
         chosen = {name: SCORES[name]() for name in map(parse_score, scores)}
-        x = _check_tensor(x, "x", self.la)
+        x = self._check(x)
         if self.database is None:
             for name, score in chosen.items():
                 if score.needs_database:
@@ -239,6 +303,7 @@ class UncertaintyScorer:
         name = parse_score(score)
         return self.scores(x, [name])[name]
 
+    @in_eval_mode
     def retrieval(self, x: torch.Tensor) -> PosteriorRetrieval:
         """Posterior kNN distance, top-1 retrieval confidence and the top-1 label at the mean.
 
@@ -247,9 +312,8 @@ class UncertaintyScorer:
         """
         if self.database is None:
             raise ValueError("retrieval needs a database: UncertaintyScorer(la, database=...).")
-        x = _check_tensor(x, "x", self.la)
-        sampled = self._sampled(x)
-        knn_all, _ = self._knn_top1(sampled, self._db_samples)
+        sampled = self._sampled(self._check(x))
+        knn_all, top1 = self._knn_top1(sampled, self._db_samples)
         knn = knn_all.mean(0)
         empty = torch.empty(0, device=self.la._device)
         if self.database_labels is None:
@@ -258,7 +322,6 @@ class UncertaintyScorer:
         _, predicted = knn_and_top1(
             self._query_mean, self._db_mean, 1, self.database_labels, budget
         )
-        _, top1 = self._knn_top1(sampled, self._db_samples)  # (S, n)
         confidence = (top1 == predicted).to(knn.dtype).mean(0)
         return PosteriorRetrieval(knn, confidence, predicted)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from backpack import backpack, extend
+from backpack import backpack, extend, hook_store_io
 from laplace.utils import Kron
 from torch import nn
 
@@ -72,7 +72,9 @@ class BackPackPairGGN(PairCurvatureInterface):
         """A BackPACK-extended copy of ``module`` with its current parameters and buffers."""
         if self._copy is None or self._copy[0] is not module:
             self._copy = (module, build_extended_copy(module), extend(PairRoot()))
-        _, twin, _ = self._copy
+        _, twin, root = self._copy
+        restore_hooks(twin)
+        restore_hooks(root)
         sync_copy(module, twin)
         return twin
 
@@ -293,6 +295,25 @@ def build_extended_copy(module: nn.Module) -> nn.Module:
     if missing:
         raise ValueError(f"BackPACK's converter renamed parameters {sorted(missing)}.")
     return converted
+
+
+def restore_hooks(module: nn.Module) -> None:
+    """Re-register BackPACK's hooks on the extended modules of ``module`` that lost them.
+
+    Stock laplace-torch's ``BackPackGGN`` calls BackPACK's global ``CTX.remove_hooks()`` after
+    every Jacobian (GLM prediction), which removes the hooks of *every* extended module in the
+    process, the private copy's included; the copy would then compute nothing.
+    """
+    stale = [
+        sub
+        for sub in module.modules()
+        if getattr(sub, "_backpack_extend", False)
+        and not any(hook is hook_store_io for hook in sub._forward_hooks.values())
+    ]
+    for sub in stale:
+        sub._backpack_extend = False
+    if stale:
+        extend(module)
 
 
 def private_copy(module: nn.Module) -> nn.Module:
