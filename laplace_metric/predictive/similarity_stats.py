@@ -199,6 +199,17 @@ class RotatedDiagonal:
             pairs.gal((g.c * b.square()).sum(-1)) + b_bb,
             pairs.gal(g.c.sum(-1)) + b_tr,
         )
+        if pairs.gathered:  # one (Q, K, D) cross diagonal serves every cross form
+            c_qg = (g.psi * q.psi[:, None, :]) @ W.T
+            ab = (c_qg * g.z * a[:, None, :]).sum(-1) + b_ab
+            qg = Bilinear(
+                (c_qg * a[:, None, :].square()).sum(-1) + b_aa,
+                ab,
+                ab,
+                (c_qg * b.square()).sum(-1) + b_bb,
+                c_qg.sum(-1) + b_tr,
+            )
+            return qq, gg, qg
         cross = self._cross(q, g, pairs) + b_ab
         qg = Bilinear(
             pairs.mm(q.psi * (a.square() @ W), g.psi) + b_aa,
@@ -211,9 +222,6 @@ class RotatedDiagonal:
 
     def _cross(self, q: Items, g: Items, pairs: Pairing) -> torch.Tensor:
         """``sum_{k,l} W[k,l] a_k psi_q[l] b_k psi_g[l]``: one product over ``D x N``."""
-        if pairs.gathered:  # (Q, K, D) cross diagonals, then the weighted inner product
-            c_qg = self.cross_diagonal(q.psi[:, None, :], g.psi)
-            return (c_qg * g.z * q.z[:, None, :]).sum(-1)
         xq = (q.z[:, :, None] * q.psi[:, None, :] * self.W).flatten(1)
         yg = (g.z[..., :, None] * g.psi[..., None, :]).flatten(-2)
         return pairs.mm(xq, yg)

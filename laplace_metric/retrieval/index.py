@@ -173,7 +173,8 @@ class RetrievalIndex:
     def _chunk(self, n_queries: int, n: int) -> int:
         G = len(self.gallery.n)
         W = self.posterior.W
-        per_query = (2 * G + n * (W.shape[1] + 4 * W.shape[0]) + 16 * n) * dtype_bytes(W.dtype)
+        D, N = W.shape
+        per_query = (2 * G + n * (N + 4 * D) + D * N + 16 * n) * dtype_bytes(W.dtype)
         return chunk_size(n_queries, per_query, resolve_budget(self.memory_budget))
 
     def search_features(self, features: torch.Tensor, k: int = 10) -> SearchResult:
