@@ -116,7 +116,7 @@ class PredictionMixin:
         metric: str = "cosine",
         return_variance: bool = True,
         correction: bool = True,
-        second_order: bool = False,
+        approximation: str = "ratio",
         batch_size: int | None = None,
         gallery_batch_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -135,9 +135,10 @@ class PredictionMixin:
             ``False``: skip the variance (returned as ``None``).
         correction : bool, default=True
             Second-order mean; ``False`` with ``return_variance=False`` costs one matrix product.
-        second_order : bool, default=False
-            Add the fourth-order Gaussian bilinear variance terms (dense ``D x D`` per pair;
-            exact for ``'sqeuclidean'`` without normalisation).
+        approximation : {'ratio', 'delta'}, default='ratio'
+            ``'ratio'``: second order in the Gaussian quadratic forms ``x^T y``, ``|x|^2``,
+            ``|y|^2`` (wide and tight posteriors); ``'delta'``: second order in the outputs
+            (tight posteriors only). Raw squared distances are exact either way.
         batch_size, gallery_batch_size : int, optional
             Queries and gallery items per chunk (``None``: fit ``memory_budget``).
 
@@ -156,7 +157,7 @@ class PredictionMixin:
         check_inputs(x_gallery)
         self._check_output(x_query)
         return predictive_similarity(
-            self, x_query, x_gallery, metric, return_variance, correction, second_order,
+            self, x_query, x_gallery, metric, return_variance, correction, approximation,
             batch_size, gallery_batch_size,
         )  # fmt: skip
 

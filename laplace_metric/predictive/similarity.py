@@ -1,27 +1,21 @@
 """Mean and variance of the similarity of two embeddings under the posterior, in closed form.
 
 A query and a gallery item go through *one* encoder, so under the posterior their raw outputs
-``g_q``, ``g_g`` are jointly Gaussian (exactly for a last-layer posterior, linearised
-otherwise) with cross-covariance ``C_qg`` (:mod:`~laplace_metric.predictive.similarity_stats`).
-With ``a = g_q / n_q``, ``b = g_g / n_g`` and ``s = a^T b``:
+``x = g_q`` and ``y = g_g`` are jointly Gaussian (exactly for a last-layer posterior,
+linearised otherwise) with cross-covariance ``C_xy`` (:mod:`~.similarity_stats`).
 
-* cosine mean (second-order delta method, exact in ``C`` and ``1/n`` to second order)::
+Cosine (default ``approximation='ratio'``): ``cos = X / sqrt(Y Z)`` with the quadratic forms
+``X = x^T y``, ``Y = |x|^2``, ``Z = |y|^2``, whose means, variances and covariances are exact
+Gaussian moments (``Cov(w^T A w, w^T B w) = 2 tr(A S B S) + 4 m^T A S B m``). A second-order
+expansion of ``f(X, Y, Z)`` around the means gives the mean (``E[f] ~ f(m) + 1/2 tr(H Cov)``)
+and the variance (``grad^T Cov grad``). The expansion is in the fluctuations of the quadratic
+forms, which stay small relative to their means even when the posterior spread of ``g`` is not
+(the norms concentrate in ``D`` dimensions); ``approximation='delta'`` expands in ``g`` itself
+(second-order mean, first-order variance), accurate only for tight posteriors.
 
-    E[cos] = s + tr(P_a C_qg P_b) / (n_q n_g)
-               - s/2 (tr(P_a C_qq) / n_q^2 + tr(P_b C_gg) / n_g^2)
-               - a^T C_qq P_a b / n_q^2 - b^T C_gg P_b a / n_g^2,   P_x = I - x x^T;
-
-* cosine variance (first order), with ``u = P_a b / n_q`` and ``v = P_b a / n_g``::
-
-    Var[cos] = u^T C_qq u + v^T C_gg v + 2 u^T C_qg v;
-
-  ``second_order=True`` adds ``tr(S_aa S_bb) + tr(S_ab S_ab)`` (``S`` the covariances of the
-  linearised unit embeddings), the fourth-order terms of a Gaussian bilinear form;
-* squared Euclidean distance: ``2 - 2 cos`` for normalised embeddings; for raw embeddings
-  ``d = g_q - g_g`` is Gaussian and ``E = |d|^2 + tr C_d``, ``Var = 4 d^T C_d d`` (+ the
-  dropped ``2 tr(C_d^2)`` with ``second_order=True``), ``C_d = C_qq + C_gg - C_qg - C_qg^T``.
-
-See ``docs/mathematics.rst`` for the derivation and the measured size of the dropped terms.
+Squared Euclidean distance: ``2 - 2 cos`` for normalised embeddings; for raw embeddings
+``d = x - y`` is Gaussian, ``E = |d|^2 + tr C_d`` and ``Var = 4 d^T C_d d + 2 tr(C_d^2)``,
+exact. See ``docs/mathematics.rst`` for the derivation and the measured errors.
 """
 
 from __future__ import annotations
@@ -41,6 +35,7 @@ from laplace_metric.predictive.similarity_stats import (
     Items,
     Pairing,
     RotatedDiagonal,
+    Traces,
 )
 
 if TYPE_CHECKING:
@@ -60,18 +55,18 @@ class SimilarityMetric(str, Enum):
     """A learned Bregman divergence: not available in closed form (raises)."""
 
 
-def cosine_moments(
-    s: torch.Tensor,
-    nq: torch.Tensor,
-    ng: torch.Tensor,
-    blocks: tuple[Bilinear, Bilinear, Bilinear],
-    correction: bool = True,
-    variance: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mean and first-order variance of the cosine similarity from the pair statistics.
+class Approximation(str, Enum):
+    """How :func:`predictive_similarity` approximates the moments of the cosine."""
 
-    ``nq`` and ``ng`` are the norms broadcast to pairs; see the module docstring.
-    """
+    RATIO = "ratio"
+    """Second order in the Gaussian quadratic forms ``x^T y``, ``|x|^2``, ``|y|^2`` (default)."""
+
+    DELTA = "delta"
+    """Second-order mean and first-order variance in the raw outputs (tight posteriors)."""
+
+
+def cosine_delta(s, nq, ng, blocks, correction=True, variance=True):
+    """Delta-method moments of the cosine (see ``approximation='delta'``)."""
     qq, gg, qg = blocks
     mean = s
     if correction:
@@ -92,14 +87,40 @@ def cosine_moments(
     return mean, var.clamp_min(0)
 
 
-def sqeuclidean_raw_moments(
-    s: torch.Tensor,
-    nq: torch.Tensor,
-    ng: torch.Tensor,
-    blocks: tuple[Bilinear, Bilinear, Bilinear],
-    variance: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Exact mean and first-order variance of ``|g_q - g_g|^2`` (Gaussian ``g``)."""
+def quadratic_form_moments(s, nq, ng, blocks, traces: Traces):
+    """Means, variances and covariances of ``X = x^T y``, ``Y = |x|^2``, ``Z = |y|^2``."""
+    qq, gg, qg = blocks
+    t = traces
+    means = (nq * ng * s + qg.tr, nq**2 + qq.tr, ng**2 + gg.tr)
+    var_x = nq**2 * gg.aa + ng**2 * qq.bb + 2 * nq * ng * qg.ba + t.xx_yy + t.xy_xy
+    var_y = 2 * t.xx2 + 4 * nq**2 * qq.aa
+    var_z = 2 * t.yy2 + 4 * ng**2 * gg.bb
+    cov_xy = 2 * t.xx_xy + 2 * nq**2 * qg.aa + 2 * nq * ng * qq.ab
+    cov_xz = 2 * t.yy_yx + 2 * ng**2 * qg.bb + 2 * nq * ng * gg.ab
+    cov_yz = 2 * t.xy_yx + 4 * nq * ng * qg.ab
+    return means, (var_x, var_y, var_z, cov_xy, cov_xz, cov_yz)
+
+
+def cosine_ratio(s, nq, ng, blocks, traces: Traces, variance=True):
+    """Moments of ``X / sqrt(Y Z)``, second order in the quadratic forms."""
+    (mx, my, mz), (vx, vy, vz, cxy, cxz, cyz) = quadratic_form_moments(s, nq, ng, blocks, traces)
+    root = (my * mz).sqrt()
+    f = mx / root
+    fx, fy, fz = 1 / root, -f / (2 * my), -f / (2 * mz)
+    curvature = (
+        0.75 * f * (vy / my**2 + vz / mz**2)
+        - (cxy / my + cxz / mz) / root
+        + 0.5 * f * cyz / (my * mz)
+    )
+    mean = f + 0.5 * curvature
+    if not variance:
+        return mean, None
+    var = fx**2 * vx + fy**2 * vy + fz**2 * vz + 2 * (fx * fy * cxy + fx * fz * cxz + fy * fz * cyz)
+    return mean, var.clamp_min(0)
+
+
+def sqeuclidean_raw_moments(s, nq, ng, blocks, traces: Traces | None, variance=True):
+    """Exact mean and variance of ``|x - y|^2`` for Gaussian raw outputs."""
     qq, gg, qg = blocks
     mean = nq**2 + ng**2 - 2 * nq * ng * s + qq.tr + gg.tr - 2 * qg.tr
     if not variance:
@@ -108,28 +129,10 @@ def sqeuclidean_raw_moments(
     def quad(block: Bilinear) -> torch.Tensor:  # d^T C d, d = nq a - ng b
         return nq**2 * block.aa - nq * ng * (block.ab + block.ba) + ng**2 * block.bb
 
-    var = 4 * (quad(qq) + quad(gg) - 2 * quad(qg))
+    t = traces
+    tr_cd2 = t.xx2 + t.yy2 + 2 * t.xy_xy + 2 * t.xx_yy - 4 * t.xx_xy - 4 * t.yy_yx + 2 * t.xy_yx
+    var = 4 * (quad(qq) + quad(gg) - 2 * quad(qg)) + 2 * tr_cd2
     return mean, var.clamp_min(0)
-
-
-def _projector(z: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
-    return (eye - z[..., :, None] * z[..., None, :]) / n[..., None, None]
-
-
-def second_order_variance(
-    provider, q: Items, g: Items, metric: SimilarityMetric, normalized: bool
-) -> torch.Tensor:
-    """The fourth-order (``O(Sigma^2)``) variance terms of all pairs ``(Q, G)`` (dense)."""
-    c_qq, c_gg, c_qg = provider.dense(q, g)
-    if metric == SimilarityMetric.SQEUCLIDEAN and not normalized:
-        c_d = c_qq[:, None] + c_gg[None] - c_qg - c_qg.transpose(-1, -2)
-        return 2 * (c_d * c_d.transpose(-1, -2)).sum((-2, -1))
-    pq, pg = _projector(q.z, q.n), _projector(g.z, g.n)
-    s_aa, s_bb = pq @ c_qq @ pq, pg @ c_gg @ pg
-    s_ab = torch.einsum("qde,qgef,gfh->qgdh", pq, c_qg, pg)
-    extra = s_aa.flatten(1) @ s_bb.flatten(1).T + (s_ab * s_ab.transpose(-1, -2)).sum((-2, -1))
-    return extra if metric == SimilarityMetric.COSINE else 4 * extra
 
 
 def pair_moments(
@@ -141,17 +144,24 @@ def pair_moments(
     normalized: bool,
     correction: bool = True,
     variance: bool = True,
+    approximation: Approximation = Approximation.RATIO,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """First-order moments of ``metric`` for the pairs of ``q`` and ``g`` (see :class:`Pairing`)."""
+    """Moments of ``metric`` for the pairs of ``q`` and ``g`` (see :class:`Pairing`)."""
     s = pairs.mm(q.z, g.z)
     if not correction and not variance and metric == SimilarityMetric.COSINE:
         return s, None
-    blocks = provider.blocks(q, g, pairs, variance=variance)
+    ratio = approximation == Approximation.RATIO
+    raw = metric == SimilarityMetric.SQEUCLIDEAN and not normalized
+    *blocks, traces = provider.blocks(q, g, pairs, variance=variance or ratio or raw)
     nq, ng = pairs.que(q.n), pairs.gal(g.n)
-    if metric == SimilarityMetric.SQEUCLIDEAN and not normalized:
-        return sqeuclidean_raw_moments(s, nq, ng, blocks, variance)
-    mean, var = cosine_moments(s, nq, ng, blocks, correction, variance)
-    mean = mean.clamp(-1, 1)  # the second-order mean can overshoot for wide posteriors
+    if raw:
+        return sqeuclidean_raw_moments(s, nq, ng, blocks, traces, variance)
+    if ratio:
+        mean, var = cosine_ratio(s, nq, ng, blocks, traces, variance)
+        mean = mean if correction else s
+    else:
+        mean, var = cosine_delta(s, nq, ng, blocks, correction, variance)
+    mean = mean.clamp(-1, 1)
     if metric == SimilarityMetric.SQEUCLIDEAN:
         return 2 - 2 * mean, None if var is None else 4 * var
     return mean, var
@@ -188,11 +198,10 @@ def gallery_items(provider, la: MetricLaplaceMixin, x: torch.Tensor, batch: int 
     return Items(**{k: torch.cat([getattr(p, k) for p in parts]) for k in ("z", "n", "psi", "c")})
 
 
-def _plan(la, provider, n_q, n_g, second_order, batch_size, gallery_batch_size):
+def _plan(la, provider, n_q, n_g, batch_size, gallery_batch_size):
     itemsize = dtype_bytes(la._dtype)
     per_item = provider.bytes_per_item() * itemsize
-    D = int(la.n_outputs)
-    per_pair = (provider.per_pair + (6 * D * D if second_order else 0)) * itemsize
+    per_pair = provider.per_pair * itemsize
     budget = la.memory_budget
     check_fits(
         2 * per_item + per_pair,
@@ -212,7 +221,7 @@ def predictive_similarity(
     metric: SimilarityMetric | str = SimilarityMetric.COSINE,
     return_variance: bool = True,
     correction: bool = True,
-    second_order: bool = False,
+    approximation: Approximation | str = Approximation.RATIO,
     batch_size: int | None = None,
     gallery_batch_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -221,12 +230,11 @@ def predictive_similarity(
     See :meth:`laplace_metric.estimators.MetricLaplaceMixin.predictive_similarity`.
     """
     metric = parse_metric(la, metric)
+    approximation = parse_enum(Approximation, approximation, "approximation")
     provider = similarity_provider(la)
     structured = isinstance(provider, RotatedDiagonal)
     normalized = la.pair_likelihood.normalize
-    n_que, n_gal = _plan(
-        la, provider, len(x_query), len(x_gallery), second_order, batch_size, gallery_batch_size
-    )
+    n_que, n_gal = _plan(la, provider, len(x_query), len(x_gallery), batch_size, gallery_batch_size)
     gallery = gallery_items(provider, la, x_gallery) if structured else None
     mean = x_query.new_empty((len(x_query), len(x_gallery)), dtype=la._dtype)
     var = torch.empty_like(mean) if return_variance else None
@@ -240,24 +248,25 @@ def predictive_similarity(
             else:
                 g = provider.items(x_gallery[g0 : g0 + n_gal])
             m, v = pair_moments(
-                provider, q, g, pairs, metric, normalized, correction, return_variance
-            )
+                provider, q, g, pairs, metric, normalized, correction, return_variance,
+                approximation,
+            )  # fmt: skip
             rows, cols = slice(q0, q0 + len(xq)), slice(g0, g0 + len(g.n))
             mean[rows, cols] = m
             if var is not None:
-                if second_order:
-                    v = v + second_order_variance(provider, q, g, metric, normalized)
                 var[rows, cols] = v
     return mean, var
 
 
 __all__ = [
+    "Approximation",
     "SimilarityMetric",
-    "cosine_moments",
+    "cosine_delta",
+    "cosine_ratio",
+    "quadratic_form_moments",
     "gallery_items",
     "pair_moments",
     "predictive_similarity",
-    "second_order_variance",
     "similarity_provider",
     "sqeuclidean_raw_moments",
 ]

@@ -41,6 +41,20 @@ class Bilinear(NamedTuple):
     tr: torch.Tensor
 
 
+class Traces(NamedTuple):
+    """Traces of products of the blocks, per pair (``x`` = query, ``y`` = gallery item):
+    ``tr(C_xx^2)``, ``tr(C_yy^2)``, ``tr(C_xx C_yy)``, ``tr(C_xy C_xy)``, ``tr(C_xy C_yx)``,
+    ``tr(C_xx C_xy)``, ``tr(C_yy C_yx)``."""
+
+    xx2: torch.Tensor
+    yy2: torch.Tensor
+    xx_yy: torch.Tensor
+    xy_xy: torch.Tensor
+    xy_yx: torch.Tensor
+    xx_xy: torch.Tensor
+    yy_yx: torch.Tensor
+
+
 class Pairing:
     """All pairs of two chunks (``gathered=False``) or each query with its own candidates.
 
@@ -176,11 +190,10 @@ class RotatedDiagonal:
             torch.diagonal(Cb).sum(),
         )
 
-    def blocks(
-        self, q: Items, g: Items, pairs: Pairing, variance: bool = True
-    ) -> tuple[Bilinear, Bilinear, Bilinear]:
-        """The ``qq``, ``gg`` and ``qg`` bilinear forms of every pair."""
-        a, b, W = q.z, g.z, self.W
+    def blocks(self, q: Items, g: Items, pairs: Pairing, variance: bool = True):
+        """The ``qq``, ``gg`` and ``qg`` bilinear forms of every pair, and the traces of
+        products of blocks (:class:`Traces`)."""
+        a, b = q.z, g.z
         b_aa, b_ab, b_bb, b_tr = self._bias_forms(a, b, pairs)
         none = torch.zeros((), dtype=a.dtype, device=a.device)
         qq_ab = pairs.mm(q.c * a, b) + b_ab
@@ -199,54 +212,58 @@ class RotatedDiagonal:
             pairs.gal((g.c * b.square()).sum(-1)) + b_bb,
             pairs.gal(g.c.sum(-1)) + b_tr,
         )
-        if pairs.gathered:  # one (Q, K, D) cross diagonal serves every cross form
-            c_qg = (g.psi * q.psi[:, None, :]) @ W.T
-            ab = (c_qg * g.z * a[:, None, :]).sum(-1) + b_ab
-            qg = Bilinear(
-                (c_qg * a[:, None, :].square()).sum(-1) + b_aa,
-                ab,
-                ab,
-                (c_qg * b.square()).sum(-1) + b_bb,
-                c_qg.sum(-1) + b_tr,
-            )
-            return qq, gg, qg
-        cross = self._cross(q, g, pairs) + b_ab
+        c_qg = self._cross_diagonals(q, g, pairs)  # (Q, G|K, D): the one D x N product
+        a_ = a[:, None, :]
+        b_ = b if pairs.gathered else b[None]
+        ab = (c_qg * a_ * b_).sum(-1) + b_ab
         qg = Bilinear(
-            pairs.mm(q.psi * (a.square() @ W), g.psi) + b_aa,
-            cross,
-            cross,
-            pairs.mm(q.psi, g.psi * (b.square() @ W)) + b_bb,
-            pairs.mm(q.psi * W.sum(0), g.psi) + b_tr,
+            (c_qg * a_.square()).sum(-1) + b_aa,
+            ab,
+            ab,
+            (c_qg * b_.square()).sum(-1) + b_bb,
+            c_qg.sum(-1) + b_tr,
         )
-        return qq, gg, qg
+        return qq, gg, qg, self._traces(q, g, c_qg, pairs) if variance else None
 
-    def _cross(self, q: Items, g: Items, pairs: Pairing) -> torch.Tensor:
-        """``sum_{k,l} W[k,l] a_k psi_q[l] b_k psi_g[l]``: one product over ``D x N``."""
-        xq = (q.z[:, :, None] * q.psi[:, None, :] * self.W).flatten(1)
-        yg = (g.z[..., :, None] * g.psi[..., None, :]).flatten(-2)
-        return pairs.mm(xq, yg)
+    def _cross_diagonals(self, q: Items, g: Items, pairs: Pairing) -> torch.Tensor:
+        """``c_qg[k] = sum_l W[k, l] psi_q[l] psi_g[l]`` for every pair, ``(Q, G|K, D)``."""
+        if pairs.gathered:
+            return (g.psi * q.psi[:, None, :]) @ self.W.T
+        return ((q.psi[None] * self.W[:, None, :]) @ g.psi.T).permute(1, 2, 0)
+
+    def _traces(self, q: Items, g: Items, c_qg: torch.Tensor, pairs: Pairing) -> Traces:
+        """Traces of products of ``C_b + diag(c)`` blocks (``tr(diag(c) C_b) = c . diag C_b``)."""
+        c_q, c_g = q.c, g.c
+        if self.bias is None:
+            bd, tb2 = torch.zeros_like(c_q[0]), torch.zeros((), dtype=c_q.dtype)
+        else:
+            bd, tb2 = torch.diagonal(self.bias), self.bias.square().sum()
+        qb, gb, xb = pairs.que(c_q @ bd), pairs.gal(c_g @ bd), c_qg @ bd
+        cg_ = c_g if pairs.gathered else c_g[None]
+        xy_xy = c_qg.square().sum(-1) + 2 * xb + tb2
+        return Traces(
+            xx2=pairs.que(c_q.square().sum(-1)) + 2 * qb + tb2,
+            yy2=pairs.gal(c_g.square().sum(-1)) + 2 * gb + tb2,
+            xx_yy=pairs.mm(c_q, c_g) + qb + gb + tb2,
+            xy_xy=xy_xy,
+            xy_yx=xy_xy,
+            xx_xy=(c_qg * c_q[:, None, :]).sum(-1) + qb + xb + tb2,
+            yy_yx=(c_qg * cg_).sum(-1) + gb + xb + tb2,
+        )
 
     def cross_diagonal(self, psi_i: torch.Tensor, psi_j: torch.Tensor) -> torch.Tensor:
         """``c_ij`` ``(..., D)`` for paired rotated features."""
         return (psi_i * psi_j) @ self.W.T
-
-    def dense(self, q: Items, g: Items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dense rotated blocks ``C_qq (Q,D,D)``, ``C_gg (G,D,D)``, ``C_qg (Q,G,D,D)``."""
-        extra = 0 if self.bias is None else self.bias
-        c_qg = torch.einsum("qn,gn,dn->qgd", q.psi, g.psi, self.W)
-        return (
-            torch.diag_embed(q.c) + extra,
-            torch.diag_embed(g.c) + extra,
-            torch.diag_embed(c_qg) + extra,
-        )
 
     def bytes_per_item(self) -> int:
         """Elements per query or gallery item in one chunk (the ``D x N`` product)."""
         D, N = self.W.shape
         return 2 * D * N + 2 * N + 4 * D
 
-    #: Elements per pair: about twenty ``(Q, G)`` results and temporaries.
-    per_pair = 24
+    @property
+    def per_pair(self) -> int:
+        """Elements per pair: the ``D`` cross diagonals (twice) and about thirty results."""
+        return 2 * self.W.shape[0] + 32
 
 
 class DenseFactors:
@@ -299,9 +316,8 @@ class DenseFactors:
         c_qg = torch.einsum("qdp,gep->qgde", q.L, g.L)
         return c_qq, c_gg, c_qg
 
-    def blocks(
-        self, q: Items, g: Items, pairs: Pairing, variance: bool = True
-    ) -> tuple[Bilinear, Bilinear, Bilinear]:
+    def blocks(self, q: Items, g: Items, pairs: Pairing, variance: bool = True):
+        """As :meth:`RotatedDiagonal.blocks`, from dense ``D x D`` blocks."""
         if pairs.gathered:
             raise NotImplementedError("Gathered candidates need a last-layer diag/kron head.")
         c_qq, c_gg, c_qg = self.dense(q, g)
@@ -327,7 +343,16 @@ class DenseFactors:
             torch.einsum("gd,qgde,ge->qg", b, c_qg, b),
             torch.diagonal(c_qg, dim1=-2, dim2=-1).sum(-1),
         )
-        return qq, gg, qg
+        traces = Traces(
+            xx2=pairs.que((c_qq * c_qq).sum((-2, -1))),
+            yy2=pairs.gal((c_gg * c_gg).sum((-2, -1))),
+            xx_yy=c_qq.flatten(1) @ c_gg.transpose(-1, -2).flatten(1).T,
+            xy_xy=torch.einsum("qgde,qged->qg", c_qg, c_qg),
+            xy_yx=c_qg.square().sum((-2, -1)),
+            xx_xy=torch.einsum("qde,qged->qg", c_qq, c_qg),
+            yy_yx=torch.einsum("gde,qgde->qg", c_gg, c_qg),
+        )
+        return qq, gg, qg, traces
 
     def bytes_per_item(self) -> int:
         D = int(self.la.n_outputs)
@@ -340,4 +365,4 @@ class DenseFactors:
         return 3 * D * D + 24
 
 
-__all__ = ["Bilinear", "DenseFactors", "Items", "Pairing", "RotatedDiagonal"]
+__all__ = ["Bilinear", "DenseFactors", "Items", "Pairing", "RotatedDiagonal", "Traces"]
