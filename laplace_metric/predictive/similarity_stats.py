@@ -101,6 +101,7 @@ class Items:
         return Items(**pick)
 
     def slice(self, start: int, stop: int) -> Items:
+        """The items ``start:stop``."""
         pick = {k: (v[start:stop] if v is not None else None) for k, v in self.__dict__.items()}
         return Items(**pick)
 
@@ -163,6 +164,7 @@ class RotatedDiagonal:
         return cls(W, Q1, Q2, bias, weight, bias_mean)
 
     def state(self) -> dict[str, torch.Tensor | None]:
+        """The tensors that define the posterior (for saving)."""
         return {k: getattr(self, k) for k in ("W", "R", "Q2", "bias", "weight", "bias_mean")}
 
     def raw(self, phi: torch.Tensor) -> torch.Tensor:
@@ -304,6 +306,7 @@ class DenseFactors:
         return g.detach(), L.detach()
 
     def items(self, x: torch.Tensor) -> Items:
+        """Unit embeddings, norms and factors ``L`` of inputs ``x``."""
         g, L = self._factors(x)
         z, n = _unit(g)
         return Items(z=z, n=n, L=L)
@@ -355,12 +358,14 @@ class DenseFactors:
         return qq, gg, qg, traces
 
     def bytes_per_item(self) -> int:
+        """Elements per query or gallery item in one chunk (the factors and Jacobians)."""
         D = int(self.la.n_outputs)
         P = int(self.la.n_params) if hasattr(self.la, "n_params") else 0
         return 4 * D * max(P, 1)
 
     @property
     def per_pair(self) -> int:
+        """Elements per pair: the dense ``D x D`` blocks and the results."""
         D = int(self.la.n_outputs)
         return 3 * D * D + 24
 
