@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
     parser.add_argument("--budget", default="1GB")
     parser.add_argument("--sampled-samples", type=int, default=30)
+    parser.add_argument("--methods", nargs="+", default=["deterministic", "analytic", "sampled"])
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
     if args.child:
@@ -171,7 +172,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for size in args.sizes:
         base = None
-        for method in ("deterministic", "analytic", "sampled"):
+        for method in ["deterministic"] + [m for m in args.methods if m != "deterministic"]:
             r = run(method, size, args)
             base = r["seconds"] if method == "deterministic" else base
             label = method
