@@ -83,7 +83,7 @@ def cached(path: Path, compute):
 
 def load_data(args):
     """Subsets of FashionMNIST (gallery, validation, test) and MNIST test images."""
-    from laplace_metric.idx import load_idx_dataset
+    from laplace_metric.data.idx import load_idx_dataset
 
     fm, mn = load_idx_dataset("fashion_mnist"), load_idx_dataset("mnist")
     gen = torch.Generator().manual_seed(0)
