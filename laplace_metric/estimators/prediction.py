@@ -108,6 +108,59 @@ class PredictionMixin:
         samples = self._nn_embedding_samples(x, n_samples, generator, batch_size)
         return _sample_moments(samples, diagonal_output)
 
+    @keeps_module_modes
+    def predictive_similarity(
+        self,
+        x_query: torch.Tensor,
+        x_gallery: torch.Tensor,
+        metric: str = "cosine",
+        return_variance: bool = True,
+        correction: bool = True,
+        approximation: str = "ratio",
+        batch_size: int | None = None,
+        gallery_batch_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Posterior mean and variance ``(Q, G)`` of the similarity of each query-gallery pair.
+
+        Closed form, including the query-gallery cross-covariance (one encoder, shared
+        weights); see :mod:`laplace_metric.predictive.similarity` and ``docs/mathematics.rst``.
+
+        Parameters
+        ----------
+        x_query, x_gallery : torch.Tensor
+            Inputs ``(Q, ...)`` and ``(G, ...)``.
+        metric : {'cosine', 'sqeuclidean'}, default='cosine'
+            ``'bregman'`` raises ``NotImplementedError``.
+        return_variance : bool, default=True
+            ``False``: skip the variance (returned as ``None``).
+        correction : bool, default=True
+            Second-order mean; ``False`` with ``return_variance=False`` costs one matrix product.
+        approximation : {'ratio', 'delta'}, default='ratio'
+            ``'ratio'``: second order in the Gaussian quadratic forms ``x^T y``, ``|x|^2``,
+            ``|y|^2`` (wide and tight posteriors); ``'delta'``: second order in the outputs
+            (tight posteriors only). Raw squared distances are exact either way.
+        batch_size, gallery_batch_size : int, optional
+            Queries and gallery items per chunk (``None``: fit ``memory_budget``).
+
+        Returns
+        -------
+        mean : torch.Tensor
+            ``(Q, G)``.
+        variance : torch.Tensor or None
+            ``(Q, G)``.
+        """
+        from laplace_metric.predictive.similarity import predictive_similarity
+
+        self._check_fitted()
+        x_query, x_gallery = x_query.to(self._device), x_gallery.to(self._device)
+        check_inputs(x_query)
+        check_inputs(x_gallery)
+        self._check_output(x_query)
+        return predictive_similarity(
+            self, x_query, x_gallery, metric, return_variance, correction, approximation,
+            batch_size, gallery_batch_size,
+        )  # fmt: skip
+
     def _check_generator(self, generator: torch.Generator | None) -> None:
         if generator is not None and (
             not isinstance(generator, torch.Generator) or generator.device != self._device
