@@ -10,18 +10,15 @@ from torch import nn
 
 from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.base import PairCurvatureInterface
-from laplace_metric.curvature.graph import PairGraph, fold_linear
-from laplace_metric.curvature.hooks.folds import (
-    fold_diag,
-    fold_gram,
-)
+from laplace_metric.curvature.budget import budget_elements
+from laplace_metric.curvature.graph import PairGraph
+from laplace_metric.curvature.hooks.diag import graph_diag, plan_location_grams
+from laplace_metric.curvature.hooks.folds import fold_gram
 from laplace_metric.curvature.hooks.kron import KFACApproximation, kron_factors
-from laplace_metric.curvature.hooks.locations import GraphGram, graph_costs
 from laplace_metric.curvature.hooks.pairs import pair_batch
 from laplace_metric.curvature.hooks.sites import (
     Recorder,
     Site,
-    SiteKind,
     batchnorm_reason,
     bias_grads,
     functional_grads,
@@ -107,9 +104,10 @@ class HookPairGGN(PairCurvatureInterface):
     #: (``None``: not bounded by a budget).
     memory_budget: int | None = None
     #: Shared weights (conv positions, tokens) through location Gram matrices: ``None`` picks
-    #: the cheaper of that and per-column gradients per weight (see
-    #: :mod:`laplace_metric.curvature.hooks.locations`); ``True``/``False`` force one form.
-    location_gram: bool | None = None
+    #: the cheapest exact form per weight (see :mod:`laplace_metric.curvature.hooks.diag`);
+    #: ``False`` forces per-column gradients, ``True`` a Gram form (``'gram'``: whole
+    #: components, ``'split'``: per-sample Grams and component sums, where the graph allows).
+    location_gram: bool | str | None = None
 
     def __init__(
         self,
@@ -130,12 +128,10 @@ class HookPairGGN(PairCurvatureInterface):
         sites, a block of per-sample gradients): the value set (default ``2**25``, 128 MiB of
         float32), lowered so that :attr:`MEMORY_PER_ELEMENT_BOUND` times it fits
         :attr:`memory_budget` (at least ``2**16``)."""
-        bound = self._max_elements
-        if self.memory_budget is not None:
-            itemsize = next(self.model.parameters()).element_size()
-            per_element = itemsize * self.MEMORY_PER_ELEMENT_BOUND
-            bound = min(bound, max(2**16, int(self.memory_budget) // per_element))
-        return bound
+        itemsize = next(self.model.parameters()).element_size()
+        return budget_elements(
+            self._max_elements, self.memory_budget, itemsize, self.MEMORY_PER_ELEMENT_BOUND
+        )
 
     @max_elements.setter
     def max_elements(self, value: int) -> None:
@@ -281,82 +277,13 @@ class HookPairGGN(PairCurvatureInterface):
 
     # ------------------------------------------------------------------ pair graph
     def _graph_diag(self, module, inputs, g, terms):
-        graph = terms.graph
-        n_columns = terms.factor.shape[2]
-        total: dict[str, torch.Tensor] = {}
-        grams: dict[str, tuple[GraphGram, torch.Tensor]] | None = None
-        for twin, _, entries, others in self._passes(module, inputs, terms.factor.permute(2, 0, 1)):
-            if grams is None:
-                grams = self._plan_location_grams(twin, entries, graph, n_columns)
-            for name, param in self._named_params(twin):
-                if name in grams:
-                    grams[name][0].add(torch.cat([q for _, q in entries[name]], dim=2))
-                    continue
-                part = self._diag_block(name, param, entries, others, graph)
-                total[name] = part if name not in total else total[name] + part
-        params = self._named_params(self._copy[1])
-        for name, param in params:
-            if name in grams:
-                gram, x = grams[name]
-                total[name] = gram.diag(x).reshape(param.shape)
-        return torch.cat([total[n].flatten() for n, _ in params])
+        return graph_diag(self, module, inputs, terms)
 
     def _plan_location_grams(
         self, twin: nn.Module, entries: dict[str, Entries], graph: PairGraph, n_columns: int
-    ) -> dict[str, tuple[GraphGram, torch.Tensor]]:
-        """Gram accumulators (and inputs) of the shared weights folded in the Gram form.
-
-        A weight qualifies where the Gram form is cheaper (see
-        :mod:`laplace_metric.curvature.hooks.locations`; ``location_gram=True``: always).
-        Accumulators live across all column chunks, so together they hold at most
-        ``4 * max_elements`` numbers: the weights that save the most work per number kept are
-        chosen first, the others take the per-column form.
-        """
-        candidates = []
-        for name, _ in self._named_params(twin):
-            calls = entries.get(name)
-            if not calls or calls[0][0].kind == SiteKind.AFFINE or name != calls[0][0].weight:
-                continue
-            site, q = calls[0]
-            if len(calls) == 1 and site.kind == SiteKind.LINEAR and site.n_locations == 1:
-                continue  # fold_linear: cheaper still
-            n_locations = sum(s.n_locations for s, _ in calls)
-            per_column, gram, elements = graph_costs(
-                graph, n_columns, n_locations, q.shape[-1], site.x.shape[-1]
-            )
-            if self.location_gram is False or (self.location_gram is None and gram >= per_column):
-                continue
-            saving = (per_column - gram) / max(elements, 1)
-            candidates.append((saving, elements, name, calls, n_locations))
-        room, plan = 4 * self.max_elements, {}
-        for _, elements, name, calls, n_locations in sorted(candidates, key=lambda c: -c[0]):
-            if elements <= room:
-                room -= elements
-                x = torch.cat([s.x for s, _ in calls], dim=1)
-                plan[name] = (GraphGram(graph, n_locations, self.max_elements), x)
-        return plan
-
-    def _diag_block(
-        self, name: str, param: torch.Tensor, entries: dict, others: dict, graph: PairGraph
-    ) -> torch.Tensor:
-        if name in others:
-            return fold_diag(others[name], graph)
-        calls = entries.get(name)
-        if calls is None:  # no recorded call reaches the output: zero curvature
-            return torch.zeros_like(param)
-        site, q = calls[0]
-        if name == site.bias or site.kind == SiteKind.AFFINE:
-            return fold_diag(self._param_grads(name, param, entries, others), graph).reshape(
-                param.shape
-            )
-        if len(calls) == 1 and site.kind == SiteKind.LINEAR and site.n_locations == 1:
-            return fold_linear(q[:, :, 0], site.x[:, 0], graph)[0].reshape(param.shape)
-        c, b, _, n_out = q.shape
-        n_in = site.x.shape[-1]
-        result = param.new_zeros(n_out, n_in)
-        for rows in self._row_slices(n_out, c * b * n_in):
-            result[rows] = fold_diag(weight_grads(calls, rows), graph)
-        return result.reshape(param.shape)
+    ) -> dict[str, tuple[Any, torch.Tensor]]:
+        """See :func:`laplace_metric.curvature.hooks.diag.plan_location_grams`."""
+        return plan_location_grams(self, twin, entries, graph, n_columns)
 
     def _graph_full(self, module, inputs, g, terms):
         total = None
