@@ -6,29 +6,27 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from laplace.utils import KronDecomposed
 from torch import nn
 
 from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.curvature.budget import budget_elements
 from laplace_metric.curvature.graph import PairGraph
-from laplace_metric.curvature.hooks.diag import graph_diag, plan_location_grams
+from laplace_metric.curvature.hooks.diag import GramPolicy, graph_diag, plan_location_grams
 from laplace_metric.curvature.hooks.folds import fold_gram
 from laplace_metric.curvature.hooks.kron import KFACApproximation, kron_factors
 from laplace_metric.curvature.hooks.pairs import pair_batch
+from laplace_metric.curvature.hooks.passes import ColumnPass, Entries
+from laplace_metric.curvature.hooks.predictive import covariance_chunk, normalised
 from laplace_metric.curvature.hooks.sites import (
     Recorder,
     Site,
     batchnorm_reason,
-    bias_grads,
     functional_grads,
-    weight_grads,
 )
 from laplace_metric.enums import parse_enum
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
-
-#: One recorded weight or bias: the calls (site, output gradients ``[c, B, T, out]``).
-Entries = list[tuple[Site, torch.Tensor]]
 
 
 class HookPairGGN(PairCurvatureInterface):
@@ -190,7 +188,7 @@ class HookPairGGN(PairCurvatureInterface):
         inputs: torch.Tensor,
         columns: torch.Tensor,
         all_columns: bool = False,
-    ) -> Iterator[tuple[nn.Module, list[Site], dict[str, Entries], dict[str, torch.Tensor]]]:
+    ) -> Iterator[ColumnPass]:
         """Back-propagate ``columns [R, B, D]`` in chunks (all at once if ``all_columns``).
 
         ``c`` columns are back-propagated by one forward and one backward pass of the batch
@@ -201,12 +199,8 @@ class HookPairGGN(PairCurvatureInterface):
 
         Yields
         ------
-        twin : torch.nn.Module
-        sites : list of Site
-        entries : dict
-            Parameter name -> the calls that use it with their gradients ``[c, B, T, out]``.
-        others : dict
-            Parameter name -> per-sample gradients ``[c, B, *shape]`` (``torch.func``).
+        ColumnPass
+            The site gradients (and ``torch.func`` gradients) of one chunk of columns.
         """
         batch = inputs.shape[0]
         per_sample = self._per_sample_elements(module, inputs)
@@ -225,7 +219,7 @@ class HookPairGGN(PairCurvatureInterface):
                 extra = functional_grads(
                     twin, inputs, others, cols, per_sample * 4, self.max_elements
                 )
-            yield twin, sites, entries, extra
+            yield ColumnPass(twin, sites, entries, extra)
 
     def _backpropagate(
         self,
@@ -254,70 +248,34 @@ class HookPairGGN(PairCurvatureInterface):
                     entries.setdefault(name, []).append((site, q))
         return twin, sites, entries
 
-    # ------------------------------------------------------------------ per-sample factors
-    def _row_slices(self, n_rows: int, per_row: int) -> list[slice]:
-        step = max(1, self.max_elements // max(per_row, 1))
-        return [slice(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
-
-    def _param_grads(
-        self, name: str, param: torch.Tensor, entries: dict[str, Entries], others: dict
-    ) -> torch.Tensor:
-        """Per-sample gradients ``[c, B, *shape]`` of one parameter (one block; small only)."""
-        if name in others:
-            return others[name]
-        calls = entries[name]
-        site = calls[0][0]
-        c, b = calls[0][1].shape[:2]
-        if name == site.bias:
-            return bias_grads(calls).reshape(c, b, *param.shape)
-        return weight_grads(calls).reshape(c, b, *param.shape)
-
-    def _named_params(self, twin: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p) for n, p in twin.named_parameters() if p.requires_grad]
-
     # ------------------------------------------------------------------ pair graph
+    def _gram_policy(self) -> GramPolicy:
+        return GramPolicy(self.location_gram, self.max_elements)
+
     def _graph_diag(self, module, inputs, g, terms):
-        return graph_diag(self, module, inputs, terms)
+        passes = self._passes(module, inputs, terms.factor.permute(2, 0, 1))
+        n_columns, policy = terms.factor.shape[2], self._gram_policy()
+        return graph_diag(passes, terms.graph, n_columns, policy, self._plan_location_grams)
 
     def _plan_location_grams(
-        self, twin: nn.Module, entries: dict[str, Entries], graph: PairGraph, n_columns: int
+        self, column_pass: ColumnPass, graph: PairGraph, n_columns: int, policy: GramPolicy
     ) -> dict[str, tuple[Any, torch.Tensor]]:
         """See :func:`laplace_metric.curvature.hooks.diag.plan_location_grams`."""
-        return plan_location_grams(self, twin, entries, graph, n_columns)
+        return plan_location_grams(column_pass, graph, n_columns, policy)
 
     def _graph_full(self, module, inputs, g, terms):
         total = None
-        for twin, _, entries, others in self._passes(module, inputs, terms.factor.permute(2, 0, 1)):
-            u = self._all_grads(twin, entries, others)
-            part = fold_gram(u, terms.graph)
+        for column_pass in self._passes(module, inputs, terms.factor.permute(2, 0, 1)):
+            part = fold_gram(column_pass.all_grads(), terms.graph)
             total = part if total is None else total + part
         return total
 
-    def _all_grads(self, twin: nn.Module, entries: dict, others: dict) -> torch.Tensor:
-        """Per-sample factors ``u`` of all inferred parameters, ``[c, B, P]``."""
-        blocks = []
-        for name, param in self._named_params(twin):
-            if name in others or name in entries:
-                grads = self._param_grads(name, param, entries, others)
-                blocks.append(grads.flatten(start_dim=2))
-            else:
-                blocks.append(None)
-        shape = next(b.shape[:2] for b in blocks if b is not None)
-        return torch.cat(
-            [
-                b
-                if b is not None
-                else torch.zeros(*shape, p.numel(), dtype=p.dtype, device=p.device)
-                for b, (_, p) in zip(blocks, self._named_params(twin))
-            ],
-            dim=2,
-        )
-
-    # ------------------------------------------------------------------ per-pair path
     def _graph_kron(self, module, inputs, g, terms):
         passes = self._passes(module, inputs, terms.factor.permute(2, 0, 1))
-        return kron_factors(self, passes, terms.graph)
+        reduce = self.kfac_approximation == KFACApproximation.REDUCE
+        return kron_factors(passes, terms.graph, reduce)
 
+    # ------------------------------------------------------------------ per-pair path
     def _pair(self, structure: str, module, inputs, g, terms: PairTerms):
         rows, factor, graph = pair_batch(inputs, terms)
         part = GraphTerms(terms.loss, factor, graph)
@@ -340,9 +298,7 @@ class HookPairGGN(PairCurvatureInterface):
         batch, dim = g.shape
         eye = torch.eye(dim, dtype=g.dtype, device=g.device)
         columns = eye[:, None, :].expand(dim, batch, dim)
-        parts = []
-        for twin, _, entries, others in self._passes(module, inputs, columns):
-            parts.append(self._all_grads(twin, entries, others))
+        parts = [p.all_grads() for p in self._passes(module, inputs, columns)]
         return torch.cat(parts, dim=0).transpose(0, 1), g
 
     # ------------------------------------------------------------------ predictive
@@ -351,6 +307,26 @@ class HookPairGGN(PairCurvatureInterface):
 
         See :func:`laplace_metric.curvature.hooks.predictive_covariance`.
         """
-        from laplace_metric.curvature.hooks.predictive import predictive_covariance
-
-        return predictive_covariance(self, x, posterior)
+        if self.subnetwork_indices is not None:
+            raise ValueError("predictive_covariance does not support subnetwork Laplace.")
+        kron = isinstance(posterior, KronDecomposed)
+        if not kron and not isinstance(posterior, torch.Tensor):
+            raise TypeError(
+                "posterior must be the diagonal posterior variances (a tensor) or a "
+                f"KronDecomposed posterior precision, got {type(posterior).__name__}."
+            )
+        module, inputs = self._target(x)
+        with torch.no_grad():
+            g = self._private(module)(inputs)
+        batch, dim = g.shape
+        eye = torch.eye(dim, dtype=g.dtype, device=g.device)
+        # all D columns of a sample chunk in one pass: both sides of C_i[d, e] are needed
+        per_sample = self._per_sample_elements(module, inputs)
+        step = max(1, min(batch, self.max_elements // max(dim * per_sample, 1)))
+        chunks = []
+        for start in range(0, batch, step):
+            rows = inputs[start : start + step]
+            columns = eye[:, None, :].expand(dim, rows.shape[0], dim)
+            for column_pass in self._passes(module, rows, columns, all_columns=True):
+                chunks.append(covariance_chunk(column_pass, posterior, self._gram_policy()))
+        return normalised(self.likelihood, g, torch.cat(chunks))

@@ -18,21 +18,30 @@ The Gram accumulators live across column chunks; together they hold at most
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from laplace_metric.curvature.graph import PairGraph, fold_linear
 from laplace_metric.curvature.hooks.folds import fold_diag
 from laplace_metric.curvature.hooks.locations import GraphGram, SplitGram, graph_costs, split_costs
+from laplace_metric.curvature.hooks.passes import ColumnPass, row_slices
 from laplace_metric.curvature.hooks.sites import Site, SiteKind, weight_grads
-
-if TYPE_CHECKING:
-    from laplace_metric.curvature.hooks.backend import HookPairGGN
 
 #: The forms ``location_gram`` may force (``True``: the cheaper of both).
 GRAM_FORMS = ("gram", "split")
+
+
+@dataclass(frozen=True)
+class GramPolicy:
+    """How shared weights are folded: ``location_gram`` (``None``: by cost; ``False``:
+    per-column; ``True``: a Gram form; ``'gram'``/``'split'``: that form) and the bound on the
+    elements of one intermediate tensor."""
+
+    location_gram: bool | str | None
+    max_elements: int
 
 
 @dataclass
@@ -77,7 +86,7 @@ def _options(
 
 
 def plan_location_grams(
-    backend: HookPairGGN, twin: Any, entries: dict, graph: PairGraph, n_columns: int
+    column_pass: ColumnPass, graph: PairGraph, n_columns: int, policy: GramPolicy
 ) -> dict[str, tuple[GraphGram | SplitGram, torch.Tensor]]:
     """Gram accumulators (and inputs) of the shared weights folded in a Gram form.
 
@@ -86,11 +95,11 @@ def plan_location_grams(
     ``4 * max_elements`` numbers. Weights without a plan take the per-column form.
     """
     options = {}
-    for name, _ in backend._named_params(twin):
-        calls = entries.get(name)
+    for name, _ in column_pass.named_params():
+        calls = column_pass.entries.get(name)
         if _shared(name, calls):
-            options[name] = _options(backend.location_gram, graph, n_columns, calls)
-    room, plan = 4 * backend.max_elements, {}
+            options[name] = _options(policy.location_gram, graph, n_columns, calls)
+    room, plan = 4 * policy.max_elements, {}
     for rank in (0, 1):
         pending = [(n, o[rank]) for n, o in options.items() if n not in plan and len(o) > rank]
         for name, option in sorted(pending, key=lambda p: -p[1].saving):
@@ -99,29 +108,38 @@ def plan_location_grams(
             room -= option.elements
             x = torch.cat([s.x for s, _ in option.calls], dim=1)
             if option.form == "split":
-                gram = SplitGram(graph, option.n_locations, backend.max_elements, x)
+                gram = SplitGram(graph, option.n_locations, policy.max_elements, x)
             else:
-                gram = GraphGram(graph, option.n_locations, backend.max_elements)
+                gram = GraphGram(graph, option.n_locations, policy.max_elements)
             plan[name] = (gram, x)
     return plan
 
 
-def graph_diag(backend: HookPairGGN, module: Any, inputs: torch.Tensor, terms: Any) -> torch.Tensor:
-    """The exact graph-folded diagonal of all inferred parameters (flattened, concatenated)."""
-    graph = terms.graph
-    n_columns = terms.factor.shape[2]
+def graph_diag(
+    passes: Iterable[ColumnPass],
+    graph: PairGraph,
+    n_columns: int,
+    policy: GramPolicy,
+    plan: Callable[..., dict[str, tuple[Any, torch.Tensor]]] | None = None,
+) -> torch.Tensor:
+    """The exact graph-folded diagonal of all inferred parameters (flattened, concatenated).
+
+    ``plan(first_pass, graph, n_columns, policy)`` (default :func:`plan_location_grams`)
+    picks the weights folded in a Gram form; the others are folded chunk by chunk.
+    """
+    plan = plan_location_grams if plan is None else plan
     total: dict[str, torch.Tensor] = {}
     grams: dict[str, tuple[Any, torch.Tensor]] | None = None
-    for twin, _, entries, others in backend._passes(module, inputs, terms.factor.permute(2, 0, 1)):
+    for column_pass in passes:
         if grams is None:
-            grams = backend._plan_location_grams(twin, entries, graph, n_columns)
-        for name, param in backend._named_params(twin):
+            grams = plan(column_pass, graph, n_columns, policy)
+        for name, param in column_pass.named_params():
             if name in grams:
-                grams[name][0].add(torch.cat([q for _, q in entries[name]], dim=2))
+                grams[name][0].add(torch.cat([q for _, q in column_pass.entries[name]], dim=2))
                 continue
-            part = diag_block(backend, name, param, entries, others, graph)
+            part = diag_block(column_pass, name, param, graph, policy.max_elements)
             total[name] = part if name not in total else total[name] + part
-    params = backend._named_params(backend._copy[1])
+    params = column_pass.named_params()
     for name, param in params:
         if name in grams:
             gram, x = grams[name]
@@ -130,14 +148,14 @@ def graph_diag(backend: HookPairGGN, module: Any, inputs: torch.Tensor, terms: A
 
 
 def diag_block(
-    backend: HookPairGGN,
+    column_pass: ColumnPass,
     name: str,
     param: torch.Tensor,
-    entries: dict,
-    others: dict,
     graph: PairGraph,
+    max_elements: int,
 ) -> torch.Tensor:
     """One column chunk's folded diagonal of one parameter (not in a Gram form)."""
+    entries, others = column_pass.entries, column_pass.others
     if name in others:
         return fold_diag(others[name], graph)
     calls = entries.get(name)
@@ -145,13 +163,12 @@ def diag_block(
         return torch.zeros_like(param)
     site, q = calls[0]
     if name == site.bias or site.kind == SiteKind.AFFINE:
-        grads = backend._param_grads(name, param, entries, others)
-        return fold_diag(grads, graph).reshape(param.shape)
+        return fold_diag(column_pass.param_grads(name, param), graph).reshape(param.shape)
     if not _shared(name, calls):
         return fold_linear(q[:, :, 0], site.x[:, 0], graph)[0].reshape(param.shape)
     c, b, _, n_out = q.shape
     n_in = site.x.shape[-1]
     result = param.new_zeros(n_out, n_in)
-    for rows in backend._row_slices(n_out, c * b * n_in):
+    for rows in row_slices(n_out, c * b * n_in, max_elements):
         result[rows] = fold_diag(weight_grads(calls, rows), graph)
     return result.reshape(param.shape)
