@@ -134,8 +134,9 @@ class PairGraph:
             single = sizes[labels_t] == 1
             singletons = torch.nonzero(single).flatten()
             order = torch.argsort(labels_t, stable=True)
-            groups = torch.split(order, sizes.tolist())
-            components = [members for members in groups if len(members) > 1]
+            counts = sizes.tolist()
+            groups = torch.split(order, counts)
+            components = [members for members, n in zip(groups, counts) if n > 1]
             self._blocks = (singletons, self.matrix.diagonal()[singletons], components)
         return self._blocks
 
@@ -226,15 +227,22 @@ def component_buckets(
         return graph._buckets[key]
     _, _, components = graph.blocks()
     groups: dict[int, list[torch.Tensor]] = {}
+    lengths_of: dict[int, list[int]] = {}
     for index in components:
-        size = 1 << (len(index) - 1).bit_length()  # next power of two: little padding
+        n = index.shape[0]
+        size = 1 << (n - 1).bit_length()  # next power of two: little padding
         groups.setdefault(size, []).append(index)
+        lengths_of.setdefault(size, []).append(n)
     buckets = []
     for size, members in sorted(groups.items()):
-        lengths = torch.tensor([len(m) for m in members], device=matrix.device)
-        index = torch.nn.utils.rnn.pad_sequence(members, batch_first=True)  # pads with 0
-        index = torch.nn.functional.pad(index, (0, size - index.shape[1]))
-        mask = (torch.arange(size, device=matrix.device) < lengths[:, None]).to(matrix.dtype)
+        if min(lengths_of[size]) == size:  # no padding (e.g. all pairs): a plain stack
+            index = torch.stack(members)
+            mask = torch.ones(index.shape, dtype=matrix.dtype, device=matrix.device)
+        else:
+            lengths = torch.tensor(lengths_of[size], device=matrix.device)
+            index = torch.nn.utils.rnn.pad_sequence(members, batch_first=True)  # pads with 0
+            index = torch.nn.functional.pad(index, (0, size - index.shape[1]))
+            mask = (torch.arange(size, device=matrix.device) < lengths[:, None]).to(matrix.dtype)
         block = matrix[index[:, :, None], index[:, None, :]] * (mask[:, :, None] * mask[:, None, :])
         scale = block.abs().amax().clamp_min(torch.finfo(block.dtype).tiny)
         centred = bool((block.sum(-1).abs() <= 1e-12 * scale).all())
