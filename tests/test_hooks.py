@@ -286,6 +286,14 @@ def test_user_model_untouched_and_tracked():
     assert rel_error(after, before) > 1e-3
 
 
+def test_location_gram_is_checked():
+    model, x, y, lik = setup("cnn", "positives", torch.device("cpu"))
+    hooks = HookPairGGN(model, lik)
+    hooks.location_gram = "grams"
+    with pytest.raises(ValueError, match="location_gram must be"):
+        hooks.diag(x, y)
+
+
 def test_errors():
     lik = ContrastiveLikelihood()
     x, y = labelled_data(6, (2,))

@@ -43,6 +43,13 @@ class GramPolicy:
     location_gram: bool | str | None
     max_elements: int
 
+    def __post_init__(self) -> None:
+        if self.location_gram not in (None, True, False, *GRAM_FORMS):
+            raise ValueError(
+                f"location_gram must be None, True, False, 'gram' or 'split', got "
+                f"{self.location_gram!r}."
+            )
+
 
 @dataclass
 class _Option:
