@@ -70,7 +70,8 @@ class HookPairGGN(PairCurvatureInterface):
     sites hold at most :attr:`max_elements` numbers; per-sample gradient blocks are formed
     under the same bound (a block of output rows, a chunk of samples for ``torch.func``); the
     location-Gram accumulators of all shared weights, which live across column chunks, hold
-    at most ``4 * max_elements`` numbers together. Peak memory is about the forward pass's
+    at most ``4 * max_elements`` numbers together, and the output gradients of those weights
+    are gathered over passes up to ``max_elements`` numbers before each update. Peak memory is about the forward pass's
     activations (of the batch repeated once per column in a chunk) plus a few times
     ``max_elements``.
 

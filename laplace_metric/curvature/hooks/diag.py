@@ -122,6 +122,30 @@ def plan_location_grams(
     return plan
 
 
+class _ColumnBuffer:
+    """Output gradients of the Gram-form weights, gathered over passes until they hold
+    ``max_elements`` numbers, then added to the accumulators in one rank-``c`` update: a pass
+    of few columns (large batches) would otherwise stream every accumulator once per column.
+    """
+
+    def __init__(self, grams: dict[str, tuple[Any, torch.Tensor]], max_elements: int) -> None:
+        self.grams, self.max_elements = grams, max_elements
+        self.pending: dict[str, list[torch.Tensor]] = {}
+        self.size = 0
+
+    def add(self, name: str, q: torch.Tensor) -> None:
+        self.pending.setdefault(name, []).append(q)
+        self.size += q.numel()
+
+    def flush(self, force: bool = False) -> None:
+        if not force and self.size < self.max_elements:
+            return
+        for name in list(self.pending):
+            chunks = self.pending.pop(name)
+            self.grams[name][0].add(chunks[0] if len(chunks) == 1 else torch.cat(chunks))
+        self.size = 0
+
+
 def graph_diag(
     passes: Iterable[ColumnPass],
     graph: PairGraph,
@@ -140,12 +164,15 @@ def graph_diag(
     for column_pass in passes:
         if grams is None:
             grams = plan(column_pass, graph, n_columns, policy)
+            buffer = _ColumnBuffer(grams, policy.max_elements)
         for name, param in column_pass.named_params():
             if name in grams:
-                grams[name][0].add(torch.cat([q for _, q in column_pass.entries[name]], dim=2))
+                buffer.add(name, torch.cat([q for _, q in column_pass.entries[name]], dim=2))
                 continue
             part = diag_block(column_pass, name, param, graph, policy.max_elements)
             total[name] = part if name not in total else total[name] + part
+        buffer.flush()
+    buffer.flush(force=True)
     params = column_pass.named_params()
     for name, param in params:
         if name in grams:
