@@ -120,9 +120,11 @@ def setup(name: str, method: str, device: torch.device, n: int = 10):
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("location_gram", [False, True])
+@pytest.mark.parametrize("location_gram", [False, True, "gram", "split"])
 def test_diag_and_full_equal_the_reference(name, method, location_gram, device):
-    """Both forms of shared weights (per-column gradients, location Gram matrices)."""
+    """Every form of shared weights (per-column gradients, location Gram matrices of whole
+    components, per-sample Grams with component sums; the latter only where every component
+    is ``a I + b 1 1^T``, else the whole-component Gram)."""
     model, x, y, lik = setup(name, method, device)
     hooks, ref = HookPairGGN(model, lik), ReferencePairGGN(model, lik)
     hooks.location_gram = location_gram
@@ -284,6 +286,14 @@ def test_user_model_untouched_and_tracked():
     assert rel_error(after, before) > 1e-3
 
 
+def test_location_gram_is_checked():
+    model, x, y, lik = setup("cnn", "positives", torch.device("cpu"))
+    hooks = HookPairGGN(model, lik)
+    hooks.location_gram = "grams"
+    with pytest.raises(ValueError, match="location_gram must be"):
+        hooks.diag(x, y)
+
+
 def test_errors():
     lik = ContrastiveLikelihood()
     x, y = labelled_data(6, (2,))
@@ -416,3 +426,34 @@ def test_memory_budget_bounds_the_passes():
     backend.max_elements = 100
     backend.memory_budget = 10**12
     assert backend.max_elements == 100  # a budget never raises the bound that was set
+
+
+@pytest.mark.parametrize("weights", ["positives", "singletons"])
+def test_split_gram_equals_the_per_column_fold(weights, device):
+    """Per-sample location Grams plus component sums equal ``fold_diag`` of the per-sample
+    gradients (uniform components of several sizes, singletons, several column chunks)."""
+    from laplace_metric.curvature import graph as exact
+    from laplace_metric.curvature.hooks.locations import SplitGram
+
+    gen = torch.Generator().manual_seed(0)
+    n, n_cols, n_loc, n_out, n_in = 11, 5, 3, 4, 6
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4])
+    first, second = torch.triu_indices(n, n, offset=1)
+    keep = labels[first] == labels[second]
+    pair_weights = torch.rand(int(keep.sum()), generator=gen, dtype=torch.float64)
+    if weights == "positives":  # equal weights inside a class: a I + b 1 1^T blocks
+        pair_weights = 0.3 + labels[first[keep]].double()
+    graph = exact.PairGraph.from_pairs(
+        first[keep].to(device), second[keep].to(device), pair_weights.to(device), n
+    )
+    if weights == "singletons":  # a diagonal graph (one-sided pairs)
+        graph = exact.PairGraph.from_pairs(
+            first[keep].to(device), second[keep].to(device), pair_weights.to(device), n, True
+        )
+    q = torch.randn(n_cols, n, n_loc, n_out, generator=gen, dtype=torch.float64).to(device)
+    x = torch.randn(n, n_loc, n_in, generator=gen, dtype=torch.float64).to(device)
+    grads = torch.einsum("cbto,bti->cboi", q, x)
+    split = SplitGram(graph, n_loc, 7, x)  # a tiny bound: output rows in several blocks
+    for chunk in q.split(2):
+        split.add(chunk)
+    assert_close(split.diag(x), exact.fold_diag(grads, graph), TOL)

@@ -181,6 +181,34 @@ def test_graph_path_matches_brute_force(backend, method, case, arch):
             assert rel_error(ta, tb) < TOL
 
 
+def test_backpack_follows_the_memory_budget():
+    """The estimator's ``memory_budget`` lowers ``max_column_elements`` (never raises it) like
+    ``HookPairGGN.max_elements``: more passes, the same fit."""
+    import laplace
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 4096), nn.Tanh(), nn.Linear(4096, 5)).double()
+    x, labels = torch.randn(12, 6, dtype=torch.float64), torch.arange(12) % 3
+    small = 2**16 * 8 * BackPackPairGGN.MEMORY_PER_ELEMENT_BOUND  # the smallest bound, 2**16
+    fits, chunks = {}, {}
+    for budget in ("100GB", small):
+        la = laplace.Laplace(
+            model, "contrastive", "all", "diag", backend=BackPackPairGGN, memory_budget=budget
+        )
+        la.fit([(x, labels)])
+        terms = la.backend.likelihood.graph_terms(model(x), labels)
+        fits[budget] = (la.H.clone(), la.backend.max_column_elements)
+        chunks[budget] = len(la.backend._column_chunks(model, x, terms))
+    (big, big_bound), (tight, tight_bound) = fits.values()
+    assert big_bound == BackPackPairGGN.DEFAULT_MAX_COLUMN_ELEMENTS and tight_bound == 2**16
+    assert chunks["100GB"] == 1 < chunks[small]
+    assert rel_error(tight, big) < TOL
+    backend = BackPackPairGGN(model, ContrastiveLikelihood())
+    backend.max_column_elements = 100
+    backend.memory_budget = 10**12
+    assert backend.max_column_elements == 100  # a budget never raises the bound that was set
+
+
 @pytest.mark.parametrize("structure", ["diag", "kron", "full"])
 def test_backpack_column_chunks_add_up(structure):
     model, labels = mlp().double(), torch.arange(12) % 3

@@ -134,8 +134,9 @@ class PairGraph:
             single = sizes[labels_t] == 1
             singletons = torch.nonzero(single).flatten()
             order = torch.argsort(labels_t, stable=True)
-            groups = torch.split(order, sizes.tolist())
-            components = [members for members in groups if len(members) > 1]
+            counts = sizes.tolist()
+            groups = torch.split(order, counts)
+            components = [members for members, n in zip(groups, counts) if n > 1]
             self._blocks = (singletons, self.matrix.diagonal()[singletons], components)
         return self._blocks
 
@@ -226,15 +227,22 @@ def component_buckets(
         return graph._buckets[key]
     _, _, components = graph.blocks()
     groups: dict[int, list[torch.Tensor]] = {}
+    lengths_of: dict[int, list[int]] = {}
     for index in components:
-        size = 1 << (len(index) - 1).bit_length()  # next power of two: little padding
+        n = index.shape[0]
+        size = 1 << (n - 1).bit_length()  # next power of two: little padding
         groups.setdefault(size, []).append(index)
+        lengths_of.setdefault(size, []).append(n)
     buckets = []
     for size, members in sorted(groups.items()):
-        lengths = torch.tensor([len(m) for m in members], device=matrix.device)
-        index = torch.nn.utils.rnn.pad_sequence(members, batch_first=True)  # pads with 0
-        index = torch.nn.functional.pad(index, (0, size - index.shape[1]))
-        mask = (torch.arange(size, device=matrix.device) < lengths[:, None]).to(matrix.dtype)
+        if min(lengths_of[size]) == size:  # no padding (e.g. all pairs): a plain stack
+            index = torch.stack(members)
+            mask = torch.ones(index.shape, dtype=matrix.dtype, device=matrix.device)
+        else:
+            lengths = torch.tensor(lengths_of[size], device=matrix.device)
+            index = torch.nn.utils.rnn.pad_sequence(members, batch_first=True)  # pads with 0
+            index = torch.nn.functional.pad(index, (0, size - index.shape[1]))
+            mask = (torch.arange(size, device=matrix.device) < lengths[:, None]).to(matrix.dtype)
         block = matrix[index[:, :, None], index[:, None, :]] * (mask[:, :, None] * mask[:, None, :])
         scale = block.abs().amax().clamp_min(torch.finfo(block.dtype).tiny)
         centred = bool((block.sum(-1).abs() <= 1e-12 * scale).all())
@@ -284,24 +292,54 @@ def fold_linear(
     buckets = component_buckets(graph)
     if not buckets:
         return weight, bias
-    q_t = q.permute(2, 1, 0).contiguous()  # [out, B, R]: bmm is slow on strided operands
-    n_out = q.shape[2]
+    q_t = None
     for bucket in buckets:
-        n_comp, k = bucket.index.shape
         flat_edges, first, second, weights = bucket.edges()
         if len(weights) == 0:
             continue
-        rows_all = q_t.index_select(1, bucket.index.flatten()).view(n_out, n_comp, k, -1)
-        kernel = q.new_empty(n_out, len(weights))  # 2 A_ij K_ij[o] per edge i < j
-        for outs in _row_chunks(n_out, n_comp * k * k):
-            rows = rows_all[outs]
-            gram = (rows @ rows.transpose(-1, -2)).flatten(start_dim=1)  # [o, C k k]
-            kernel[outs] = gram.index_select(1, flat_edges) * weights.to(q.dtype)
+        if bucket.index.shape[1] <= SMALL_COMPONENT:
+            kernel = _edge_kernel(q, first, second, weights)
+        else:
+            if q_t is None:  # [out, B, R]: bmm is slow on strided operands
+                q_t = q.permute(2, 1, 0).contiguous()
+            kernel = _bucket_kernel(q_t, bucket, flat_edges, weights)
         bias += kernel.sum(1)
         for part in _row_chunks(len(weights), x.shape[1]):
             products = x.index_select(0, first[part]) * x.index_select(0, second[part])
             weight += kernel[:, part] @ products  # one (out x E) @ (E x in) product
     return weight, bias
+
+
+#: Components of at most this many samples form ``K_ij`` edge by edge (elementwise), larger
+#: ones by batched Gram matrices (measured: pairs of a 64-pair batch spent most of a fit in
+#: the transposed copy and tiny matrix products of the batched form).
+SMALL_COMPONENT = 4
+
+
+def _edge_kernel(
+    q: torch.Tensor, first: torch.Tensor, second: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``2 A_ij K_ij[o]`` per edge, ``(out, E)``, from ``q [R, B, out]`` edge by edge."""
+    kernel = q.new_empty(len(weights), q.shape[2])
+    for part in _row_chunks(len(weights), q.shape[0] * q.shape[2]):
+        pairs = q.index_select(1, first[part]) * q.index_select(1, second[part])
+        kernel[part] = pairs.sum(0) * weights[part].to(q.dtype)[:, None]
+    return kernel.T
+
+
+def _bucket_kernel(
+    q_t: torch.Tensor, bucket: Bucket, flat_edges: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``2 A_ij K_ij[o]`` per edge, ``(out, E)``, from ``q_t [out, B, R]`` by batched Grams."""
+    n_out = q_t.shape[0]
+    n_comp, k = bucket.index.shape
+    rows_all = q_t.index_select(1, bucket.index.flatten()).view(n_out, n_comp, k, -1)
+    kernel = q_t.new_empty(n_out, len(weights))
+    for outs in _row_chunks(n_out, n_comp * k * k):
+        rows = rows_all[outs]
+        gram = (rows @ rows.transpose(-1, -2)).flatten(start_dim=1)  # [o, C k k]
+        kernel[outs] = gram.index_select(1, flat_edges) * weights.to(q_t.dtype)
+    return kernel
 
 
 def fold_gram(

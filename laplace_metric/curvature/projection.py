@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from laplace.utils import Kron
+from laplace.utils import Kron, KronDecomposed
+from laplace.utils.utils import symeig
 
 
 def project_psd_matrix(matrix: torch.Tensor) -> torch.Tensor:
@@ -21,6 +22,40 @@ def project_psd_diag(diag: torch.Tensor) -> torch.Tensor:
 def project_psd_kron(kron: Kron) -> Kron:
     """Project every Kronecker factor onto the PSD cone (eigenvalue clipping per factor)."""
     return Kron([[project_psd_matrix(f) for f in factors] for factors in kron.kfacs])
+
+
+def decompose_psd_kron(kron: Kron, damping: bool = False) -> tuple[Kron, KronDecomposed]:
+    """:func:`project_psd_kron` and its eigendecomposition from one ``eigh`` per factor.
+
+    ``project_psd_kron(kron).decompose()`` eigendecomposes every factor twice (once to clip,
+    once to decompose the clipped factor); the clipped factor's eigenvectors and eigenvalues
+    are those of the first decomposition, so they are reused (laplace-torch's ``symeig``: the
+    same jitter fallback and clipping at zero).
+
+    Returns
+    -------
+    projected : laplace.utils.Kron
+        The PSD-projected factors (``H_facs``).
+    decomposed : laplace.utils.KronDecomposed
+        Their eigendecomposition (``H``).
+    """
+    projected, eigvecs, eigvals = [], [], []
+    for factors in kron.kfacs:
+        fs, qs, ls = [], [], []
+        for f in factors:
+            if f.ndim > 1:
+                values, vectors = symeig((f + f.T) / 2)
+                fs.append((vectors * values) @ vectors.T)
+            else:
+                values = f.clamp(min=0)
+                vectors = torch.eye(len(f), dtype=f.dtype, device=f.device)
+                fs.append(values)
+            qs.append(vectors)
+            ls.append(values)
+        projected.append(fs)
+        eigvecs.append(qs)
+        eigvals.append(ls)
+    return Kron(projected), KronDecomposed(eigvecs, eigvals, damping=damping)
 
 
 def normalise_kron(kron: Kron, n_pairs: int) -> Kron:

@@ -20,9 +20,9 @@ from torch.nn.utils import parameters_to_vector
 
 from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.curvature.projection import (
+    decompose_psd_kron,
     normalise_kron,
     project_psd_diag,
-    project_psd_kron,
     project_psd_matrix,
 )
 from laplace_metric.encoders import check_encoder_output, check_input_dtype
@@ -319,8 +319,11 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         keep = self.hessian_method == HessianMethod.POSITIVES
         if self._structure == HessianStructure.KRON:
             kron = normalise_kron(signed, self.n_pairs)
-            self.H_facs = kron if keep else project_psd_kron(kron)
-            self.H = self.H_facs.decompose(damping=self.damping)
+            if keep:
+                self.H_facs = kron
+                self.H = kron.decompose(damping=self.damping)
+            else:  # one eigendecomposition per factor: clipping and decomposing share it
+                self.H_facs, self.H = decompose_psd_kron(kron, damping=self.damping)
         elif self._structure == HessianStructure.DIAG:
             self.H = signed.clone() if keep else project_psd_diag(signed)
         else:

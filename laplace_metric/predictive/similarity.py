@@ -21,7 +21,7 @@ exact. See ``docs/mathematics.rst`` for the derivation and the measured errors.
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from laplace.utils.enums import HessianStructure
@@ -38,8 +38,8 @@ from laplace_metric.predictive.similarity_stats import (
     Traces,
 )
 
-if TYPE_CHECKING:
-    from laplace_metric.estimators import MetricLaplaceMixin
+#: A fitted laplace-metric estimator (not imported: predictive code sits below the estimators).
+MetricLaplaceMixin = Any
 
 
 class SimilarityMetric(str, Enum):

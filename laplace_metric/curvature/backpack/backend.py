@@ -27,6 +27,7 @@ from laplace_metric.curvature.backpack.graph_extensions import (
 from laplace_metric.curvature.backpack.root import PairRoot
 from laplace_metric.curvature.backpack.support import needs_converter, unsupported_layers
 from laplace_metric.curvature.base import PairCurvatureInterface
+from laplace_metric.curvature.budget import budget_elements
 from laplace_metric.curvature.graph import fold_gram
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 
@@ -56,16 +57,38 @@ class BackPackPairGGN(PairCurvatureInterface):
     #: Pairs per forward/backward pass on the per-pair path (likelihoods whose pair Hessians
     #: do not factor per sample); larger batches are processed in chunks.
     max_pairs_per_pass: int = 2048
-    #: Upper bound on ``columns x samples x features`` of the largest activation's
-    #: back-propagated columns in one pass of the pair-graph path; more columns are split
-    #: over several passes (the results add up).
-    max_column_elements: int = 2**27
+    #: Default of :attr:`max_column_elements`.
+    DEFAULT_MAX_COLUMN_ELEMENTS: int = 2**27
+    #: Peak working memory of a pair-graph fit in units of :attr:`max_column_elements`
+    #: numbers (an estimate: the columns at every layer of one pass and the extension's
+    #: products; see ``docs/encoders.rst``).
+    MEMORY_PER_ELEMENT_BOUND: int = 8
+    #: The estimator's ``memory_budget`` in bytes, set before each fit (``None``: not bounded
+    #: by a budget).
+    memory_budget: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._max_column_elements = self.DEFAULT_MAX_COLUMN_ELEMENTS
         self._copy: tuple[nn.Module, nn.Module, PairRoot] | None = None
         #: ``(hooked copy, per-sample input shape, largest activation)`` of the last pass
         self._activation: tuple[nn.Module, tuple[int, ...], int] | None = None
+
+    @property
+    def max_column_elements(self) -> int:
+        """Upper bound on ``columns x samples x features`` of the largest activation's
+        back-propagated columns in one pass of the pair-graph path; more columns are split
+        over several passes (the results add up). The value set (default ``2**27``), lowered
+        so that :attr:`MEMORY_PER_ELEMENT_BOUND` times it fits :attr:`memory_budget` (at least
+        ``2**16``; a budget never raises it)."""
+        itemsize = next(self.model.parameters()).element_size()
+        return budget_elements(
+            self._max_column_elements, self.memory_budget, itemsize, self.MEMORY_PER_ELEMENT_BOUND
+        )
+
+    @max_column_elements.setter
+    def max_column_elements(self, value: int) -> None:
+        self._max_column_elements = int(value)
 
     # ------------------------------------------------------------------ model copy
     def _extended(self, module: nn.Module) -> nn.Module:

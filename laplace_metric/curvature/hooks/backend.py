@@ -6,32 +6,27 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from laplace.utils import KronDecomposed
 from torch import nn
 
 from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.base import PairCurvatureInterface
-from laplace_metric.curvature.graph import PairGraph, fold_linear
-from laplace_metric.curvature.hooks.folds import (
-    fold_diag,
-    fold_gram,
-)
+from laplace_metric.curvature.budget import budget_elements
+from laplace_metric.curvature.graph import PairGraph
+from laplace_metric.curvature.hooks.diag import GramPolicy, graph_diag, plan_location_grams
+from laplace_metric.curvature.hooks.folds import fold_gram
 from laplace_metric.curvature.hooks.kron import KFACApproximation, kron_factors
-from laplace_metric.curvature.hooks.locations import GraphGram, graph_costs
 from laplace_metric.curvature.hooks.pairs import pair_batch
+from laplace_metric.curvature.hooks.passes import ColumnPass, Entries
+from laplace_metric.curvature.hooks.predictive import covariance_chunk, normalised
 from laplace_metric.curvature.hooks.sites import (
     Recorder,
     Site,
-    SiteKind,
     batchnorm_reason,
-    bias_grads,
     functional_grads,
-    weight_grads,
 )
 from laplace_metric.enums import parse_enum
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
-
-#: One recorded weight or bias: the calls (site, output gradients ``[c, B, T, out]``).
-Entries = list[tuple[Site, torch.Tensor]]
 
 
 class HookPairGGN(PairCurvatureInterface):
@@ -75,7 +70,8 @@ class HookPairGGN(PairCurvatureInterface):
     sites hold at most :attr:`max_elements` numbers; per-sample gradient blocks are formed
     under the same bound (a block of output rows, a chunk of samples for ``torch.func``); the
     location-Gram accumulators of all shared weights, which live across column chunks, hold
-    at most ``4 * max_elements`` numbers together. Peak memory is about the forward pass's
+    at most ``4 * max_elements`` numbers together, and the output gradients of those weights
+    are gathered over passes up to ``max_elements`` numbers before each update. Peak memory is about the forward pass's
     activations (of the batch repeated once per column in a chunk) plus a few times
     ``max_elements``.
 
@@ -107,9 +103,10 @@ class HookPairGGN(PairCurvatureInterface):
     #: (``None``: not bounded by a budget).
     memory_budget: int | None = None
     #: Shared weights (conv positions, tokens) through location Gram matrices: ``None`` picks
-    #: the cheaper of that and per-column gradients per weight (see
-    #: :mod:`laplace_metric.curvature.hooks.locations`); ``True``/``False`` force one form.
-    location_gram: bool | None = None
+    #: the cheapest exact form per weight (see :mod:`laplace_metric.curvature.hooks.diag`);
+    #: ``False`` forces per-column gradients, ``True`` a Gram form (``'gram'``: whole
+    #: components, ``'split'``: per-sample Grams and component sums, where the graph allows).
+    location_gram: bool | str | None = None
 
     def __init__(
         self,
@@ -130,12 +127,10 @@ class HookPairGGN(PairCurvatureInterface):
         sites, a block of per-sample gradients): the value set (default ``2**25``, 128 MiB of
         float32), lowered so that :attr:`MEMORY_PER_ELEMENT_BOUND` times it fits
         :attr:`memory_budget` (at least ``2**16``)."""
-        bound = self._max_elements
-        if self.memory_budget is not None:
-            itemsize = next(self.model.parameters()).element_size()
-            per_element = itemsize * self.MEMORY_PER_ELEMENT_BOUND
-            bound = min(bound, max(2**16, int(self.memory_budget) // per_element))
-        return bound
+        itemsize = next(self.model.parameters()).element_size()
+        return budget_elements(
+            self._max_elements, self.memory_budget, itemsize, self.MEMORY_PER_ELEMENT_BOUND
+        )
 
     @max_elements.setter
     def max_elements(self, value: int) -> None:
@@ -194,7 +189,7 @@ class HookPairGGN(PairCurvatureInterface):
         inputs: torch.Tensor,
         columns: torch.Tensor,
         all_columns: bool = False,
-    ) -> Iterator[tuple[nn.Module, list[Site], dict[str, Entries], dict[str, torch.Tensor]]]:
+    ) -> Iterator[ColumnPass]:
         """Back-propagate ``columns [R, B, D]`` in chunks (all at once if ``all_columns``).
 
         ``c`` columns are back-propagated by one forward and one backward pass of the batch
@@ -205,12 +200,8 @@ class HookPairGGN(PairCurvatureInterface):
 
         Yields
         ------
-        twin : torch.nn.Module
-        sites : list of Site
-        entries : dict
-            Parameter name -> the calls that use it with their gradients ``[c, B, T, out]``.
-        others : dict
-            Parameter name -> per-sample gradients ``[c, B, *shape]`` (``torch.func``).
+        ColumnPass
+            The site gradients (and ``torch.func`` gradients) of one chunk of columns.
         """
         batch = inputs.shape[0]
         per_sample = self._per_sample_elements(module, inputs)
@@ -229,7 +220,7 @@ class HookPairGGN(PairCurvatureInterface):
                 extra = functional_grads(
                     twin, inputs, others, cols, per_sample * 4, self.max_elements
                 )
-            yield twin, sites, entries, extra
+            yield ColumnPass(twin, sites, entries, extra)
 
     def _backpropagate(
         self,
@@ -258,139 +249,34 @@ class HookPairGGN(PairCurvatureInterface):
                     entries.setdefault(name, []).append((site, q))
         return twin, sites, entries
 
-    # ------------------------------------------------------------------ per-sample factors
-    def _row_slices(self, n_rows: int, per_row: int) -> list[slice]:
-        step = max(1, self.max_elements // max(per_row, 1))
-        return [slice(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
-
-    def _param_grads(
-        self, name: str, param: torch.Tensor, entries: dict[str, Entries], others: dict
-    ) -> torch.Tensor:
-        """Per-sample gradients ``[c, B, *shape]`` of one parameter (one block; small only)."""
-        if name in others:
-            return others[name]
-        calls = entries[name]
-        site = calls[0][0]
-        c, b = calls[0][1].shape[:2]
-        if name == site.bias:
-            return bias_grads(calls).reshape(c, b, *param.shape)
-        return weight_grads(calls).reshape(c, b, *param.shape)
-
-    def _named_params(self, twin: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p) for n, p in twin.named_parameters() if p.requires_grad]
-
     # ------------------------------------------------------------------ pair graph
+    def _gram_policy(self) -> GramPolicy:
+        return GramPolicy(self.location_gram, self.max_elements)
+
     def _graph_diag(self, module, inputs, g, terms):
-        graph = terms.graph
-        n_columns = terms.factor.shape[2]
-        total: dict[str, torch.Tensor] = {}
-        grams: dict[str, tuple[GraphGram, torch.Tensor]] | None = None
-        for twin, _, entries, others in self._passes(module, inputs, terms.factor.permute(2, 0, 1)):
-            if grams is None:
-                grams = self._plan_location_grams(twin, entries, graph, n_columns)
-            for name, param in self._named_params(twin):
-                if name in grams:
-                    grams[name][0].add(torch.cat([q for _, q in entries[name]], dim=2))
-                    continue
-                part = self._diag_block(name, param, entries, others, graph)
-                total[name] = part if name not in total else total[name] + part
-        params = self._named_params(self._copy[1])
-        for name, param in params:
-            if name in grams:
-                gram, x = grams[name]
-                total[name] = gram.diag(x).reshape(param.shape)
-        return torch.cat([total[n].flatten() for n, _ in params])
+        passes = self._passes(module, inputs, terms.factor.permute(2, 0, 1))
+        n_columns, policy = terms.factor.shape[2], self._gram_policy()
+        return graph_diag(passes, terms.graph, n_columns, policy, self._plan_location_grams)
 
     def _plan_location_grams(
-        self, twin: nn.Module, entries: dict[str, Entries], graph: PairGraph, n_columns: int
-    ) -> dict[str, tuple[GraphGram, torch.Tensor]]:
-        """Gram accumulators (and inputs) of the shared weights folded in the Gram form.
-
-        A weight qualifies where the Gram form is cheaper (see
-        :mod:`laplace_metric.curvature.hooks.locations`; ``location_gram=True``: always).
-        Accumulators live across all column chunks, so together they hold at most
-        ``4 * max_elements`` numbers: the weights that save the most work per number kept are
-        chosen first, the others take the per-column form.
-        """
-        candidates = []
-        for name, _ in self._named_params(twin):
-            calls = entries.get(name)
-            if not calls or calls[0][0].kind == SiteKind.AFFINE or name != calls[0][0].weight:
-                continue
-            site, q = calls[0]
-            if len(calls) == 1 and site.kind == SiteKind.LINEAR and site.n_locations == 1:
-                continue  # fold_linear: cheaper still
-            n_locations = sum(s.n_locations for s, _ in calls)
-            per_column, gram, elements = graph_costs(
-                graph, n_columns, n_locations, q.shape[-1], site.x.shape[-1]
-            )
-            if self.location_gram is False or (self.location_gram is None and gram >= per_column):
-                continue
-            saving = (per_column - gram) / max(elements, 1)
-            candidates.append((saving, elements, name, calls, n_locations))
-        room, plan = 4 * self.max_elements, {}
-        for _, elements, name, calls, n_locations in sorted(candidates, key=lambda c: -c[0]):
-            if elements <= room:
-                room -= elements
-                x = torch.cat([s.x for s, _ in calls], dim=1)
-                plan[name] = (GraphGram(graph, n_locations, self.max_elements), x)
-        return plan
-
-    def _diag_block(
-        self, name: str, param: torch.Tensor, entries: dict, others: dict, graph: PairGraph
-    ) -> torch.Tensor:
-        if name in others:
-            return fold_diag(others[name], graph)
-        calls = entries.get(name)
-        if calls is None:  # no recorded call reaches the output: zero curvature
-            return torch.zeros_like(param)
-        site, q = calls[0]
-        if name == site.bias or site.kind == SiteKind.AFFINE:
-            return fold_diag(self._param_grads(name, param, entries, others), graph).reshape(
-                param.shape
-            )
-        if len(calls) == 1 and site.kind == SiteKind.LINEAR and site.n_locations == 1:
-            return fold_linear(q[:, :, 0], site.x[:, 0], graph)[0].reshape(param.shape)
-        c, b, _, n_out = q.shape
-        n_in = site.x.shape[-1]
-        result = param.new_zeros(n_out, n_in)
-        for rows in self._row_slices(n_out, c * b * n_in):
-            result[rows] = fold_diag(weight_grads(calls, rows), graph)
-        return result.reshape(param.shape)
+        self, column_pass: ColumnPass, graph: PairGraph, n_columns: int, policy: GramPolicy
+    ) -> dict[str, tuple[Any, torch.Tensor]]:
+        """See :func:`laplace_metric.curvature.hooks.diag.plan_location_grams`."""
+        return plan_location_grams(column_pass, graph, n_columns, policy)
 
     def _graph_full(self, module, inputs, g, terms):
         total = None
-        for twin, _, entries, others in self._passes(module, inputs, terms.factor.permute(2, 0, 1)):
-            u = self._all_grads(twin, entries, others)
-            part = fold_gram(u, terms.graph)
+        for column_pass in self._passes(module, inputs, terms.factor.permute(2, 0, 1)):
+            part = fold_gram(column_pass.all_grads(), terms.graph)
             total = part if total is None else total + part
         return total
 
-    def _all_grads(self, twin: nn.Module, entries: dict, others: dict) -> torch.Tensor:
-        """Per-sample factors ``u`` of all inferred parameters, ``[c, B, P]``."""
-        blocks = []
-        for name, param in self._named_params(twin):
-            if name in others or name in entries:
-                grads = self._param_grads(name, param, entries, others)
-                blocks.append(grads.flatten(start_dim=2))
-            else:
-                blocks.append(None)
-        shape = next(b.shape[:2] for b in blocks if b is not None)
-        return torch.cat(
-            [
-                b
-                if b is not None
-                else torch.zeros(*shape, p.numel(), dtype=p.dtype, device=p.device)
-                for b, (_, p) in zip(blocks, self._named_params(twin))
-            ],
-            dim=2,
-        )
-
-    # ------------------------------------------------------------------ per-pair path
     def _graph_kron(self, module, inputs, g, terms):
         passes = self._passes(module, inputs, terms.factor.permute(2, 0, 1))
-        return kron_factors(self, passes, terms.graph)
+        reduce = self.kfac_approximation == KFACApproximation.REDUCE
+        return kron_factors(passes, terms.graph, reduce)
 
+    # ------------------------------------------------------------------ per-pair path
     def _pair(self, structure: str, module, inputs, g, terms: PairTerms):
         rows, factor, graph = pair_batch(inputs, terms)
         part = GraphTerms(terms.loss, factor, graph)
@@ -413,9 +299,7 @@ class HookPairGGN(PairCurvatureInterface):
         batch, dim = g.shape
         eye = torch.eye(dim, dtype=g.dtype, device=g.device)
         columns = eye[:, None, :].expand(dim, batch, dim)
-        parts = []
-        for twin, _, entries, others in self._passes(module, inputs, columns):
-            parts.append(self._all_grads(twin, entries, others))
+        parts = [p.all_grads() for p in self._passes(module, inputs, columns)]
         return torch.cat(parts, dim=0).transpose(0, 1), g
 
     # ------------------------------------------------------------------ predictive
@@ -424,6 +308,26 @@ class HookPairGGN(PairCurvatureInterface):
 
         See :func:`laplace_metric.curvature.hooks.predictive_covariance`.
         """
-        from laplace_metric.curvature.hooks.predictive import predictive_covariance
-
-        return predictive_covariance(self, x, posterior)
+        if self.subnetwork_indices is not None:
+            raise ValueError("predictive_covariance does not support subnetwork Laplace.")
+        kron = isinstance(posterior, KronDecomposed)
+        if not kron and not isinstance(posterior, torch.Tensor):
+            raise TypeError(
+                "posterior must be the diagonal posterior variances (a tensor) or a "
+                f"KronDecomposed posterior precision, got {type(posterior).__name__}."
+            )
+        module, inputs = self._target(x)
+        with torch.no_grad():
+            g = self._private(module)(inputs)
+        batch, dim = g.shape
+        eye = torch.eye(dim, dtype=g.dtype, device=g.device)
+        # all D columns of a sample chunk in one pass: both sides of C_i[d, e] are needed
+        per_sample = self._per_sample_elements(module, inputs)
+        step = max(1, min(batch, self.max_elements // max(dim * per_sample, 1)))
+        chunks = []
+        for start in range(0, batch, step):
+            rows = inputs[start : start + step]
+            columns = eye[:, None, :].expand(dim, rows.shape[0], dim)
+            for column_pass in self._passes(module, rows, columns, all_columns=True):
+                chunks.append(covariance_chunk(column_pass, posterior, self._gram_policy()))
+        return normalised(self.likelihood, g, torch.cat(chunks))

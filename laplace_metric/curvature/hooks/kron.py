@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import Enum
-from typing import TYPE_CHECKING
 
 import torch
 from laplace.utils import Kron
 
 from laplace_metric.curvature.graph import PairGraph
 from laplace_metric.curvature.hooks.folds import fold_gram, fold_input_factor, fold_output_factor
+from laplace_metric.curvature.hooks.passes import ColumnPass
 from laplace_metric.curvature.hooks.sites import Site, SiteKind
-
-if TYPE_CHECKING:
-    from laplace_metric.curvature.hooks.backend import HookPairGGN
 
 
 class KFACApproximation(str, Enum):
@@ -30,18 +27,17 @@ class KFACApproximation(str, Enum):
     REDUCE = "reduce"
 
 
-def kron_factors(backend: HookPairGGN, passes: Iterable, graph: PairGraph) -> Kron:
+def kron_factors(passes: Iterable[ColumnPass], graph: PairGraph, reduce: bool = False) -> Kron:
     """Kronecker factors of every inferred parameter, summed over the column passes.
 
-    Linear/Conv weights get ``[fold_output_factor, fold_input_factor]`` (per
-    ``backend.kfac_approximation``); 1-D parameters and parameters of shape ``(1, ...)`` their
-    exact dense block; other parameters raise.
+    Linear/Conv weights get ``[fold_output_factor, fold_input_factor]`` (KFAC-reduce if
+    ``reduce``, else KFAC-expand; see :class:`KFACApproximation`); 1-D parameters and
+    parameters of shape ``(1, ...)`` their exact dense block; other parameters raise.
     """
-    reduce = backend.kfac_approximation == KFACApproximation.REDUCE
     factors: dict[str, list[torch.Tensor]] = {}
-    for twin, _, entries, others in passes:
-        for name, param in backend._named_params(twin):
-            calls = entries.get(name)
+    for column_pass in passes:
+        for name, param in column_pass.named_params():
+            calls = column_pass.entries.get(name)
             if (
                 calls is not None
                 and calls[0][0].kind != SiteKind.AFFINE
@@ -56,13 +52,13 @@ def kron_factors(backend: HookPairGGN, passes: Iterable, graph: PairGraph) -> Kr
                     "weights, MultiheadAttention projections, 1-D parameters and "
                     "parameters of shape (1, ...). Use 'diag' or 'full'."
                 )
-            if calls is None and name not in others:
+            if calls is None and name not in column_pass.others:
                 block = param.new_zeros(param.numel(), param.numel())
             else:
-                grads = backend._param_grads(name, param, entries, others)
+                grads = column_pass.param_grads(name, param)
                 block = fold_gram(grads.flatten(start_dim=2), graph)
             factors[name] = [block] if name not in factors else [factors[name][0] + block]
-    return _assemble(backend._named_params(backend._copy[1]), factors, graph)
+    return _assemble(column_pass.named_params(), factors, graph)
 
 
 def _add_weight_factors(

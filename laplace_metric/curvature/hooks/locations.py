@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from laplace_metric.curvature.graph import PairGraph, component_buckets
+from laplace_metric.curvature.hooks.folds import structure
 
 #: Elementwise passes are memory-bound: one element is charged like this many multiply-adds.
 ELEMENTWISE_COST = 8
@@ -69,6 +70,21 @@ def graph_costs(
     return float(per_column), float(gram), n_out * squares
 
 
+def split_costs(
+    graph: PairGraph, n_columns: int, n_locations: int, n_out: int, n_in: int
+) -> tuple[float, int] | None:
+    """Multiply-adds and kept numbers of :class:`SplitGram` (``None``: the graph has a
+    component whose block is not ``a I + b 1 1^T``)."""
+    struct = structure(graph)
+    if struct.general:
+        return None
+    batch, t = graph.n_samples, n_locations
+    n_sums = len(struct.offsets) - 1
+    own = n_out * batch * t * (t * n_columns + (t + 1) // 2 * (n_in + ELEMENTWISE_COST))
+    sums = n_columns * n_out * n_in * (batch * t + n_sums * ELEMENTWISE_COST)
+    return float(own + sums), n_out * batch * t * t
+
+
 class GraphGram:
     """Accumulates ``sum_r sum_ij A_ij G_ri * G_rj`` of one shared weight over column chunks.
 
@@ -83,12 +99,20 @@ class GraphGram:
         ``T``: locations per sample (all calls of the weight together).
     max_elements : int
         Bound on the elements of one intermediate tensor.
+    groups : list of (torch.LongTensor, torch.Tensor), optional
+        ``(index (C, k), block (C, k, k))`` per group of components (default: the graph's).
     """
 
-    def __init__(self, graph: PairGraph, n_locations: int, max_elements: int) -> None:
+    def __init__(
+        self,
+        graph: PairGraph,
+        n_locations: int,
+        max_elements: int,
+        groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         self.max_elements = max_elements
         self.n_locations = n_locations
-        self.groups = _groups(graph)
+        self.groups = _groups(graph) if groups is None else groups
         self.totals: list[torch.Tensor | None] = [None] * len(self.groups)
 
     def add(self, q: torch.Tensor) -> None:
@@ -126,6 +150,72 @@ class GraphGram:
                 part = kernel[:, :, tri].permute(1, 0, 2).reshape(n_out, -1)  # [out, C e]
                 result += part @ products.flatten(end_dim=1)
         return result
+
+
+class SplitGram:
+    """``sum_r sum_ij A_ij G_ri * G_rj`` for graphs whose components are all ``a I + b 1 1^T``.
+
+    Such a component (every class of a ``positives`` graph) folds as
+    ``a sum_i sum_r G_ri^2 + b sum_r (sum_i G_ri)^2``. The first term is a
+    :class:`GraphGram` of every sample on its own (per-sample location Grams,
+    ``B x out x T x T`` numbers kept across column chunks): its cost does not grow with the
+    component size ``k``, unlike the ``(k T)^2`` Gram of the whole component. The second term
+    is formed per column chunk from the component sums ``S_r = sum_(i, t) q_rit x_it^T``: one
+    matrix product over the ``k T`` locations of the component, nothing kept. Like the Gram
+    form, the two terms are not centred (see the float32 note above).
+
+    Parameters
+    ----------
+    graph : PairGraph
+    n_locations : int
+    max_elements : int
+    x : torch.Tensor
+        The weight's inputs ``[B, T, in]``.
+    """
+
+    def __init__(
+        self, graph: PairGraph, n_locations: int, max_elements: int, x: torch.Tensor
+    ) -> None:
+        struct = structure(graph)
+        samples = torch.nonzero(struct.weights).flatten()
+        own = [(samples[:, None], struct.weights[samples][:, None, None])] if len(samples) else []
+        self.own = GraphGram(graph, n_locations, max_elements, groups=own)
+        self.max_elements = max_elements
+        self.sums: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        for label in range(len(struct.offsets) - 1):
+            index = torch.nonzero(struct.labels == label).flatten()
+            offset = float(graph.matrix[index[0], index[1]])
+            if offset != 0.0:
+                self.sums.append((index, x.index_select(0, index).flatten(end_dim=1), offset))
+        self.n_in = x.shape[-1]
+        self.result = x.new_zeros(0)
+
+    @property
+    def totals(self) -> list[torch.Tensor | None]:
+        """The accumulators kept across column chunks."""
+        return self.own.totals
+
+    def add(self, q: torch.Tensor) -> None:
+        """Add the output gradients ``q [c, B, T, out]`` of one chunk of columns."""
+        if self.own.groups:
+            self.own.add(q)
+        n_cols, n_out = q.shape[0], q.shape[-1]
+        if not self.result.numel():
+            self.result = q.new_zeros(n_out, self.n_in)
+        for index, x, offset in self.sums:
+            lhs = q.index_select(1, index).permute(0, 3, 1, 2).reshape(n_cols, n_out, -1)
+            step = max(1, self.max_elements // max(n_cols * x.shape[1], 1))
+            for start in range(0, n_out, step):
+                outs = slice(start, start + step)
+                sums = lhs[:, outs].reshape(-1, x.shape[0]) @ x  # [c o, in]
+                part = sums.square_().view(n_cols, -1, x.shape[1]).sum(dim=0)
+                self.result[outs] += part.mul_(offset)
+
+    def diag(self, x: torch.Tensor) -> torch.Tensor:
+        """The folded diagonal ``(out, in)`` from the weight's inputs ``x [B, T, in]``."""
+        if not self.own.groups:
+            return self.result
+        return self.own.diag(x).add_(self.result)
 
 
 def covariance_costs(n_columns: int, n_locations: int, n_out: int, n_in: int) -> tuple[int, int]:

@@ -14,16 +14,15 @@ rows at a time; other parameters use their per-sample gradients. The normalisati
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from laplace.utils import KronDecomposed
 
+from laplace_metric.curvature.hooks.diag import GRAM_FORMS, GramPolicy
 from laplace_metric.curvature.hooks.locations import covariance_costs, gram_covariance
+from laplace_metric.curvature.hooks.passes import ColumnPass, row_slices
 from laplace_metric.curvature.hooks.sites import SiteKind, weight_grads
-
-if TYPE_CHECKING:
-    from laplace_metric.curvature.hooks.backend import HookPairGGN
 
 
 def _weighted_gram(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -45,9 +44,11 @@ def _block_inverse(posterior: KronDecomposed, k: int) -> tuple[list[torch.Tensor
 
 
 def predictive_covariance(
-    backend: HookPairGGN, x: torch.Tensor, posterior: torch.Tensor | KronDecomposed
+    backend: Any, x: torch.Tensor, posterior: torch.Tensor | KronDecomposed
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and covariance ``J Sigma J^T`` of the linearised predictive of the embedding.
+
+    The same as ``backend.predictive_covariance(x, posterior)``.
 
     Parameters
     ----------
@@ -67,99 +68,89 @@ def predictive_covariance(
     covariance : torch.Tensor
         ``(B, D, D)``.
     """
-    if backend.subnetwork_indices is not None:
-        raise ValueError("predictive_covariance does not support subnetwork Laplace.")
-    kron = isinstance(posterior, KronDecomposed)
-    if not kron and not isinstance(posterior, torch.Tensor):
-        raise TypeError(
-            "posterior must be the diagonal posterior variances (a tensor) or a KronDecomposed "
-            f"posterior precision, got {type(posterior).__name__}."
-        )
-    module, inputs = backend._target(x)
-    twin = backend._private(module)
-    with torch.no_grad():
-        g = twin(inputs)
-    batch, dim = g.shape
-    eye = torch.eye(dim, dtype=g.dtype, device=g.device)
-    # all D columns of a sample chunk in one pass: both sides of C_i[d, e] are needed at once
-    per_sample = backend._per_sample_elements(module, inputs)
-    step = max(1, min(batch, backend.max_elements // max(dim * per_sample, 1)))
-    chunks = []
-    for start in range(0, batch, step):
-        rows = inputs[start : start + step]
-        columns = eye[:, None, :].expand(dim, rows.shape[0], dim)
-        for twin, _, entries, others in backend._passes(module, rows, columns, all_columns=True):
-            chunks.append(_covariance(backend, twin, entries, others, posterior, kron))
-    cov = torch.cat(chunks)
-    z = backend.likelihood.embed(g)
-    if backend.likelihood.normalize:
+    return backend.predictive_covariance(x, posterior)
+
+
+def normalised(likelihood: Any, g: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The embedding ``z`` of the raw outputs ``g`` and ``cov`` of ``g`` pulled through the
+    likelihood's normalisation ``(I - z z^T) / ||g||`` (if it normalises)."""
+    z = likelihood.embed(g)
+    if likelihood.normalize:
+        eye = torch.eye(g.shape[1], dtype=g.dtype, device=g.device)
         proj = (eye - z[:, :, None] * z[:, None, :]) / g.norm(dim=-1)[:, None, None]
         cov = proj @ cov @ proj
     return z, cov
 
 
-def _covariance(
-    backend: HookPairGGN, twin: Any, entries: dict, others: dict, posterior: Any, kron: bool
+def covariance_chunk(
+    column_pass: ColumnPass, posterior: torch.Tensor | KronDecomposed, policy: GramPolicy
 ) -> torch.Tensor:
-    """``(b, D, D)`` for one chunk of samples with all ``D`` columns."""
+    """``J Sigma J^T`` of the raw outputs, ``(b, D, D)``, for one chunk of samples whose pass
+    back-propagated all ``D`` columns."""
+    kron = isinstance(posterior, KronDecomposed)
     cov = None
     offset = 0
-    for k, (name, param) in enumerate(backend._named_params(twin)):
+    for k, (name, param) in enumerate(column_pass.named_params()):
         size = param.numel()
         if kron:
             vecs, weights = _block_inverse(posterior, k)
         else:
             vecs, weights = [], posterior[offset : offset + size].view(param.shape)
         offset += size
-        part = _block(backend, name, param, entries, others, vecs, weights)
+        part = _block(column_pass, name, param, vecs, weights, policy)
         if part is not None:
             cov = part if cov is None else cov + part
     return cov
 
 
 def _block(
-    backend: HookPairGGN,
+    column_pass: ColumnPass,
     name: str,
     param: torch.Tensor,
-    entries: dict,
-    others: dict,
     vecs: list[torch.Tensor],
     weights: torch.Tensor,
+    policy: GramPolicy,
 ) -> torch.Tensor | None:
-    calls = entries.get(name)
+    calls = column_pass.entries.get(name)
     site = calls[0][0] if calls else None
     is_weight = site is not None and site.kind != SiteKind.AFFINE and name == site.weight
     if not is_weight:
-        if name not in others and calls is None:
+        if name not in column_pass.others and calls is None:
             return None
-        grads = backend._param_grads(name, param, entries, others)
+        grads = column_pass.param_grads(name, param)
         if len(vecs) == 1:
             grads = grads.flatten(start_dim=2) @ vecs[0]
         elif len(vecs) == 2:
             grads = grads.reshape(*grads.shape[:2], vecs[0].shape[0], vecs[1].shape[0])
             grads = torch.einsum("cboi,ou,ij->cbuj", grads, vecs[0], vecs[1])
         return _weighted_gram(grads, weights)
-    weights = weights.reshape(weights.shape[0], -1)
+    return _weight_block(calls, vecs, weights.reshape(weights.shape[0], -1), policy)
+
+
+def _weight_block(
+    calls: list, vecs: list[torch.Tensor], weights: torch.Tensor, policy: GramPolicy
+) -> torch.Tensor:
+    """A Linear/Conv weight's ``(b, D, D)`` (in the eigenbases of a Kronecker block)."""
     if vecs:  # rotate into the eigenbases of the two factors
         q1, q2 = vecs
         calls = [
             (replace(s, kind=SiteKind.LINEAR, inputs=s.x @ q2, _unfolded=None), q @ q1)
             for s, q in calls
         ]
-        site = calls[0][0]
-    q = calls[0][1]
+    site, q = calls[0]
     if len(calls) == 1 and site.kind == SiteKind.LINEAR and site.n_locations == 1:
         scale = site.x[:, 0].square() @ weights.T  # (b, out)
         return torch.einsum("dbo,ebo->bde", q[:, :, 0] * scale, q[:, :, 0])
     n_cols, n_samples, _, n_out = q.shape
     q = torch.cat([q for _, q in calls], dim=2)
     per_column, gram = covariance_costs(n_cols, q.shape[2], n_out, weights.shape[1])
-    use_gram = backend.location_gram
-    if use_gram is True or (use_gram is None and gram < per_column):
+    use_gram = policy.location_gram
+    if use_gram in (True, *GRAM_FORMS) or (use_gram is None and gram < per_column):
         x = torch.cat([s.x for s, _ in calls], dim=1)
-        return gram_covariance(q, x, weights, backend.max_elements)
+        return gram_covariance(q, x, weights, policy.max_elements)
     total = None
-    for rows in backend._row_slices(n_out, n_cols * n_samples * weights.shape[1]):
+    per_row = n_cols * n_samples * weights.shape[1]
+    for rows in row_slices(n_out, per_row, policy.max_elements):
         part = _weighted_gram(weight_grads(calls, rows), weights[rows])
         total = part if total is None else total + part
     return total
