@@ -53,12 +53,15 @@ class FitState(NamedTuple):
         Number of contributing pairs.
     n_data : int
         Number of samples.
+    n_candidates : int
+        Number of pairs the batches offered, ``sum_b B_b (B_b - 1) / 2`` (the likelihood scale).
     """
 
     curvature: torch.Tensor | Kron | None
     loss: torch.Tensor | float
     n_pairs: int
     n_data: int
+    n_candidates: int = 0
 
 
 def is_distributed(flag: bool | None = None) -> bool:
@@ -203,6 +206,10 @@ def _rank_layout(
     return reference, curvature
 
 
+#: Leading entries of the reduced buffer: loss, pair, sample and candidate-pair counts.
+_HEADER = 4
+
+
 def _pack(
     estimator: Any,
     state: FitState,
@@ -212,11 +219,11 @@ def _pack(
     rank: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """The flat float64 buffer: loss, pair and sample counts; per rank a failure flag and a
+    """The flat float64 buffer: loss, pair, sample and candidate-pair counts; per rank a failure flag and a
     weight fingerprint (zeros for the other ranks); then the curvature tensors."""
     loss = state.loss.detach() if isinstance(state.loss, torch.Tensor) else state.loss
     header = torch.tensor(
-        [float(loss), float(state.n_pairs), float(state.n_data)],
+        [float(loss), float(state.n_pairs), float(state.n_data), float(state.n_candidates)],
         dtype=torch.float64,
         device=device,
     )
@@ -229,7 +236,7 @@ def _pack(
 
 def _check_ranks(buffer: torch.Tensor, world: int, error: BaseException | None) -> None:
     """Raise on every rank if any rank failed or the ranks' weights differ."""
-    ranks = buffer[3 : 3 + 3 * world].reshape(world, 3)
+    ranks = buffer[_HEADER : _HEADER + 3 * world].reshape(world, 3)
     failed = [r for r in range(world) if ranks[r, 0] > 0]
     if failed:
         if error is not None:
@@ -253,8 +260,8 @@ def _unpack(
     dtype: torch.dtype,
 ) -> FitState:
     """The global fit state from the reduced buffer, in the layout of ``curvature``."""
-    header = buffer[:3]
-    offset = 3 + 3 * world
+    header = buffer[:_HEADER]
+    offset = _HEADER + 3 * world
     reduced = []
     for t in tensors:
         size = t.numel()
@@ -270,7 +277,8 @@ def _unpack(
         total = reduced[0]
     if n_pairs == 0:
         total = None
-    return FitState(total, header[0].to(dtype), n_pairs, int(round(float(header[2]))))
+    n_data, n_candidates = (int(round(float(v))) for v in header[2:4])
+    return FitState(total, header[0].to(dtype), n_pairs, n_data, n_candidates)
 
 
 __all__ = [

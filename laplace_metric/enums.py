@@ -28,6 +28,17 @@ class HessianMethod(str, Enum):
     """Exact signed pairwise GGN over both embeddings, then projected to PSD."""
 
 
+class LikelihoodScale(str, Enum):
+    """How many pairs the fitted pairwise likelihood (curvature and loss) stands for."""
+
+    BATCH = "batch"
+    """The pairs the batches offered, ``sum_b B_b (B_b - 1) / 2`` (the curvature as summed)."""
+
+    DATASET = "dataset"
+    """All ``N (N - 1) / 2`` pairs of the fitted data set (LAM's convention, up to ordering):
+    curvature and loss are rescaled by ``N (N - 1) / sum_b B_b (B_b - 1)``."""
+
+
 class CovarianceScore(str, Enum):
     """Reductions of a predictive covariance to one uncertainty number per input.
 

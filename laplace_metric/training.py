@@ -120,7 +120,7 @@ def fit_online_lam(
         Controls the weight samples.
     **laplace_kwargs
         Estimator options: ``margin``, ``hessian_method``, ``normalize``, ``miner``,
-        ``temperature``, ``backend``, ``divergence``, ...
+        ``temperature``, ``backend``, ``divergence``, ...; ``likelihood_scale='batch'`` only.
 
     Returns
     -------
@@ -134,6 +134,18 @@ def fit_online_lam(
     )
     run = _OnlineLAM(la, train_loader, optimizer, lr, decay, update_every, generator)
     return run.train(epochs, prior_update, progress_bar)
+
+
+def _check_online_scale(laplace_kwargs: dict[str, Any]) -> None:
+    """Online LAM scales its curvature to one epoch of batches: ``likelihood_scale='batch'``."""
+    scale = laplace_kwargs.setdefault("likelihood_scale", "batch")
+    if getattr(scale, "value", scale) != "batch":
+        raise ValueError(
+            f"fit_online_lam scales its curvature to one epoch of batches and takes "
+            f"likelihood_scale='batch' only, got {scale!r}; set the curvature's strength with "
+            "prior_precision or temperature, or fit a post-hoc estimator with "
+            "likelihood_scale='dataset' after training."
+        )
 
 
 def _check_schedule(train_loader: DataLoader, decay: float, epochs: int, update_every: int) -> None:
@@ -153,6 +165,7 @@ def _build_estimator(
     prior_precision: float,
     laplace_kwargs: dict[str, Any],
 ) -> MetricLaplaceMixin:
+    _check_online_scale(laplace_kwargs)
     return metric_laplace(
         encoder,
         likelihood,

@@ -286,6 +286,7 @@ def test_registry_holds_every_baseline_and_rejects_clashes() -> None:
         "mc_dropout": B.MCDropoutBaseline,
         "deep_ensemble": B.DeepEnsembleBaseline,
         "pfe": B.PFEBaseline,
+        "isotropic_noise": B.IsotropicNoiseBaseline,
     }
     with pytest.raises(ValueError, match="already registered"):
         B.register_baseline("pfe")(B.KNNDistanceBaseline)

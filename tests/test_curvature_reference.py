@@ -172,5 +172,9 @@ def test_loss_is_batch_summed_nll_over_same_pairs():
         pos = yb[i] == yb[j]
         expected = expected + torch.where(pos, d, (MARGIN - d).clamp(min=0)).sum() / 2
     assert abs(float(la.loss) - float(expected)) < 1e-10
-    assert torch.allclose(la.log_likelihood, -la.loss)
+    # the default likelihood_scale='dataset' stands for all N(N-1)/2 pairs of the data
+    n = len(y)
+    offered = sum(len(yb) * (len(yb) - 1) // 2 for _, yb in loader(x, y, batch_size=6))
+    assert la.likelihood_factor == pytest.approx(n * (n - 1) / 2 / offered)
+    assert torch.allclose(la.log_likelihood, -la.loss * la.likelihood_factor)
     assert la.mean.shape == parameters_to_vector(model.parameters()).shape

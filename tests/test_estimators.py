@@ -182,13 +182,13 @@ def test_full_logdet_from_cached_eigenvalues(subset):
     la.fit(loader(x, y, 8))
     prior = torch.tensor([0.37], dtype=torch.float64, requires_grad=True)
     la.prior_precision = prior
-    expected = torch.logdet(la.H + 0.37 * torch.eye(la.H.shape[0], dtype=torch.float64))
+    c = la.likelihood_factor  # the default 'dataset' scale
+    eye = torch.eye(la.H.shape[0], dtype=torch.float64)
+    expected = torch.logdet(c * la.H + 0.37 * eye)
     got = la.log_det_posterior_precision
     assert torch.allclose(got, expected, rtol=1e-10)
     (grad,) = torch.autograd.grad(got, prior)
-    expected_grad = torch.linalg.inv(
-        la.H + 0.37 * torch.eye(la.H.shape[0], dtype=torch.float64)
-    ).trace()
+    expected_grad = torch.linalg.inv(c * la.H + 0.37 * eye).trace()
     assert torch.allclose(grad, expected_grad.reshape(1), rtol=1e-8)
     la.prior_precision = torch.full(
         (la.n_params,), 0.5, dtype=torch.float64

@@ -134,7 +134,7 @@ def test_train_encoder_records_its_likelihood_for_the_laplace_step():
     la = laplace.Laplace(encoder, history.likelihood, "all", "diag")
     assert la.pair_likelihood.margin == 0.5
     la.fit(loader(x, y, 12), progress_bar=False)
-    with pytest.raises(ValueError, match="differs from the margin of the likelihood"):
+    with pytest.raises(ValueError, match=r"margin=1.0 \(the instance has 0.5\) would be ignored"):
         laplace.Laplace(encoder, history.likelihood, "all", "diag", margin=1.0)
     assert laplace.Laplace(encoder, "contrastive", "all", "diag").pair_likelihood.margin == 1.0
     likelihood = ContrastiveLikelihood(margin=0.25)

@@ -13,6 +13,8 @@ have ``embed(x)``, the point embedding to use for recall@k.
   normalised embedding samples.
 * :class:`DeepEnsembleBaseline`: encoders trained from different seeds; score = mean over
   members of the kNN distance (rotation-invariant).
+* :class:`IsotropicNoiseBaseline`: isotropic weight noise, its scale tuned on validation
+  data; score = mean over noise draws of the kNN distance (the no-curvature control of LAM).
 * :class:`PFEBaseline`: probabilistic face embeddings, a variance head on a frozen encoder
   trained with the mutual likelihood score; score = harmonic mean of the variances.
 
@@ -26,6 +28,7 @@ import line here, which registers it in :data:`BASELINES` (see ``docs/architectu
 from laplace_metric.baselines.base import BASELINES, OODBaseline, register_baseline
 from laplace_metric.baselines.embedding import embed, penultimate
 from laplace_metric.baselines.ensemble import DeepEnsembleBaseline, EnsembleScore
+from laplace_metric.baselines.isotropic import IsotropicNoiseBaseline
 from laplace_metric.baselines.knn import KNNDistanceBaseline
 from laplace_metric.baselines.mahalanobis import FeaturePooling, MahalanobisBaseline
 from laplace_metric.baselines.mahalanobis_layers import MultiLayerMahalanobisBaseline
@@ -38,6 +41,7 @@ __all__ = [
     "DeepEnsembleBaseline",
     "EnsembleScore",
     "FeaturePooling",
+    "IsotropicNoiseBaseline",
     "KNNDistanceBaseline",
     "MCDropoutBaseline",
     "MahalanobisBaseline",

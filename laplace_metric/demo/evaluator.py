@@ -35,6 +35,8 @@ class DemoEvaluator:
         self.x_te, self.y_te = (t.to(device) for t in split.test.tensors)
         self.x_held = split.ood_classes.tensors[0].to(device)
         self.x_noise = split.ood_noise.tensors[0].to(device)
+        self.x_val = split.val.tensors[0].to(device)
+        self.x_noise_val = split.ood_noise_val.tensors[0].to(device)
         self.result = result
 
     def row(

@@ -14,12 +14,14 @@ from torch.utils.data import DataLoader
 
 from laplace_metric.baselines import (
     DeepEnsembleBaseline,
+    IsotropicNoiseBaseline,
     KNNDistanceBaseline,
     MahalanobisBaseline,
     MCDropoutBaseline,
     penultimate,
     train_encoder,
 )
+from laplace_metric.controls import curvature_off
 from laplace_metric.demo.config import STAGES, DemoConfig, make_encoder
 from laplace_metric.demo.evaluator import DemoEvaluator
 from laplace_metric.demo.report import SCORE_ROWS
@@ -48,9 +50,16 @@ def _normalised_embed(model: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def lam_rows(
-    ev: DemoEvaluator, la, name: str, config: DemoConfig, seed: int, trace_row: bool = True
+    ev: DemoEvaluator,
+    la,
+    name: str,
+    config: DemoConfig,
+    seed: int,
+    trace_row: bool = True,
+    control: bool = False,
 ) -> None:
-    """Rows of a Laplace estimator, one per :data:`SCORE_ROWS` score (the trace optional).
+    """Rows of a Laplace estimator, one per :data:`SCORE_ROWS` score (the trace optional),
+    and with ``control`` the default score's curvature-off control.
 
     One :class:`UncertaintyScorer` (fixed weight samples, the training set as database,
     embedded once per sample) scores the test set, the held-out classes and the noise.
@@ -72,6 +81,19 @@ def lam_rows(
             return cache[id(x)][score.value]
 
         ev.row(f"{name}, {suffix}", score_fn, embed, confidence)
+    if control:
+        _curvature_off_row(ev, la, scorer, name, embed)
+
+
+def _curvature_off_row(ev: DemoEvaluator, la, scorer: UncertaintyScorer, name, embed) -> None:
+    """The control of the default score: the same estimator, prior precision and weight
+    samples with the curvature off (the posterior is the prior)."""
+    with curvature_off(la):
+        test = scorer.retrieval(ev.x_te)
+        scores = {id(x): scorer(x) for x in (ev.x_te, ev.x_held, ev.x_noise)}
+    confidence = (test.confidence, test.predicted == ev.y_te)
+    suffix = SCORE_ROWS[PosteriorScore.POSTERIOR_KNN]
+    ev.row(f"{name} (curvature off), {suffix}", lambda x: scores[id(x)], embed, confidence)
 
 
 Trainer = Callable[[nn.Module, int], None]
@@ -117,8 +139,13 @@ def baseline_rows(
     stage(STAGES[1])
     knn = KNNDistanceBaseline(det, k=1).fit(ev.x_tr)
     ev.row("kNN distance (deterministic)", knn.score, knn.embed)
+    features = KNNDistanceBaseline(penultimate(det), k=1, normalize=False).fit(ev.x_tr)
+    ev.row("kNN distance (penultimate features)", features.score)
     maha = MahalanobisBaseline(penultimate(det)).fit(ev.x_tr, ev.y_tr)
     ev.row("Mahalanobis (penultimate)", maha.score)
+    iso = IsotropicNoiseBaseline(det, n_samples=config.n_samples, seed=seed)
+    iso.fit(ev.x_tr, x_val=ev.x_val, x_val_ood=ev.x_noise_val)
+    ev.row("isotropic weight noise, tuned on validation", iso.score)
     stage(STAGES[2])
     device = torch.device(config.device)
     dropout_encoder = trained_encoder(ev, trainer, device, 1000 * seed + 1, dropout=0.1)

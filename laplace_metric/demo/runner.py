@@ -71,7 +71,7 @@ def run_seed(
         la = metric_laplace(det, likelihood, subset, structure)
         la.fit(loader, progress_bar=False)  # the demo shows its own bar
         la.optimize_prior_precision(method="marglik", progress_bar=False)
-        lam_rows(ev, la, name, config, seed, trace_row)
+        lam_rows(ev, la, name, config, seed, trace_row, control=True)
     stage(STAGES[-1])
     online_lam_rows(ev, config, seed, loader, likelihood)
     return result

@@ -46,6 +46,8 @@ class FitProgress:
         Summed negative log-likelihood of the mined pairs.
     n_pairs, n_data : int
         Contributing pairs and samples.
+    n_candidates : int
+        Pairs the batches offered, ``sum_b B_b (B_b - 1) / 2`` (for ``likelihood_scale``).
     n_batches, skipped, single_class : int
         Batches seen, batches without a contributing pair, and single-class batches.
     probe : torch.Tensor, optional
@@ -56,6 +58,7 @@ class FitProgress:
     loss: torch.Tensor | float = 0.0
     n_pairs: int = 0
     n_data: int = 0
+    n_candidates: int = 0
     n_batches: int = 0
     skipped: int = 0
     single_class: int = 0
@@ -64,11 +67,17 @@ class FitProgress:
     @classmethod
     def continuing(cls, estimator: Any) -> FitProgress:
         """Progress seeded with the estimator's current fit (``fit(override=False)``)."""
-        return cls(estimator.H_signed, estimator.loss, estimator.n_pairs, estimator.n_data)
+        return cls(
+            estimator.H_signed,
+            estimator.loss,
+            estimator.n_pairs,
+            estimator.n_data,
+            estimator.n_candidate_pairs,
+        )
 
     def fit_state(self) -> FitState:
         """The sums that a distributed fit reduces over ranks."""
-        return FitState(self.curvature, self.loss, self.n_pairs, self.n_data)
+        return FitState(self.curvature, self.loss, self.n_pairs, self.n_data, self.n_candidates)
 
 
 class FitMixin:
@@ -175,6 +184,7 @@ class FitMixin:
         """Add one batch; batches without a contributing pair are counted as skipped."""
         progress.n_batches += 1
         progress.n_data += len(y)
+        progress.n_candidates += len(y) * (len(y) - 1) // 2
         if len(y) < 2:
             progress.skipped += 1
             return
@@ -192,14 +202,18 @@ class FitMixin:
     def _reduce(self, progress: FitProgress, error: Exception | None, add_previous: bool) -> None:
         """Sum ``progress`` over all ranks (one all-reduce, raising everywhere if any rank
         failed), then add the previous fit once when continuing it."""
-        total, loss, n_pairs, n_data = reduce_fit_state(self, progress.fit_state(), error)
+        total, loss, n_pairs, n_data, n_candidates = reduce_fit_state(
+            self, progress.fit_state(), error
+        )
         if add_previous:
             total = self.H_signed if total is None else add_curvature(self.H_signed, total)
             loss = self.loss + loss
             n_pairs += self.n_pairs
             n_data += self.n_data
+            n_candidates += self.n_candidate_pairs
         progress.curvature, progress.loss = total, loss
         progress.n_pairs, progress.n_data = n_pairs, n_data
+        progress.n_candidates = n_candidates
 
     def _check_result(self, progress: FitProgress) -> None:
         """Raise if no pair contributed or the curvature is not finite; warn about skipped
@@ -231,7 +245,8 @@ class FitMixin:
     def _commit(self, progress: FitProgress) -> None:
         """Store the fit and derive the posterior curvature; on failure, restore the previous
         fit (so a failed fit leaves the estimator unchanged)."""
-        kept = ("H_signed", "n_pairs", "loss", "n_data", "n_outputs", "mean", "H", "H_facs")
+        kept = ("H_signed", "n_pairs", "loss", "n_data", "n_candidate_pairs", "n_outputs", "mean")
+        kept = (*kept, "H", "H_facs")
         previous = {k: self.__dict__[k] for k in (*kept, "_posterior_scale") if k in self.__dict__}
         try:
             self.H_signed = progress.curvature
@@ -239,6 +254,7 @@ class FitMixin:
             loss = progress.loss
             self.loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
             self.n_data = progress.n_data
+            self.n_candidate_pairs = progress.n_candidates
             with torch.no_grad():
                 self.n_outputs = self.model(progress.probe[:1]).shape[-1]
             self.mean = parameters_to_vector(self._posterior_parameters()).detach()

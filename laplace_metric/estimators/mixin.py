@@ -26,7 +26,7 @@ from laplace_metric.curvature.projection import (
     project_psd_matrix,
 )
 from laplace_metric.encoders import check_encoder_output, check_input_dtype
-from laplace_metric.enums import HessianMethod
+from laplace_metric.enums import HessianMethod, LikelihoodScale, parse_enum
 from laplace_metric.estimators.fitting import FitMixin
 from laplace_metric.estimators.prediction import PredictionMixin
 from laplace_metric.estimators.prior import PriorPrecisionMixin
@@ -46,14 +46,17 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         Encoder mapping inputs to embeddings ``(batch, D)``.
     likelihood : {'contrastive', 'bregman'} or PairLikelihood, default='contrastive'
     margin : float, optional
-        Hinge margin of negative pairs (on the squared distance for ``'contrastive'``);
-        default 1.0. Use the margin the encoder was trained with: pass the likelihood it was
-        trained with (``likelihood=history.likelihood`` from
+        Hinge margin of negative pairs (on the squared distance for ``'contrastive'``); the
+        likelihood's default (1.0) when not given. Use the margin the encoder was trained with:
+        pass the likelihood it was trained with (``likelihood=history.likelihood`` from
         :func:`~laplace_metric.baselines.train_encoder`) to take it from there.
-    normalize : bool, default=True
-        L2-normalise embeddings (the posterior is over embeddings on the unit sphere).
-    hessian_method : {'positives', 'fixed', 'full'}, default='positives'
-        How the indefinite pairwise Hessian is made PSD (see :class:`HessianMethod`).
+    normalize : bool, optional
+        L2-normalise embeddings (the posterior is over embeddings on the unit sphere); default
+        ``True``.
+    hessian_method : {'positives', 'fixed', 'full'}, optional
+        How the indefinite pairwise Hessian is made PSD (see :class:`HessianMethod`); default
+        ``'positives'``. With a ``PairLikelihood`` instance as ``likelihood``, these three
+        options come from the instance; giving a different value raises a ``ValueError``.
     miner : callable, optional
         A pytorch-metric-learning miner; ``None`` uses all pairs of each batch.
     divergence : BregmanDivergence or nn.Module, optional
@@ -63,6 +66,13 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         for ``'bregman'``.
     backend : type[PairCurvatureInterface], optional
         Curvature backend; ``None`` picks the fastest one that supports the model.
+    likelihood_scale : {'batch', 'dataset'} or float, default='dataset'
+        How many pairs the fitted likelihood stands for (see :class:`LikelihoodScale` and
+        ``docs/mathematics.rst``): ``'batch'`` keeps the curvature and loss as summed over the
+        pairs the batches offered; ``'dataset'`` rescales both to all ``N (N - 1) / 2`` pairs of
+        the fitted data; a number rescales them to that many pairs. The marginal likelihood,
+        the posterior and the predictive all use the rescaled likelihood
+        (:attr:`likelihood_factor`).
     memory_budget : int, float or str, optional
         Bytes (or a size such as ``'8GB'``) that one step of fitting or prediction may
         allocate: a posterior that does not fit raises
@@ -83,16 +93,19 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         likelihood: str | PairLikelihood = "contrastive",
         *,
         margin: float | None = None,
-        normalize: bool = True,
-        hessian_method: HessianMethod | str = HessianMethod.POSITIVES,
+        normalize: bool | None = None,
+        hessian_method: HessianMethod | str | None = None,
         miner: Any | None = None,
         divergence: nn.Module | None = None,
         likelihood_kwargs: dict[str, Any] | None = None,
         backend: type[PairCurvatureInterface] | None = None,
+        likelihood_scale: LikelihoodScale | str | float = LikelihoodScale.DATASET,
         memory_budget: int | float | str | None = None,
         **kwargs: Any,
     ) -> None:
         self.memory_budget = memory_budget
+        self.likelihood_scale = likelihood_scale
+        self.n_candidate_pairs: int = 0
         if kwargs.get("sigma_noise", 1.0) != 1.0:
             raise ValueError("sigma_noise is fixed to 1 for pairwise likelihoods; use temperature.")
         self.pair_likelihood = build_likelihood(
@@ -152,6 +165,61 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         if value is not None:
             resolve_budget(value)  # validate now
         self._memory_budget = value
+
+    @property
+    def temperature(self) -> float:
+        """laplace-torch's likelihood temperature (the curvature is divided by it); setting it
+        drops the cached dense posterior scale, so predictions follow the new value."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = value
+        self._posterior_scale = None
+
+    @property
+    def likelihood_scale(self) -> LikelihoodScale | float:
+        """How many pairs the likelihood stands for: ``'batch'``, ``'dataset'`` or a number."""
+        return self._likelihood_scale
+
+    @likelihood_scale.setter
+    def likelihood_scale(self, value: LikelihoodScale | str | float) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not (value > 0 and value < float("inf")):
+                raise ValueError(
+                    f"likelihood_scale must be 'batch', 'dataset' or a positive number of "
+                    f"pairs, got {value!r}."
+                )
+            self._likelihood_scale = float(value)
+        else:
+            self._likelihood_scale = parse_enum(LikelihoodScale, value, "likelihood_scale")
+        self._posterior_scale = None
+
+    @property
+    def likelihood_factor(self) -> float:
+        """Factor on the summed pair curvature and loss: the pairs the likelihood stands for
+        (:attr:`likelihood_scale`) over the pairs the fitted batches offered."""
+        scale = self._likelihood_scale
+        if scale == LikelihoodScale.BATCH:
+            return 1.0
+        if self.n_candidate_pairs <= 0:
+            raise ValueError(
+                f"likelihood_scale={getattr(scale, 'value', scale)!r} needs the number of pairs "
+                "the fitted batches offered; it is known after fit() (not after a fit from an "
+                "older state_dict or online LAM): use likelihood_scale='batch'."
+            )
+        n = self.n_data
+        target = n * (n - 1) / 2 if scale == LikelihoodScale.DATASET else scale
+        return float(target) / self.n_candidate_pairs
+
+    @property
+    def _H_factor(self) -> torch.Tensor:
+        """laplace-torch's curvature factor (``1 / temperature``) times the likelihood factor;
+        every posterior quantity and the marginal likelihood read it."""
+        factor = super()._H_factor
+        if self._likelihood_scale == LikelihoodScale.BATCH:
+            return factor
+        return factor * self.likelihood_factor
 
     def _init_H(self) -> None:
         """Check the posterior against the memory budget, then let laplace-torch allocate it."""

@@ -28,7 +28,22 @@ class SerializationMixin:
         signed = self.H_signed
         state["H_signed"] = signed.kfacs if self._structure == HessianStructure.KRON else signed
         state["n_pairs"] = int(self.n_pairs)
+        state["n_candidate_pairs"] = int(self.n_candidate_pairs)
+        scale = self.likelihood_scale
+        state["likelihood_scale"] = scale.value if hasattr(scale, "value") else float(scale)
         return state
+
+    def _check_saved_scale(self, state_dict: dict[str, Any]) -> None:
+        """Raise if the state was saved under another ``likelihood_scale`` (older states,
+        without the entry, were fitted under ``'batch'``)."""
+        saved = state_dict.get("likelihood_scale", "batch")
+        scale = self.likelihood_scale
+        scale = scale.value if hasattr(scale, "value") else float(scale)
+        if saved != scale:
+            raise ValueError(
+                f"This state_dict was saved with likelihood_scale={saved!r}, but the estimator "
+                f"has likelihood_scale={scale!r}; build it with likelihood_scale={saved!r}."
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any], check_weights: bool = True) -> None:
         """Restore a fit saved by :meth:`state_dict` into an estimator of the same configuration.
@@ -55,6 +70,7 @@ class SerializationMixin:
                 "subset_of_weights and hessian_structure as when saving."
             )
         check_config(saved, self.pair_likelihood.config())
+        self._check_saved_scale(state_dict)
         previous = dict(self.__dict__)
         super().load_state_dict(state_dict)
         if check_weights:
@@ -78,6 +94,10 @@ class SerializationMixin:
                     "this check and keeps the model's weights)."
                 )
         self.pair_likelihood.load_state_dict(state_dict.get("likelihood_state", {}))
+        self._restore_curvature(state_dict)
+
+    def _restore_curvature(self, state_dict: dict[str, Any]) -> None:
+        """Set the signed curvature and pair counts of ``state_dict``; derive the posterior."""
         signed = state_dict["H_signed"]
         if self._structure == HessianStructure.KRON:
             from laplace.utils import Kron
@@ -85,6 +105,7 @@ class SerializationMixin:
             signed = Kron(signed)
         self.H_signed = signed
         self.n_pairs = int(state_dict["n_pairs"])
+        self.n_candidate_pairs = int(state_dict.get("n_candidate_pairs", 0))
         self._set_posterior_curvature()
 
 

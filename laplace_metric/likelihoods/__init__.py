@@ -24,8 +24,9 @@ def build_likelihood(
     divergence : BregmanDivergence or nn.Module, optional
         Required for ``'bregman'``, rejected otherwise.
     **options
-        ``margin``, ``normalize``, ``hessian_method``, ``miner``. ``margin=None`` means the
-        default (1.0), or the instance's margin when ``likelihood`` is an instance.
+        ``margin``, ``normalize``, ``hessian_method``, ``miner``; options that are ``None``
+        take the likelihood's default. With a ``PairLikelihood`` instance, an option that
+        differs from the instance's own value raises a ``ValueError`` (it would be ignored).
 
     Returns
     -------
@@ -34,19 +35,12 @@ def build_likelihood(
     Raises
     ------
     ValueError
-        If ``likelihood`` is an instance and ``margin`` is given and differs from its margin.
+        If ``likelihood`` is an instance and an option is given that differs from its own.
     """
-    margin = options.pop("margin", None)
+    options = {k: v for k, v in options.items() if v is not None}
     if isinstance(likelihood, PairLikelihood):
-        if margin is not None and float(margin) != likelihood.margin:
-            raise ValueError(
-                f"margin={margin} differs from the margin of the likelihood passed "
-                f"({likelihood.margin}); drop margin= (the likelihood's is used) or build the "
-                "likelihood with the margin the encoder was trained with."
-            )
+        _check_instance_options(likelihood, options)
         return likelihood
-    if margin is not None:
-        options["margin"] = margin
     name = parse_enum(MetricLikelihood, likelihood, "likelihood")
     if name == MetricLikelihood.CONTRASTIVE:
         if divergence is not None:
@@ -59,6 +53,24 @@ def build_likelihood(
             "likelihood='bregman' needs divergence=<a BregmanDivergence or potential>."
         )
     return BregmanLikelihood(divergence, **options)
+
+
+def _check_instance_options(likelihood: PairLikelihood, options: dict[str, Any]) -> None:
+    """Raise if an option given beside a likelihood instance differs from the instance's."""
+    config = likelihood.config()
+    ignored = []
+    for key, value in options.items():
+        current = getattr(likelihood, key, config.get(key))
+        given = getattr(value, "value", value)
+        if getattr(current, "value", current) != given:
+            ignored.append(f"{key}={given!r} (the instance has {getattr(current, 'value', current)!r})")
+    if ignored:
+        raise ValueError(
+            f"likelihood is a {type(likelihood).__name__} instance, so its own options apply and "
+            f"{', '.join(ignored)} would be ignored: set them on the instance, e.g. "
+            f"{type(likelihood).__name__}(margin=..., hessian_method=...), or pass "
+            "likelihood='contrastive' with the options."
+        )
 
 
 __all__ = ["GraphTerms", "PairLikelihood", "PairTerms", "ContrastiveLikelihood", "build_likelihood"]

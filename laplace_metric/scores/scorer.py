@@ -117,18 +117,18 @@ class UncertaintyScorer:
 
     def _key(self) -> tuple:
         la = self.la
-        return (la.mean, la.H, la.prior_precision.detach().clone(), la.temperature)
+        return (la.mean, la.H, la.prior_precision.detach().clone(), float(la._H_factor))
 
     def _key_matches(self, key: tuple | None) -> bool:
         """Whether ``key`` (from :meth:`_key`) still describes the estimator's posterior."""
         if key is None:
             return False
-        mean, H, prior, temperature = key
+        mean, H, prior, factor = key
         la = self.la
         return (
             mean is la.mean
             and H is la.H
-            and temperature == la.temperature
+            and factor == float(la._H_factor)
             and torch.equal(prior, la.prior_precision.detach())
         )
 

@@ -1,0 +1,277 @@
+"""Where the uncertainty comes from: fitted posteriors against their controls (digits split).
+
+Run: ``python benchmarks/posterior_controls.py [--seeds 0 1 2]`` (about 2 minutes per seed on 2
+CPU cores). For each seed it trains the demo encoder on digits 0-5 and reports, for the OOD
+score of each method, AUROC against the held-out digits 6-9 and against uniform noise, AUSE of
+the score as an error predictor, the retrieval ECE where the method has a top-1 confidence,
+and the validation figures used to choose a configuration (AUROC of in-distribution
+validation vs validation noise; retrieval ECE of the validation queries), as mean +- std over
+seeds. Rows:
+
+- every LAM configuration (posterior x likelihood scale x prior precision), its default score
+  (posterior kNN) with the curvature fitted and with the curvature off
+  (:func:`laplace_metric.controls.curvature_off`: same prior precision, same weight samples);
+- isotropic weight noise with its scale tuned on validation data (no curvature, no marglik);
+- the deterministic kNN distance on the embedding and on the penultimate features, and
+  Mahalanobis on the penultimate features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+#: LAM configurations: row name -> (subset, structure, likelihood_scale, prior precision).
+CONFIGS = {
+    "LAM all-layer diag, dataset scale, prior 1": ("all", "diag", "dataset", 1.0),
+    "LAM all-layer diag, dataset scale, marglik (default)": ("all", "diag", "dataset", "marglik"),
+    "LAM all-layer diag, batch scale, marglik": ("all", "diag", "batch", "marglik"),
+    "LAM last-layer kron, dataset scale, prior 1": ("last_layer", "kron", "dataset", 1.0),
+    "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
+    "LAM last-layer kron, batch scale, marglik": ("last_layer", "kron", "batch", "marglik"),
+}
+#: FashionMNIST -> MNIST (LAM's CNN): last-layer posteriors, and all-layer diag with --all-layer.
+FASHION_CONFIGS = {
+    "LAM last-layer diag, dataset scale, prior 1": ("last_layer", "diag", "dataset", 1.0),
+    "LAM last-layer diag, dataset scale, marglik": ("last_layer", "diag", "dataset", "marglik"),
+    "LAM last-layer kron, dataset scale, prior 1": ("last_layer", "kron", "dataset", 1.0),
+    "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
+}
+FASHION_ALL_LAYER = {
+    "LAM all-layer diag, dataset scale, prior 1": ("all", "diag", "dataset", 1.0),
+    "LAM all-layer diag, dataset scale, marglik (default)": ("all", "diag", "dataset", "marglik"),
+}
+COLUMNS = ("AUROC held-out", "AUROC noise", "AUSE", "ECE", "val AUROC noise", "val ECE")
+
+
+def _metrics(score, data, confidence=None) -> dict[str, float]:
+    from laplace_metric.metrics import ood_auroc, retrieval_ece, sparsification_curve
+
+    s = {k: score(x).detach().cpu() for k, x in data["inputs"].items()}
+    row = {
+        "AUROC held-out": ood_auroc(s["test"], s["held"]),
+        "AUROC noise": ood_auroc(s["test"], s["noise"]),
+        "val AUROC noise": ood_auroc(s["val"], s["noise_val"]),
+        "AUSE": sparsification_curve(s["test"], data["wrong"], n_steps=50).error_area,
+    }
+    if confidence is not None:
+        conf, correct = confidence
+        row["ECE"] = retrieval_ece(conf.cpu(), correct.cpu())
+    return row
+
+
+def _lam_rows(rows, name, config, det, loader, data, seed, n_samples, margin) -> None:
+    from laplace_metric.controls import curvature_off
+    from laplace_metric.metrics import retrieval_ece
+    from laplace_metric.registry import metric_laplace
+    from laplace_metric.scores import UncertaintyScorer
+
+    subset, structure, scale, prior = config
+    la = metric_laplace(
+        det, "contrastive", subset, structure, likelihood_scale=scale, margin=margin
+    )
+    la.fit(loader)
+    if prior == "marglik":
+        la.optimize_prior_precision(method="marglik")
+    else:
+        la.prior_precision = prior
+    x_tr, y_tr = data["train"]
+    gen = torch.Generator().manual_seed(seed)
+    scorer = UncertaintyScorer(la, x_tr, y_tr, n_samples=n_samples, generator=gen)
+    for suffix, off in (("fitted", False), ("curvature off", True)):
+        with curvature_off(la) if off else nullcontext():
+            test = scorer.retrieval(data["inputs"]["test"])
+            confidence = (test.confidence, test.predicted == data["y_test"])
+            row = _metrics(scorer, data, confidence)
+            val = scorer.retrieval(data["inputs"]["val"])
+            correct = (val.predicted == data["y_val"]).cpu()
+            row["val ECE"] = retrieval_ece(val.confidence.cpu(), correct)
+            rows[f"{name}: {suffix}"] = row
+
+
+def _baseline_rows(rows, det, data, seed, n_samples, image: bool = False) -> None:
+    from laplace_metric.baselines import (
+        IsotropicNoiseBaseline,
+        KNNDistanceBaseline,
+        MahalanobisBaseline,
+        penultimate,
+    )
+
+    x_tr, y_tr = data["train"]
+    inputs = data["inputs"]
+    # on images, all-layer noise re-runs the CNN per draw and grid value: last layer only
+    for params in ("last_layer",) if image else ("all", "last_layer"):
+        iso = IsotropicNoiseBaseline(det, parameters=params, n_samples=n_samples, seed=seed)
+        iso.fit(x_tr, x_val=inputs["val"], x_val_ood=inputs["noise_val"])
+        rows[f"isotropic noise ({params.replace('_', '-')}), tuned on validation"] = _metrics(
+            iso.score, data
+        )
+    rows["kNN distance (deterministic)"] = _metrics(KNNDistanceBaseline(det).fit(x_tr).score, data)
+    feats = KNNDistanceBaseline(penultimate(det), normalize=False).fit(x_tr)
+    rows["kNN distance, penultimate features"] = _metrics(feats.score, data)
+    if not image:  # a rank-deficient 9216-d covariance on LAM's CNN: left out
+        maha = MahalanobisBaseline(penultimate(det)).fit(x_tr, y_tr)
+        rows["Mahalanobis, penultimate features"] = _metrics(maha.score, data)
+
+
+def lam_cnn(dim: int) -> torch.nn.Sequential:
+    """LAM's CNN: Conv 1-32-3, ReLU, Conv 32-64-3, ReLU, MaxPool 2, Flatten, Linear 9216-D."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(9216, dim),
+    )
+
+
+def fashion_split(seed: int, n_train: int = 4000, n_val: int = 1000, n_test: int = 2000):
+    """FashionMNIST train / val (from the training set) / test, MNIST test images as the OOD
+    set, uniform noise; the packaged offline copies (see ``docs/fashion_mnist.rst``)."""
+    from torch.utils.data import TensorDataset
+
+    from laplace_metric.data import OpenSetSplit, load_idx_dataset
+
+    fashion, mnist = load_idx_dataset("fashion_mnist"), load_idx_dataset("mnist")
+    gen = torch.Generator().manual_seed(seed)
+
+    def images(a, idx):
+        return torch.as_tensor(a[idx.numpy()], dtype=torch.float32).unsqueeze(1) / 255.0
+
+    def labels(a, idx):
+        return torch.as_tensor(a[idx.numpy()], dtype=torch.int64)
+
+    train = torch.randperm(len(fashion.y_train), generator=gen)[: n_train + n_val]
+    test = torch.randperm(len(fashion.y_test), generator=gen)[:n_test]
+    ood = torch.randperm(len(mnist.y_test), generator=gen)[:n_test]
+    tr, va = train[:n_train], train[n_train:]
+    noise = torch.rand(600, 1, 28, 28, generator=gen)
+    return OpenSetSplit(
+        train=TensorDataset(images(fashion.x_train, tr), labels(fashion.y_train, tr)),
+        val=TensorDataset(images(fashion.x_train, va), labels(fashion.y_train, va)),
+        test=TensorDataset(images(fashion.x_test, test), labels(fashion.y_test, test)),
+        ood_classes=TensorDataset(images(mnist.x_test, ood), labels(mnist.y_test, ood)),
+        ood_noise=TensorDataset(noise[:500], torch.full((500,), -1)),
+        ood_noise_val=TensorDataset(noise[500:], torch.full((100,), -1)),
+        id_classes=tuple(range(10)),
+    )
+
+
+def run_seed(seed: int, n_samples: int, epochs: int, configs: dict, dim: int | None = None):
+    """All rows of one seed; ``dim`` set: FashionMNIST -> MNIST with LAM's CNN of that size."""
+    from laplace_metric.baselines import train_encoder
+    from laplace_metric.data import digits_open_set
+    from laplace_metric.demo import make_encoder
+    from laplace_metric.likelihoods import ContrastiveLikelihood
+    from laplace_metric.metrics import top1_labels
+
+    image = dim is not None
+    split = fashion_split(seed) if image else digits_open_set(seed=seed)
+    loader = DataLoader(
+        split.train,
+        batch_size=128 if image else 64,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    # FashionMNIST: the margin of docs/fashion_mnist.rst (0.5, chosen on validation recall@1)
+    likelihood = ContrastiveLikelihood(margin=0.5 if image else 1.0)
+    torch.manual_seed(1000 * seed)
+    det = lam_cnn(dim) if image else make_encoder(split.train.tensors[0].shape[1])
+    train_encoder(
+        det,
+        loader,
+        lambda g, y: likelihood.loss(g, y, reduction="mean"),
+        epochs=epochs,
+        seed=1000 * seed,
+        progress_bar=False,
+    )
+    det.eval()
+    x_tr, y_tr = split.train.tensors
+    x_te, y_te = split.test.tensors
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(det(torch.cat([x_te, x_tr])), dim=-1)
+    wrong = (top1_labels(z[: len(x_te)], z[len(x_te) :], y_tr) != y_te).double()
+    data = {
+        "train": (x_tr, y_tr),
+        "y_test": y_te,
+        "y_val": split.val.tensors[1],
+        "wrong": wrong,
+        "inputs": {
+            "test": x_te,
+            "held": split.ood_classes.tensors[0],
+            "noise": split.ood_noise.tensors[0],
+            "val": split.val.tensors[0],
+            "noise_val": split.ood_noise_val.tensors[0],
+        },
+    }
+    rows: dict[str, dict[str, float]] = {}
+    for name, config in configs.items():
+        _lam_rows(rows, name, config, det, loader, data, seed, n_samples, likelihood.margin)
+    _baseline_rows(rows, det, data, seed, n_samples, image)
+    return rows
+
+
+def format_table(results: list[dict]) -> str:
+    """Mean +- std over seeds, one row per method (the shared evaluation layer's table)."""
+    from laplace_metric.evaluation import Column, ResultTable
+
+    digits = {"AUSE": 4, "ECE": 4, "val ECE": 4}
+    table = ResultTable([Column(c, digits.get(c, 3)) for c in COLUMNS])
+    for name in results[0]:
+        values = {c: [r[name].get(c, math.nan) for r in results] for c in COLUMNS}
+        table.add_row(name, values)
+    return table.to_markdown()
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
+    parser.add_argument("--samples", type=int, default=30, help="weight samples per score")
+    parser.add_argument("--epochs", type=int, default=30, help="encoder training epochs")
+    parser.add_argument(
+        "--quick", action="store_true", help="one seed, 2 epochs, 4 samples, 2 configurations"
+    )
+    parser.add_argument(
+        "--fashion-dim",
+        type=int,
+        default=None,
+        help="FashionMNIST -> MNIST with LAM's CNN of this embedding size (default: digits)",
+    )
+    parser.add_argument(
+        "--all-layer", action="store_true", help="FashionMNIST: add all-layer diag rows (slow)"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    configs = CONFIGS
+    if args.fashion_dim is not None:
+        configs = {**FASHION_CONFIGS, **(FASHION_ALL_LAYER if args.all_layer else {})}
+        if args.epochs == parser.get_default("epochs"):
+            args.epochs = 5
+    if args.quick:
+        args.seeds, args.epochs, args.samples = args.seeds[:1], 2, 4
+        configs = dict(list(configs.items())[:1] + list(configs.items())[-1:])
+    start = time.perf_counter()
+    results = [
+        run_seed(s, args.samples, args.epochs, configs, args.fashion_dim) for s in args.seeds
+    ]
+    table = format_table(results)
+    print(table)
+    print(f"\n{len(args.seeds)} seeds, {time.perf_counter() - start:.0f} s")
+    return table
+
+
+if __name__ == "__main__":
+    main()
