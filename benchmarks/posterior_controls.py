@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: LAM configurations: row name -> (subset, structure, likelihood_scale, prior precision).
 CONFIGS = {
@@ -123,21 +124,6 @@ def _baseline_rows(rows, det, data, seed, n_samples, image: bool = False) -> Non
         rows["Mahalanobis, penultimate features"] = _metrics(maha.score, data)
 
 
-def lam_cnn(dim: int) -> torch.nn.Sequential:
-    """LAM's CNN: Conv 1-32-3, ReLU, Conv 32-64-3, ReLU, MaxPool 2, Flatten, Linear 9216-D."""
-    from torch import nn
-
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(9216, dim),
-    )
-
-
 def fashion_split(seed: int, n_train: int = 4000, n_val: int = 1000, n_test: int = 2000):
     """FashionMNIST train / val (from the training set) / test, MNIST test images as the OOD
     set, uniform noise; the packaged offline copies (see ``docs/fashion_mnist.rst``)."""
@@ -172,6 +158,8 @@ def fashion_split(seed: int, n_train: int = 4000, n_val: int = 1000, n_test: int
 
 def run_seed(seed: int, n_samples: int, epochs: int, configs: dict, dim: int | None = None):
     """All rows of one seed; ``dim`` set: FashionMNIST -> MNIST with LAM's CNN of that size."""
+    from fashion_mnist_methods import lam_encoder
+
     from laplace_metric.baselines import train_encoder
     from laplace_metric.data import digits_open_set
     from laplace_metric.demo import make_encoder
@@ -189,7 +177,7 @@ def run_seed(seed: int, n_samples: int, epochs: int, configs: dict, dim: int | N
     # FashionMNIST: the margin of docs/fashion_mnist.rst (0.5, chosen on validation recall@1)
     likelihood = ContrastiveLikelihood(margin=0.5 if image else 1.0)
     torch.manual_seed(1000 * seed)
-    det = lam_cnn(dim) if image else make_encoder(split.train.tensors[0].shape[1])
+    det = lam_encoder(dim) if image else make_encoder(split.train.tensors[0].shape[1])
     train_encoder(
         det,
         loader,

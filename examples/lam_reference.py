@@ -65,13 +65,6 @@ def images(split, idx: torch.Tensor, train: bool) -> torch.Tensor:
     return torch.as_tensor(x[idx.numpy()], dtype=torch.float32).unsqueeze(1) / 255.0
 
 
-@torch.no_grad()
-def mean_embedding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Normalised embeddings at the posterior mean, in batches."""
-    model.eval()
-    return torch.cat([nn.functional.normalize(model(c), dim=-1) for c in x.split(1024)])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-size", type=int, default=60000, help="training images")
@@ -110,7 +103,7 @@ def main() -> None:
         generator=torch.Generator().manual_seed(args.seed),
     )
     scorer = UncertaintyScorer(la, database=x_tr, database_labels=y_tr)
-    mean_te, mean_tr = mean_embedding(la.model, x_te), mean_embedding(la.model, x_tr)
+    mean_te, mean_tr = scorer.embeddings(x_te), scorer.database_embeddings
     recall = recall_at_k(mean_te, y_te, mean_tr, y_tr, k=1)
     print(f"recall@1 (posterior mean): {recall:.3f}   (reference: 0.79)")
     for name in ("sampled_std", "posterior_knn"):
