@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from laplace_metric.baselines.base import OODBaseline, _check_k, register_baseline
+from laplace_metric.memory import default_budget
+from laplace_metric.predictive.samples import knn_and_top1
 
 __all__ = ["IsotropicNoiseBaseline"]
 
@@ -147,11 +149,11 @@ class IsotropicNoiseBaseline(OODBaseline):
         return self._train_samples[sigma]
 
     def _score(self, x: Tensor, sigma: float) -> Tensor:
+        """Mean over draws of the k-th neighbour distance, computed as the posterior-kNN score
+        computes it (query chunks within the default memory budget)."""
         queries, train = self._sampled(x, sigma), self._train(sigma)
-        dists = [
-            torch.cdist(q, t).topk(self.k, largest=False).values[:, -1]
-            for q, t in zip(queries, train)
-        ]
+        budget = default_budget(queries.device)
+        dists = [knn_and_top1(q, t, self.k, None, budget)[0] for q, t in zip(queries, train)]
         return torch.stack(dists).mean(0)
 
     # ------------------------------------------------------------------ public
