@@ -96,7 +96,11 @@ def _project_joint(cov: torch.Tensor, g: torch.Tensor, z: torch.Tensor) -> torch
     return torch.einsum("ida,iajb,jeb->idje", proj, cov, proj)
 
 
-def _kron_inverse_weights(ls: list[torch.Tensor], delta: torch.Tensor, damping: bool):
+def kron_inverse_weights(
+    ls: list[torch.Tensor], delta: torch.Tensor, damping: bool
+) -> torch.Tensor:
+    """Inverse eigenvalues of one Kronecker block of a ``KronDecomposed`` posterior precision
+    (its eigenvalues ``ls``, prior ``delta`` and damping convention)."""
     if len(ls) == 1:
         return 1 / (ls[0] + delta)
     l1, l2 = ls
@@ -131,7 +135,7 @@ def _structured_raw_covariance(la: PredictiveView, phi: torch.Tensor, joint: boo
     if structure == HessianStructure.KRON:
         precision = la.posterior_precision
         Q1, Q2 = precision.eigenvectors[0]
-        w = _kron_inverse_weights(precision.eigenvalues[0], precision.deltas[0], precision.damping)
+        w = kron_inverse_weights(precision.eigenvalues[0], precision.deltas[0], precision.damping)
         psi = phi @ Q2  # (B, N)
         if joint:
             s = torch.einsum("kl,il,jl->ijk", w, psi, psi)
@@ -141,7 +145,7 @@ def _structured_raw_covariance(la: PredictiveView, phi: torch.Tensor, joint: boo
             cov = (Q1[None] * s[:, None, :]) @ Q1.T
         if has_bias:
             Qb = precision.eigenvectors[1][0]
-            wb = _kron_inverse_weights(
+            wb = kron_inverse_weights(
                 precision.eigenvalues[1], precision.deltas[1], precision.damping
             )
             bias = (Qb * wb) @ Qb.T

@@ -30,6 +30,8 @@ from typing import NamedTuple
 import torch
 from laplace.utils.enums import HessianStructure
 
+from laplace_metric.predictive.glm import kron_inverse_weights
+
 
 class Bilinear(NamedTuple):
     """``a^T C a``, ``a^T C b``, ``b^T C a``, ``b^T C b`` and ``tr C`` of one block, per pair."""
@@ -113,15 +115,6 @@ def _unit(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return g / n[..., None], n
 
 
-def _kron_weights(ls: list[torch.Tensor], delta: torch.Tensor, damping: bool) -> torch.Tensor:
-    if len(ls) == 1:
-        return 1 / (ls[0] + delta)
-    l1, l2 = ls
-    if damping:
-        return 1 / torch.outer(l1 + delta.sqrt(), l2 + delta.sqrt())
-    return 1 / (torch.outer(l1, l2) + delta)
-
-
 class RotatedDiagonal:
     """A last-layer diag or kron posterior over ``g = W phi + b``, in its output eigenbasis.
 
@@ -155,11 +148,13 @@ class RotatedDiagonal:
             return cls(var[: D * N].reshape(D, N), None, None, bias, weight, bias_mean)
         precision = la.posterior_precision
         Q1, Q2 = precision.eigenvectors[0]
-        W = _kron_weights(precision.eigenvalues[0], precision.deltas[0], precision.damping)
+        W = kron_inverse_weights(precision.eigenvalues[0], precision.deltas[0], precision.damping)
         bias = None
         if head.bias is not None:
             Qb = precision.eigenvectors[1][0]
-            wb = _kron_weights(precision.eigenvalues[1], precision.deltas[1], precision.damping)
+            wb = kron_inverse_weights(
+                precision.eigenvalues[1], precision.deltas[1], precision.damping
+            )
             bias = Q1.T @ ((Qb * wb) @ Qb.T) @ Q1
         return cls(W, Q1, Q2, bias, weight, bias_mean)
 
