@@ -80,6 +80,21 @@ class FitProgress:
         return FitState(self.curvature, self.loss, self.n_pairs, self.n_data, self.n_candidates)
 
 
+#: What a fit sets, restored when committing it fails.
+_FIT_ATTRIBUTES = (
+    "H_signed",
+    "n_pairs",
+    "loss",
+    "n_data",
+    "n_candidate_pairs",
+    "n_outputs",
+    "mean",
+    "H",
+    "H_facs",
+    "_posterior_scale",
+)
+
+
 class FitMixin:
     """Fitting of the signed pairwise GGN (a base of
     :class:`~laplace_metric.estimators.MetricLaplaceMixin`)."""
@@ -245,9 +260,7 @@ class FitMixin:
     def _commit(self, progress: FitProgress) -> None:
         """Store the fit and derive the posterior curvature; on failure, restore the previous
         fit (so a failed fit leaves the estimator unchanged)."""
-        kept = ("H_signed", "n_pairs", "loss", "n_data", "n_candidate_pairs", "n_outputs", "mean")
-        kept = (*kept, "H", "H_facs")
-        previous = {k: self.__dict__[k] for k in (*kept, "_posterior_scale") if k in self.__dict__}
+        previous = {k: self.__dict__[k] for k in _FIT_ATTRIBUTES if k in self.__dict__}
         try:
             self.H_signed = progress.curvature
             self.n_pairs = progress.n_pairs
