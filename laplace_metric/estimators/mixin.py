@@ -216,10 +216,7 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
     def _H_factor(self) -> torch.Tensor:
         """laplace-torch's curvature factor (``1 / temperature``) times the likelihood factor;
         every posterior quantity and the marginal likelihood read it."""
-        factor = super()._H_factor
-        if self._likelihood_scale == LikelihoodScale.BATCH:
-            return factor
-        return factor * self.likelihood_factor
+        return super()._H_factor * self.likelihood_factor
 
     def _init_H(self) -> None:
         """Check the posterior against the memory budget, then let laplace-torch allocate it."""
