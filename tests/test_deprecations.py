@@ -56,3 +56,41 @@ def test_moved_data_modules_warn_and_re_export(old, new, name):
     moved = importlib.import_module(new)
     assert getattr(shim, name) is getattr(moved, name)
     assert set(shim.__all__) == set(moved.__all__)
+
+
+@pytest.mark.parametrize(
+    "old, name, new, new_name",
+    [
+        ("laplace_metric.curvature.graph", "PairGraph", "laplace_metric.pairs", "PairGraph"),
+        ("laplace_metric.curvature.graph", "fold_gram", "laplace_metric.curvature.folds", None),
+        ("laplace_metric.curvature.graph", "fold_linear", "laplace_metric.curvature.folds", None),
+        (
+            "laplace_metric.curvature.graph",
+            "component_buckets",
+            "laplace_metric.curvature.folds",
+            None,
+        ),
+        (
+            "laplace_metric.curvature.hooks.folds",
+            "fold_diag",
+            "laplace_metric.curvature.folds",
+            None,
+        ),
+        (
+            "laplace_metric.curvature.hooks.folds",
+            "structure",
+            "laplace_metric.curvature.folds",
+            "fold_plan",
+        ),
+    ],
+)
+def test_moved_fold_names_warn_and_resolve(old, name, new, new_name):
+    """The folds of both old modules are the one :mod:`laplace_metric.curvature.folds`."""
+    import importlib
+
+    module = importlib.import_module(old)
+    with pytest.warns(DeprecationWarning, match=new.rsplit(".", 1)[-1]):
+        obj = getattr(module, name)
+    assert obj is getattr(importlib.import_module(new), new_name or name)
+    with pytest.raises(AttributeError):
+        module.no_such_name  # noqa: B018

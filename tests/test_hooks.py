@@ -15,7 +15,7 @@ from torch import nn
 
 import laplace_metric  # noqa: F401  (registers the likelihoods)
 from laplace_metric.curvature import HookPairGGN, KFACApproximation, ReferencePairGGN
-from laplace_metric.curvature.graph import fold_input_factor, fold_output_factor
+from laplace_metric.curvature.folds import fold_input_factor, fold_output_factor
 from laplace_metric.curvature.hooks import predictive_covariance
 from laplace_metric.curvature.reference import layer_sensitivities, output_columns, unfold_input
 from laplace_metric.likelihoods import ContrastiveLikelihood
@@ -349,34 +349,42 @@ def test_last_layer_and_subnetwork(subset):
 
 
 @pytest.mark.parametrize("fold", ["diag", "gram"])
-def test_float32_folds_are_accurate_for_clustered_gradients(fold, device):
-    """A Laplacian component folds centred: gradients of one class that agree to 1e-4 of
-    their size lose nothing to cancellation in float32 (the uncentred form was off by 3000x)."""
-    from laplace_metric.curvature import graph as exact
-    from laplace_metric.curvature.hooks import folds
+@pytest.mark.parametrize("form", ["uniform", "general"])
+def test_float32_folds_are_accurate_for_clustered_gradients(fold, form, device):
+    """A Laplacian component folds centred, in both forms (uniform ``a I + b 1 1^T`` classes
+    and bucketed general components): gradients of one class that agree to 1e-4 of their size
+    lose nothing to cancellation in float32 (the uncentred form was off by 3000x)."""
+    from laplace_metric.curvature import folds
+    from laplace_metric.pairs import PairGraph
 
     gen = torch.Generator().manual_seed(0)
     n, labels = 16, torch.arange(16) % 4
     first, second = torch.triu_indices(n, n, offset=1)
     same = labels[first] == labels[second]
     weights = torch.full((int(same.sum()),), 0.5, dtype=torch.float64)
+    if form == "general":  # unequal weights: no class is a I + b 1 1^T
+        weights = 0.5 + torch.rand(len(weights), generator=gen, dtype=torch.float64)
     base = 10 * torch.randn(3, 1, 40, generator=gen, dtype=torch.float64)
     grads = (base + 1e-4 * torch.randn(3, n, 40, generator=gen, dtype=torch.float64)).to(device)
     grads32 = grads.float()
 
     def graph(dtype):
-        g = exact.PairGraph.from_pairs(first[same], second[same], weights.to(dtype), n)
-        return exact.PairGraph(
-            *(m.to(device) for m in (g.matrix, g.input_matrix, g.output_matrix)), g.n_pairs
-        )
+        g = PairGraph.from_pairs(first[same], second[same], weights.to(dtype), n)
+        return PairGraph(*(m.to(device) for m in (g.matrix, g.input_matrix, g.output_matrix)), 1)
 
-    name = f"fold_{fold}"
-    reference = getattr(exact, name)(grads32.double(), graph(torch.float64))
-    ours = getattr(folds, name)(grads32, graph(torch.float32))
+    plan = folds.fold_plan(graph(torch.float64))
+    assert (plan.n_uniform, len(plan.general)) == ((4, 0) if form == "uniform" else (0, 1))
+    fold = getattr(folds, f"fold_{fold}")
+    reference = fold(grads32.double(), graph(torch.float64))
+    ours = fold(grads32, graph(torch.float32))
     assert torch.equal(grads32, grads.float())  # the gradients are not modified in place
     assert rel_error(ours.double(), reference) < 1e-2
-    exact64 = getattr(folds, name)(grads, graph(torch.float64))
-    assert_close(exact64, getattr(exact, name)(grads, graph(torch.float64)), TOL)
+    explicit = sum(  # the pair sums, in float64
+        w * (grads[:, a] - grads[:, b]).T @ (grads[:, a] - grads[:, b])
+        for a, b, w in zip(first[same].tolist(), second[same].tolist(), weights.tolist())
+    )
+    explicit = explicit.diagonal() if fold is folds.fold_diag else explicit
+    assert_close(fold(grads, graph(torch.float64)), explicit, TOL)
 
 
 def test_location_gram_accumulators_share_one_bound(device, monkeypatch):
@@ -432,8 +440,9 @@ def test_memory_budget_bounds_the_passes():
 def test_split_gram_equals_the_per_column_fold(weights, device):
     """Per-sample location Grams plus component sums equal ``fold_diag`` of the per-sample
     gradients (uniform components of several sizes, singletons, several column chunks)."""
-    from laplace_metric.curvature import graph as exact
+    from laplace_metric.curvature.folds import fold_diag
     from laplace_metric.curvature.hooks.locations import SplitGram
+    from laplace_metric.pairs import PairGraph
 
     gen = torch.Generator().manual_seed(0)
     n, n_cols, n_loc, n_out, n_in = 11, 5, 3, 4, 6
@@ -443,11 +452,11 @@ def test_split_gram_equals_the_per_column_fold(weights, device):
     pair_weights = torch.rand(int(keep.sum()), generator=gen, dtype=torch.float64)
     if weights == "positives":  # equal weights inside a class: a I + b 1 1^T blocks
         pair_weights = 0.3 + labels[first[keep]].double()
-    graph = exact.PairGraph.from_pairs(
+    graph = PairGraph.from_pairs(
         first[keep].to(device), second[keep].to(device), pair_weights.to(device), n
     )
     if weights == "singletons":  # a diagonal graph (one-sided pairs)
-        graph = exact.PairGraph.from_pairs(
+        graph = PairGraph.from_pairs(
             first[keep].to(device), second[keep].to(device), pair_weights.to(device), n, True
         )
     q = torch.randn(n_cols, n, n_loc, n_out, generator=gen, dtype=torch.float64).to(device)
@@ -456,4 +465,4 @@ def test_split_gram_equals_the_per_column_fold(weights, device):
     split = SplitGram(graph, n_loc, 7, x)  # a tiny bound: output rows in several blocks
     for chunk in q.split(2):
         split.add(chunk)
-    assert_close(split.diag(x), exact.fold_diag(grads, graph), TOL)
+    assert_close(split.diag(x), fold_diag(grads, graph), TOL)

@@ -1,7 +1,7 @@
 """The pair-graph path against brute force: explicit per-pair GGNs (float64, 1e-10 relative).
 
 Covers many classes per batch, a partly active hinge, a pytorch-metric-learning miner, every
-backend, structure and ``hessian_method``, and the folds of :mod:`laplace_metric.curvature.graph`
+backend, structure and ``hessian_method``, and the folds of :mod:`laplace_metric.curvature.folds`
 on their own.
 """
 
@@ -13,9 +13,8 @@ from laplace.utils import Kron
 from pytorch_metric_learning import miners
 from torch import nn
 
-from laplace_metric.curvature import AsdlPairGGN, BackPackPairGGN, ReferencePairGGN
-from laplace_metric.curvature.graph import (
-    PairGraph,
+from laplace_metric.curvature import AsdlPairGGN, BackPackPairGGN, HookPairGGN, ReferencePairGGN
+from laplace_metric.curvature.folds import (
     fold_diag,
     fold_gram,
     fold_input_factor,
@@ -24,9 +23,10 @@ from laplace_metric.curvature.graph import (
 )
 from laplace_metric.likelihoods import ContrastiveLikelihood
 from laplace_metric.mining import PairBudgetMiner
+from laplace_metric.pairs import PairGraph
 from tests.bruteforce import embedding_jacobian, rel_error
 
-BACKENDS = [ReferencePairGGN, BackPackPairGGN, AsdlPairGGN]
+BACKENDS = [ReferencePairGGN, BackPackPairGGN, AsdlPairGGN, HookPairGGN]
 METHODS = ["positives", "fixed", "full"]
 TOL = 1e-10
 

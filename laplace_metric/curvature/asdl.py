@@ -26,7 +26,7 @@ from torch import nn
 from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.backpack.conv import conv_unsupported_reason, unfold_locations
 from laplace_metric.curvature.base import PairCurvatureInterface
-from laplace_metric.curvature.graph import (
+from laplace_metric.curvature.folds import (
     fold_diag,
     fold_gram,
     fold_input_factor,

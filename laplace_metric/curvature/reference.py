@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from laplace_metric.curvature.base import PairCurvatureInterface
-from laplace_metric.curvature.graph import (
+from laplace_metric.curvature.folds import (
     fold_diag,
     fold_gram,
     fold_input_factor,

@@ -63,7 +63,9 @@ def _check_instance_options(likelihood: PairLikelihood, options: dict[str, Any])
         current = getattr(likelihood, key, config.get(key))
         given = getattr(value, "value", value)
         if getattr(current, "value", current) != given:
-            ignored.append(f"{key}={given!r} (the instance has {getattr(current, 'value', current)!r})")
+            ignored.append(
+                f"{key}={given!r} (the instance has {getattr(current, 'value', current)!r})"
+            )
     if ignored:
         raise ValueError(
             f"likelihood is a {type(likelihood).__name__} instance, so its own options apply and "

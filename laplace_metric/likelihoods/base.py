@@ -23,6 +23,7 @@ import torch
 
 from laplace_metric.enums import HessianMethod, parse_enum
 from laplace_metric.mining import Pairs, check_labels, mine_pairs, resolve_miner
+from laplace_metric.pairs.graph import PairGraph
 
 
 @dataclass
@@ -338,8 +339,6 @@ class PairLikelihood(ABC):
             raise NotImplementedError(
                 f"{type(self).__name__}'s pair Hessians do not factor per sample; use pair_terms."
             )
-        from laplace_metric.curvature.graph import PairGraph
-
         g = g.detach()
         z, pairs, loss, signs = self.pair_signs(g, labels)
         one_sided = self.hessian_method == HessianMethod.FIXED
@@ -353,7 +352,7 @@ class GraphTerms:
     """Per-sample curvature terms of a batch whose pair Hessians factor per sample.
 
     The batch's signed pairwise GGN is ``sum_ij A_ij u_i u_j^T`` with ``u_i = J_i^T S_i``,
-    ``S_i = factor[i]`` and ``A = graph.matrix`` (see :mod:`laplace_metric.curvature.graph`).
+    ``S_i = factor[i]`` and ``A = graph.matrix`` (see :mod:`laplace_metric.pairs.graph`).
 
     Attributes
     ----------
@@ -367,7 +366,7 @@ class GraphTerms:
 
     loss: torch.Tensor
     factor: torch.Tensor
-    graph: Any
+    graph: PairGraph
 
     @property
     def n_pairs(self) -> int:

@@ -28,7 +28,7 @@ from laplace_metric.curvature.backpack.root import PairRoot
 from laplace_metric.curvature.backpack.support import needs_converter, unsupported_layers
 from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.curvature.budget import budget_elements
-from laplace_metric.curvature.graph import fold_gram
+from laplace_metric.curvature.folds import fold_gram
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 
 

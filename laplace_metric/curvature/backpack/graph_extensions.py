@@ -12,15 +12,15 @@ from __future__ import annotations
 import torch
 
 from laplace_metric.curvature.backpack.extensions import KRON_WEIGHT_LAYERS, PairExtension
-from laplace_metric.curvature.graph import (
+from laplace_metric.curvature.folds import (
     FOLD_CHUNK_ELEMENTS,
-    PairGraph,
     fold_diag,
     fold_gram,
     fold_input_factor,
     fold_linear,
     fold_output_factor,
 )
+from laplace_metric.pairs.graph import PairGraph
 
 
 class GraphExtension(PairExtension):

@@ -12,9 +12,8 @@ from torch import nn
 from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.curvature.budget import budget_elements
-from laplace_metric.curvature.graph import PairGraph
+from laplace_metric.curvature.folds import fold_gram
 from laplace_metric.curvature.hooks.diag import GramPolicy, graph_diag, plan_location_grams
-from laplace_metric.curvature.hooks.folds import fold_gram
 from laplace_metric.curvature.hooks.kron import KFACApproximation, kron_factors
 from laplace_metric.curvature.hooks.pairs import pair_batch
 from laplace_metric.curvature.hooks.passes import ColumnPass, Entries
@@ -27,6 +26,7 @@ from laplace_metric.curvature.hooks.sites import (
 )
 from laplace_metric.enums import parse_enum
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
+from laplace_metric.pairs.graph import PairGraph
 
 
 class HookPairGGN(PairCurvatureInterface):

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from laplace_metric.curvature.graph import PairGraph, fold_linear
-from laplace_metric.curvature.hooks.folds import fold_diag
+from laplace_metric.curvature.folds import fold_diag, fold_linear
 from laplace_metric.curvature.hooks.locations import GraphGram, SplitGram, graph_costs, split_costs
 from laplace_metric.curvature.hooks.passes import ColumnPass, row_slices
 from laplace_metric.curvature.hooks.sites import Site, SiteKind, weight_grads
+from laplace_metric.pairs.graph import PairGraph
 
 #: The forms ``location_gram`` may force (``True``: the cheaper of both).
 GRAM_FORMS = ("gram", "split")

@@ -8,10 +8,10 @@ from enum import Enum
 import torch
 from laplace.utils import Kron
 
-from laplace_metric.curvature.graph import PairGraph
-from laplace_metric.curvature.hooks.folds import fold_gram, fold_input_factor, fold_output_factor
+from laplace_metric.curvature.folds import fold_gram, fold_input_factor, fold_output_factor
 from laplace_metric.curvature.hooks.passes import ColumnPass
 from laplace_metric.curvature.hooks.sites import Site, SiteKind
+from laplace_metric.pairs.graph import PairGraph
 
 
 class KFACApproximation(str, Enum):

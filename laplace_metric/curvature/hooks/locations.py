@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from laplace_metric.curvature.graph import PairGraph, component_buckets
-from laplace_metric.curvature.hooks.folds import structure
+from laplace_metric.curvature.folds import component_buckets
+from laplace_metric.curvature.folds import fold_plan as structure
+from laplace_metric.pairs.graph import PairGraph
 
 #: Elementwise passes are memory-bound: one element is charged like this many multiply-adds.
 ELEMENTWISE_COST = 8

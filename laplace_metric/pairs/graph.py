@@ -1,0 +1,157 @@
+"""The signed pair graph of a batch: pairwise curvature as a ``B x B`` matrix over samples.
+
+For a likelihood whose pair Hessian is ``s_m [[H, -H], [-H, H]]`` with the same square root
+``L`` for both samples of every pair (the contrastive likelihood: ``L = I``; its pull-back
+through the normalisation is per sample), the signed pairwise GGN of a batch is
+
+    sum_m s_m (u_a - u_b)(u_a - u_b)^T = sum_ij A_ij u_i u_j^T,   u_i = J_i^T S_i,
+
+with ``S_i`` the per-sample square-root columns ``(D, R)`` and ``A = diag(W 1) - W`` the graph
+Laplacian of the signed pair weights ``W`` (``B x B``). For one-sided pairs
+(``hessian_method='fixed'``) ``A`` is diagonal. Only the connected components of the graph
+couple samples: a ``positives`` graph splits into its classes. Nothing per pair is ever formed.
+
+This module holds the data; :mod:`laplace_metric.curvature.folds` folds it into curvature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+
+@dataclass
+class PairGraph:
+    """The signed ``B x B`` pair graph of one batch.
+
+    Attributes
+    ----------
+    matrix : torch.Tensor
+        Symmetric ``A`` with ``sum_m s_m V_m V_m^T = sum_ij A_ij u_i u_j^T``, shape ``(B, B)``.
+    input_matrix : torch.Tensor
+        Symmetric ``C`` with ``sum_m e_m e_m^T = X^T C X`` for the Kronecker input factor
+        (``e = (x_a - x_b) / 2`` over the contributing pairs, or ``e = x_b`` if one-sided).
+    output_matrix : torch.Tensor
+        Symmetric ``A+`` with ``sum_m s_m Q_m Q_m^T = Q^T A+ Q`` for the Kronecker output
+        factor, ``Q_m = q_a + q_b`` the pair's columns at the layer output (``S_a - S_b`` in
+        the per-pair notation, where ``S_b`` carries the pair's minus sign): the signless
+        Laplacian ``diag(W 1) + W``; equal to ``matrix`` if one-sided.
+    n_pairs : int
+        Number of contributing pairs (non-zero weight).
+    """
+
+    matrix: torch.Tensor
+    input_matrix: torch.Tensor
+    output_matrix: torch.Tensor
+    n_pairs: int
+    #: The one cache of everything derived from the matrices (components, fold plans).
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_pairs(
+        cls,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        weights: torch.Tensor,
+        n_samples: int,
+        one_sided: bool = False,
+    ) -> PairGraph:
+        """Build the graph of pairs ``(first[m], second[m])`` with signed weights ``s_m``.
+
+        Parameters
+        ----------
+        first, second : torch.LongTensor
+            Sample indices of each pair, shape ``(M,)``.
+        weights : torch.Tensor
+            Signed pair weights ``s_m``; zero-weight pairs are ignored.
+        n_samples : int
+            Number of samples ``B`` in the batch.
+        one_sided : bool, default=False
+            Only the second sample of each pair is differentiated (``hessian_method='fixed'``).
+
+        Returns
+        -------
+        graph : PairGraph
+        """
+        keep = weights != 0
+        first, second, weights = first[keep], second[keep], weights[keep]
+        shape = (n_samples, n_samples)
+        matrix = weights.new_zeros(shape)
+        inputs = weights.new_zeros(shape)
+        ones = torch.ones_like(weights)
+        if one_sided:
+            matrix.index_put_((second, second), weights, accumulate=True)
+            inputs.index_put_((second, second), ones, accumulate=True)
+            return cls(matrix, inputs, matrix, int(keep.sum()))
+        outputs = weights.new_zeros(shape)
+        for target, values, cross in (
+            (matrix, weights, -1.0),
+            (inputs, ones / 4, -1.0),
+            (outputs, weights, 1.0),
+        ):
+            target.index_put_((first, second), cross * values, accumulate=True)
+            target.index_put_((second, first), cross * values, accumulate=True)
+            target.index_put_((first, first), values, accumulate=True)
+            target.index_put_((second, second), values, accumulate=True)
+        return cls(matrix, inputs, outputs, int(keep.sum()))
+
+    @classmethod
+    def of_pair_batch(cls, signs: torch.Tensor, one_sided: bool = False) -> PairGraph:
+        """The graph of a *pair batch* ``cat([x_a, x_b])`` of ``M`` pairs with signs ``s_m``.
+
+        Each pair is a two-sample component ``(m, m + M)`` whose folds reproduce the per-pair
+        sums: the GGN of ``V_m = u_a + u_b`` and the Kronecker factors of ``Q_m = q_a - q_b``
+        and ``e_m = (x_a - x_b) / 2`` (the second factor carries the pair's minus sign). If
+        ``one_sided``, the batch is ``x_b`` alone and the graph is ``diag(s)``.
+        """
+        m = len(signs)
+        if one_sided:
+            matrix = torch.diag(signs)
+            return cls(matrix, torch.diag(torch.ones_like(signs)), matrix, m)
+        idx = torch.arange(m, device=signs.device)
+        a, b = idx, idx + m
+        matrix = signs.new_zeros(2 * m, 2 * m)
+        outputs = signs.new_zeros(2 * m, 2 * m)
+        diff = signs.new_zeros(2 * m, 2 * m)
+        for i, j, cross in ((a, a, 1.0), (b, b, 1.0), (a, b, -1.0), (b, a, -1.0)):
+            matrix[i, j] = signs
+            outputs[i, j] = cross * signs
+            diff[i, j] = cross / 4
+        return cls(matrix, diff, outputs, m)
+
+    @property
+    def n_samples(self) -> int:
+        """Number of samples ``B``."""
+        return self.matrix.shape[0]
+
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The graph split into independent parts (cached).
+
+        Returns
+        -------
+        singletons : torch.LongTensor
+            Samples coupled to no other sample (only a diagonal entry, possibly zero).
+        singleton_weights : torch.Tensor
+            ``A_ii`` of the singletons.
+        components : list of torch.LongTensor
+            Index sets of the connected components with two or more samples.
+        """
+        if "blocks" not in self.cache:
+            off = self.matrix.detach().cpu().numpy().copy()
+            np.fill_diagonal(off, 0.0)
+            n_comp, labels = connected_components(csr_matrix(off != 0), directed=False)
+            labels_t = torch.as_tensor(labels, device=self.matrix.device)
+            sizes = torch.bincount(labels_t, minlength=n_comp)
+            single = sizes[labels_t] == 1
+            singletons = torch.nonzero(single).flatten()
+            order = torch.argsort(labels_t, stable=True)
+            counts = sizes.tolist()
+            groups = torch.split(order, counts)
+            components = [members for members, n in zip(groups, counts) if n > 1]
+            self.cache["blocks"] = (singletons, self.matrix.diagonal()[singletons], components)
+        return self.cache["blocks"]
