@@ -17,7 +17,8 @@ import laplace_metric  # noqa: F401  (registers the likelihoods)
 from laplace_metric.curvature import HookPairGGN, KFACApproximation, ReferencePairGGN
 from laplace_metric.curvature.folds import fold_input_factor, fold_output_factor
 from laplace_metric.curvature.hooks import predictive_covariance
-from laplace_metric.curvature.reference import layer_sensitivities, output_columns, unfold_input
+from laplace_metric.curvature.layers import unfold_input
+from laplace_metric.curvature.reference import layer_sensitivities, output_columns
 from laplace_metric.likelihoods import ContrastiveLikelihood
 from tests.bruteforce import assert_close, rel_error
 from tests.conftest import labelled_data, make_cnn, make_mlp

@@ -23,14 +23,19 @@ import torch
 from laplace.utils import Kron
 from torch import nn
 
-from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
-from laplace_metric.curvature.backpack.conv import conv_unsupported_reason, unfold_locations
 from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.curvature.folds import (
     fold_diag,
     fold_gram,
     fold_input_factor,
     fold_output_factor,
+)
+from laplace_metric.curvature.layers import (
+    conv_unsupported_reason,
+    pair_rows,
+    private_copy,
+    sync_copy,
+    unfold_input,
 )
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 
@@ -124,8 +129,8 @@ class AsdlPairGGN(PairCurvatureInterface):
     ) -> Iterator[torch.Tensor]:
         """``V`` for chunks of columns, each ``[r, M, P]``."""
         self._check(module, inputs)
-        rows, root = interleaved_pairs(inputs, terms)  # [M*S, ...], [R, M*S, D]
-        return self._column_gradients(module, rows, root, len(terms.signs))
+        rows, factor, _ = pair_rows(inputs, terms, interleave=True)  # [M*S, ...], [M*S, D, R]
+        return self._column_gradients(module, rows, factor.permute(2, 0, 1), len(terms.signs))
 
     def _diag(self, module, inputs, g, terms):
         total = None
@@ -234,9 +239,8 @@ class AsdlPairGGN(PairCurvatureInterface):
 
     def _kron(self, module, inputs, g, terms):
         layers, module = self._kron_layers(module, inputs)
-        rows, root = interleaved_pairs(inputs, terms)
-        out_grads = self._out_grads(module, layers, rows, root)
-        sides = 1 if terms.one_sided else 2
+        rows, factor, sides = pair_rows(inputs, terms, interleave=True)
+        out_grads = self._out_grads(module, layers, rows, factor.permute(2, 0, 1))
         kfacs = []
         for name, layer in layers:
             x, q = out_grads[name]
@@ -284,23 +288,12 @@ def grouped_gradients(
     return grads.reshape(n_cols, n_groups, -1)
 
 
-def interleaved_pairs(inputs: torch.Tensor, terms: PairTerms) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``[x_a1, x_b1, x_a2, ...]`` (``[x_b1, x_b2, ...]`` if one-sided) and their columns
-    ``[R, rows, D]``."""
-    first, second = terms.pairs.first, terms.pairs.second
-    if terms.one_sided:
-        return inputs[second], terms.second_factor.permute(2, 0, 1)
-    rows = torch.stack([inputs[first], inputs[second]], dim=1).flatten(end_dim=1)
-    root = torch.stack([terms.first_factor, terms.second_factor], dim=1)  # [M, 2, D, R]
-    return rows, root.flatten(end_dim=1).permute(2, 0, 1)
-
-
 def layer_locations(
     layer: nn.Module, x: torch.Tensor, q: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer inputs ``[rows, T, fan_in]`` and output gradients ``[r, rows, T, out]``."""
     if isinstance(layer, nn.Conv2d):
-        cols = unfold_locations(layer, x)
+        cols = unfold_input(layer, x)
         q = q.flatten(start_dim=3).transpose(-1, -2)
     else:
         cols = x.reshape(x.shape[0], -1, x.shape[-1])

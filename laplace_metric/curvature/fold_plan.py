@@ -100,6 +100,9 @@ class FoldPlan:
         Every component of two or more samples, bucketed by size (uniform ones included).
     general : list of Bucket
         The components that are not uniform, bucketed by size.
+    own : torch.LongTensor or None
+        The samples the closed form covers (uniform members, singletons with ``M_ii != 0``);
+        ``None``: every sample.
     """
 
     weights: torch.Tensor
@@ -108,6 +111,7 @@ class FoldPlan:
     inverse_sizes: torch.Tensor
     buckets: list[Bucket]
     general: list[Bucket]
+    own: torch.Tensor | None = None
 
     @property
     def centred(self) -> bool:
@@ -194,7 +198,9 @@ def fold_plan(graph: PairGraph, matrix: str | torch.Tensor | None = None) -> Fol
     inverse_sizes.append(matrix.new_zeros(1))
     offsets_t = torch.cat(offsets)
     labels[labels < 0] = len(offsets_t) - 1
-    plan = FoldPlan(weights, labels, offsets_t, torch.cat(inverse_sizes), buckets, general)
+    own = torch.nonzero((labels < len(offsets_t) - 1) | (weights != 0)).flatten()
+    own = None if len(own) == len(weights) else own
+    plan = FoldPlan(weights, labels, offsets_t, torch.cat(inverse_sizes), buckets, general, own)
     graph.cache["plan", key] = plan
     return plan
 

@@ -55,20 +55,28 @@ def _bucket_rows(grads: torch.Tensor, bucket: Bucket) -> torch.Tensor:
     return rows
 
 
-def _uniform_parts(flat: torch.Tensor, plan: FoldPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``flat [R, B, F]`` centred where its uniform component folds centred, and the
-    per-component sums ``[R, n_uniform + 1, F]`` (``None`` without uniform components; a
-    product with the membership matrix: a GEMM, unlike a scatter)."""
+def _closed_form(
+    flat: torch.Tensor, plan: FoldPlan
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The closed form's share of ``flat [R, B, F]``: its rows ``[R, n, F]`` (centred where
+    their uniform component folds centred; ``flat`` itself if nothing is selected or centred),
+    their weights ``a`` and the per-component sums ``[R, n_uniform + 1, F]`` (``None`` without
+    uniform components; a product with the membership matrix: a GEMM, unlike a scatter)."""
+    own = plan.own
+    if own is not None and not len(own):
+        return None, None, None
+    rows = flat if own is None else flat.index_select(1, own)
+    labels = plan.labels if own is None else plan.labels[own]
+    weights = (plan.weights if own is None else plan.weights[own]).to(flat.dtype)
     if not plan.n_uniform:
-        return flat, None
-    batch = flat.shape[1]
-    member = flat.new_zeros(len(plan.offsets), batch)
-    member[plan.labels, torch.arange(batch, device=flat.device)] = 1.0
-    sums = member @ flat
-    if not plan.centred:
-        return flat, sums
-    means = sums * plan.inverse_sizes.to(flat.dtype)[None, :, None]
-    return means.index_select(1, plan.labels).neg_().add_(flat), sums
+        return rows, weights, None
+    member = flat.new_zeros(len(plan.offsets), rows.shape[1])
+    member[labels, torch.arange(rows.shape[1], device=flat.device)] = 1.0
+    sums = member @ rows
+    if plan.centred:
+        means = sums * plan.inverse_sizes.to(flat.dtype)[None, :, None]
+        rows = means.index_select(1, labels).neg_().add_(rows)
+    return rows, weights, sums
 
 
 def fold_diag(
@@ -92,10 +100,13 @@ def fold_diag(
     plan = fold_plan(graph, matrix)
     flat = grads.flatten(start_dim=2)
     dtype = flat.dtype
-    centred, sums = _uniform_parts(flat, plan)
-    squares = centred.square() if centred is flat else centred.square_()
-    result = plan.weights.to(dtype) @ squares.sum(dim=0)
-    del squares, centred
+    rows, weights, sums = _closed_form(flat, plan)
+    if rows is None:
+        result = flat.new_zeros(flat.shape[2])
+    else:
+        squares = rows.square() if rows is flat else rows.square_()
+        result = weights @ squares.sum(dim=0)
+        del squares, rows
     if sums is not None:
         result += plan.offsets.to(dtype) @ sums.square_().sum(dim=0)
     n_cols, _, n_params = flat.shape
@@ -199,14 +210,17 @@ def fold_gram(
         ``P`` (default: all of ``F``).
     """
     plan = fold_plan(graph, matrix)
-    n_cols, batch, n_features = grads.shape
+    n_cols, _, n_features = grads.shape
     n_params = n_features if n_params is None else n_params
     dtype = grads.dtype
-    centred, sums = _uniform_parts(grads, plan)
-    weights = plan.weights.to(dtype)[None, :, None].expand(n_cols, batch, n_features // n_params)
-    flat = centred.reshape(-1, n_params)
-    result = (flat * weights.reshape(-1, 1)).T @ flat
-    del centred, flat
+    rows, weights, sums = _closed_form(grads, plan)
+    if rows is None:
+        result = grads.new_zeros(n_params, n_params)
+    else:
+        weights = weights[None, :, None].expand(n_cols, rows.shape[1], n_features // n_params)
+        flat = rows.reshape(-1, n_params)
+        result = (flat * weights.reshape(-1, 1)).T @ flat
+        del rows, flat
     if sums is not None:
         scaled = sums * plan.offsets.to(dtype)[None, :, None]
         result += scaled.reshape(-1, n_params).T @ sums.reshape(-1, n_params)

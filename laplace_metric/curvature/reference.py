@@ -10,7 +10,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from laplace.utils import Kron
 from torch import nn
 from torch.func import functional_call, jacrev
@@ -22,6 +21,7 @@ from laplace_metric.curvature.folds import (
     fold_input_factor,
     fold_output_factor,
 )
+from laplace_metric.curvature.layers import unfold_input
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 
 KRON_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -214,30 +214,6 @@ def layer_sensitivities(
     # jac[n]: (B, D, B, *out) -> per-sample diagonal (B, D, *out)
     sensitivities = {n: j[index, :, index] for n, j in jac.items()}
     return layer_inputs, sensitivities
-
-
-def unfold_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Layer input as ``(batch, T, fan_in)`` matching ``weight.flatten(1)``."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-        raise ValueError(
-            f"Kronecker factors support {type(layer).__name__} with groups=1, zero numeric "
-            "padding only."
-        )
-    if isinstance(layer, nn.Conv1d):
-        x = x.unsqueeze(2)
-        kernel, stride = (1, layer.kernel_size[0]), (1, layer.stride[0])
-        padding, dilation = (0, layer.padding[0]), (1, layer.dilation[0])
-    else:
-        kernel, stride, padding, dilation = (
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-        )
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    return cols.transpose(1, 2)
 
 
 def output_columns(layer: nn.Module, sens: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

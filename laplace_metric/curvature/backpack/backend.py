@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +28,7 @@ from laplace_metric.curvature.backpack.support import needs_converter, unsupport
 from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.curvature.budget import budget_elements
 from laplace_metric.curvature.folds import fold_gram
+from laplace_metric.curvature.layers import pair_rows, private_copy, sync_copy
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 
 
@@ -144,8 +144,8 @@ class BackPackPairGGN(PairCurvatureInterface):
         step = self.max_pairs_per_pass
         for start in range(0, n_pairs, step):
             chunk = slice(start, min(start + step, n_pairs))
-            rows, root, n_sides = pair_batch(inputs, terms, chunk)
-            ext = ext_cls(terms.signs[chunk], n_sides, root)
+            rows, factor, n_sides = pair_rows(inputs, terms, chunk)
+            ext = ext_cls(terms.signs[chunk], n_sides, factor.permute(2, 0, 1))
             self._run(module, rows, ext)
             yield self._collect(module, ext.savefield)
 
@@ -255,18 +255,6 @@ def largest_activation(module: nn.Module, inputs: torch.Tensor) -> int:
     return max(sizes)
 
 
-def pair_batch(
-    inputs: torch.Tensor, terms: PairTerms, chunk: slice
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Rows ``cat([x_a, x_b])`` (or ``x_b`` if one-sided), their columns ``[R, rows, D]``, sides."""
-    first, second = terms.pairs.first[chunk], terms.pairs.second[chunk]
-    if terms.one_sided:
-        return inputs[second], terms.second_factor[chunk].permute(2, 0, 1), 1
-    rows = torch.cat([inputs[first], inputs[second]])
-    root = torch.cat([terms.first_factor[chunk], terms.second_factor[chunk]]).permute(2, 0, 1)
-    return rows, root, 2
-
-
 def identity_columns(out: torch.Tensor) -> torch.Tensor:
     """Columns ``[D, B, D]`` with ``[d, b, :] = e_d`` (per-sample Jacobians of the output)."""
     batch, dim = out.shape
@@ -337,39 +325,6 @@ def restore_hooks(module: nn.Module) -> None:
         sub._backpack_extend = False
     if stale:
         extend(module)
-
-
-def private_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` for hooks, without gradients or stale hook state.
-
-    A module that once had an old-style backward hook (ASDL registers them) keeps a flag that
-    forbids full backward hooks even after the hook is removed; the copy drops that flag.
-    """
-    twin = copy.deepcopy(module)
-    for param in twin.parameters():
-        param.grad = None
-    for sub in twin.modules():
-        if not sub._backward_hooks and getattr(sub, "_is_full_backward_hook", None) is False:
-            sub._is_full_backward_hook = None
-    return twin
-
-
-@torch.no_grad()
-def sync_copy(module: nn.Module, twin: nn.Module) -> None:
-    """Copy the parameters, ``requires_grad`` flags, buffers and modes of ``module`` to ``twin``."""
-    twin_params = dict(twin.named_parameters())
-    for name, param in module.named_parameters():
-        target = twin_params[name]
-        target.copy_(param)
-        target.requires_grad_(param.requires_grad)
-    twin_buffers = dict(twin.named_buffers())
-    for name, buffer in module.named_buffers():
-        if name in twin_buffers:
-            twin_buffers[name].copy_(buffer)
-    twin_modules = dict(twin.named_modules())
-    for name, sub in module.named_modules():
-        if name in twin_modules:
-            twin_modules[name].train(sub.training)
 
 
 def backpack_support_error(model: nn.Module) -> str | None:

@@ -6,8 +6,8 @@ from backpack.custom_module.branching import SumModule, _Branch
 from backpack.custom_module.scale_module import ScaleModule
 from torch import nn
 
-from laplace_metric.curvature.backpack.conv import conv_unsupported_reason
 from laplace_metric.curvature.backpack.extensions import SUPPORTED_MODULES
+from laplace_metric.curvature.layers import conv_unsupported_reason
 
 #: Containers BackPACK treats as no-ops (their children are extended).
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)

@@ -9,13 +9,11 @@ import torch
 from laplace.utils import KronDecomposed
 from torch import nn
 
-from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.curvature.budget import budget_elements
 from laplace_metric.curvature.folds import fold_gram
 from laplace_metric.curvature.hooks.diag import GramPolicy, graph_diag, plan_location_grams
 from laplace_metric.curvature.hooks.kron import KFACApproximation, kron_factors
-from laplace_metric.curvature.hooks.pairs import pair_batch
 from laplace_metric.curvature.hooks.passes import ColumnPass, Entries
 from laplace_metric.curvature.hooks.predictive import covariance_chunk, normalised
 from laplace_metric.curvature.hooks.sites import (
@@ -24,6 +22,7 @@ from laplace_metric.curvature.hooks.sites import (
     batchnorm_reason,
     functional_grads,
 )
+from laplace_metric.curvature.layers import pair_rows, private_copy, sync_copy
 from laplace_metric.enums import parse_enum
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 from laplace_metric.pairs.graph import PairGraph
@@ -278,8 +277,8 @@ class HookPairGGN(PairCurvatureInterface):
 
     # ------------------------------------------------------------------ per-pair path
     def _pair(self, structure: str, module, inputs, g, terms: PairTerms):
-        rows, factor, graph = pair_batch(inputs, terms)
-        part = GraphTerms(terms.loss, factor, graph)
+        rows, factor, _ = pair_rows(inputs, terms)
+        part = GraphTerms(terms.loss, factor, PairGraph.of_pair_batch(terms.signs, terms.one_sided))
         return getattr(self, f"_graph_{structure}")(module, rows, None, part)
 
     def _diag(self, module, inputs, g, terms):
