@@ -10,7 +10,7 @@ are summed, so that ``fit`` over several loaders equals one fit over their union
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, NamedTuple
 
 import torch
@@ -163,6 +163,21 @@ class PairCurvatureInterface(GGNInterface):
             return self._select(value, (0, 1))
         return value if isinstance(value, Kron) else Kron(value)
 
+    def _structure_methods(self, graph: bool) -> dict[str, Callable[..., torch.Tensor | Kron]]:
+        """The explicit dispatch table ``{structure: method}`` of the pair-graph path
+        (``graph``) or of the per-pair path."""
+        if graph:
+            return {"diag": self._graph_diag, "kron": self._graph_kron, "full": self._graph_full}
+        return {"diag": self._diag, "kron": self._kron, "full": self._full}
+
+    def _structure_method(self, structure: str, graph: bool) -> Callable[..., torch.Tensor | Kron]:
+        table = self._structure_methods(graph)
+        if structure not in table:
+            raise ValueError(
+                f"Unknown Hessian structure {structure!r}; use one of {sorted(table)}."
+            )
+        return table[structure]
+
     def _curvature(
         self, x: torch.Tensor | MutableMapping, y: torch.Tensor, structure: str
     ) -> BatchCurvature:
@@ -172,18 +187,18 @@ class PairCurvatureInterface(GGNInterface):
             terms = self.likelihood.graph_terms(g, y)
             if terms.n_pairs == 0:
                 return BatchCurvature(terms.loss, self._zeros(structure, g), 0)
-            total = None
+            total, fold = None, self._structure_method(structure, graph=True)
             for cols in self._column_chunks(module, inputs, terms):
                 part = GraphTerms(terms.loss, terms.factor[:, :, cols], terms.graph)
-                value = getattr(self, f"_graph_{structure}")(module, inputs, g, part)
+                value = fold(module, inputs, g, part)
                 total = value if total is None else add_column_chunk(total, value)
             return BatchCurvature(terms.loss, self._finish(structure, total), terms.n_pairs)
         loss, n_pairs, chunks = self.likelihood.pair_term_chunks(g, y, self.max_pairs_per_chunk)
         if n_pairs == 0:
             return BatchCurvature(loss, self._zeros(structure, g), 0)
-        total = None
+        total, per_pair = None, self._structure_method(structure, graph=False)
         for terms in chunks:
-            value = getattr(self, f"_{structure}")(module, inputs, g, terms)
+            value = per_pair(module, inputs, g, terms)
             total = add_curvature(total, value)
         return BatchCurvature(loss, self._finish(structure, total), n_pairs)
 

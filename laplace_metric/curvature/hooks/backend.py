@@ -279,7 +279,7 @@ class HookPairGGN(PairCurvatureInterface):
     def _pair(self, structure: str, module, inputs, g, terms: PairTerms):
         rows, factor, _ = pair_rows(inputs, terms)
         part = GraphTerms(terms.loss, factor, PairGraph.of_pair_batch(terms.signs, terms.one_sided))
-        return getattr(self, f"_graph_{structure}")(module, rows, None, part)
+        return self._structure_method(structure, graph=True)(module, rows, None, part)
 
     def _diag(self, module, inputs, g, terms):
         return self._pair("diag", module, inputs, g, terms)
