@@ -37,7 +37,7 @@ from laplace_metric.curvature.layers import (
     sync_copy,
     unfold_input,
 )
-from laplace_metric.likelihoods.base import GraphTerms, PairTerms
+from laplace_metric.pairs.terms import GraphTerms, PairTerms
 
 #: Layers whose parameters ASDL computes per-example gradients for.
 ASDL_PARAM_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)

@@ -19,7 +19,8 @@ from laplace.utils import Kron
 from torch import nn
 
 from laplace_metric.curvature.projection import add_curvature
-from laplace_metric.likelihoods.base import GraphTerms, PairLikelihood, PairTerms
+from laplace_metric.likelihoods.base import PairLikelihood
+from laplace_metric.pairs.terms import GraphTerms, PairTerms
 
 
 class BatchCurvature(NamedTuple):

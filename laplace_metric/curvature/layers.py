@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from laplace_metric.likelihoods.base import PairTerms
+from laplace_metric.pairs.terms import PairTerms
 
 
 def private_copy(module: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ from laplace_metric.curvature.folds import (
     fold_output_factor,
 )
 from laplace_metric.curvature.layers import unfold_input
-from laplace_metric.likelihoods.base import GraphTerms, PairTerms
+from laplace_metric.pairs.terms import GraphTerms, PairTerms
 
 KRON_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from laplace_metric.enums import MetricLikelihood, parse_enum
-from laplace_metric.likelihoods.base import GraphTerms, PairLikelihood, PairTerms
+from laplace_metric.likelihoods.base import PairLikelihood
 from laplace_metric.likelihoods.bregman import BregmanLikelihood as BregmanLikelihood
 from laplace_metric.likelihoods.contrastive import ContrastiveLikelihood
+from laplace_metric.pairs.terms import GraphTerms, PairTerms
 
 
 def build_likelihood(

@@ -29,7 +29,7 @@ from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.curvature.budget import budget_elements
 from laplace_metric.curvature.folds import fold_gram
 from laplace_metric.curvature.layers import pair_rows, private_copy, sync_copy
-from laplace_metric.likelihoods.base import GraphTerms, PairTerms
+from laplace_metric.pairs.terms import GraphTerms, PairTerms
 
 
 class BackPackPairGGN(PairCurvatureInterface):

@@ -24,8 +24,8 @@ from laplace_metric.curvature.hooks.sites import (
 )
 from laplace_metric.curvature.layers import pair_rows, private_copy, sync_copy
 from laplace_metric.enums import parse_enum
-from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 from laplace_metric.pairs.graph import PairGraph
+from laplace_metric.pairs.terms import GraphTerms, PairTerms
 
 
 class HookPairGGN(PairCurvatureInterface):
