@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -111,68 +112,75 @@ def run_cell(cell: str, images: int, queries: int, batch: int, phase: str) -> di
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line (``--child CELL`` runs one cell in this process)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cells", nargs="+", default=CELLS)
-    parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--limit-gb", type=float, default=6.0)
+    parser.add_argument("--cells", nargs="+", default=CELLS, help="cells to run, one child each")
+    parser.add_argument("--images", type=int, default=512, help="images fitted per cell")
+    parser.add_argument("--queries", type=int, default=32, help="queries predicted per cell")
+    parser.add_argument("--batch", type=int, default=64, help="fit batch size")
+    parser.add_argument("--limit-gb", type=float, default=6.0, help="address-space cap per child")
     parser.add_argument("--phase", choices=["fit", "predict", "both"], default="both")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per cell")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def run_child(cell: str, args: argparse.Namespace) -> tuple[int, str, str, Any]:
+    """Run one cell in a child process under the memory cap and the time limit.
+
+    Returns
+    -------
+    returncode, stdout, stderr, usage
+        ``usage`` is the child's own ``resource`` usage (its peak RSS).
+    """
+    limit = int(args.limit_gb * 2**30)
+    cmd = [sys.executable, __file__, "--child", cell, "--images", str(args.images)]
+    cmd += ["--queries", str(args.queries), "--batch", str(args.batch), "--phase", args.phase]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+        )
+        timer = threading.Timer(args.timeout, proc.kill) if args.timeout else None
+        if timer is not None:
+            timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+        if timer is not None:
+            timer.cancel()
+        out.seek(0)
+        err.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read(), err.read(), usage
+
+
+def cell_row(cell: str, args: argparse.Namespace) -> dict:
+    """One JSON row: the child's results, wall time, peak RSS and error, if any."""
+    start = time.perf_counter()
+    returncode, stdout, stderr, usage = run_child(cell, args)
+    row = {"cell": cell, "rc": returncode, "wall_s": round(time.perf_counter() - start, 1)}
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            row.update(json.loads(line))
+    if returncode == -9 and args.timeout:
+        row["error"] = f"killed at the {args.timeout:.0f} s time limit"
+    elif returncode != 0:
+        row["error"] = stderr.strip().splitlines()[-1][:300] if stderr.strip() else ""
+    row["peak_rss_gb"] = round(usage.ru_maxrss / 2**20, 2)
+    return row
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         result = run_cell(args.child, args.images, args.queries, args.batch, args.phase)
         print(json.dumps(result))
         return
-    limit = int(args.limit_gb * 2**30)
     for cell in args.cells:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            cell,
-            "--images",
-            str(args.images),
-            "--queries",
-            str(args.queries),
-            "--batch",
-            str(args.batch),
-            "--phase",
-            args.phase,
-        ]
-        start = time.perf_counter()
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=err,
-                text=True,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
-            )
-            timer = None
-            if args.timeout:
-                timer = threading.Timer(args.timeout, proc.kill)
-                timer.start()
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
-            if timer is not None:
-                timer.cancel()
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            out.seek(0)
-            err.seek(0)
-            stdout, stderr = out.read(), err.read()
-        row = {"cell": cell, "rc": proc.returncode, "wall_s": round(time.perf_counter() - start, 1)}
-        lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-        for line in lines:
-            row.update(line)
-        if proc.returncode == -9 and args.timeout:
-            row["error"] = f"killed at the {args.timeout:.0f} s time limit"
-        elif proc.returncode != 0:
-            row["error"] = stderr.strip().splitlines()[-1][:300] if stderr.strip() else ""
-        row["peak_rss_gb"] = round(usage.ru_maxrss / 2**20, 2)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(cell_row(cell, args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,8 @@ KNOWN_PACKAGE_CYCLES: tuple[frozenset[str], ...] = (
 #: Modules over :data:`MAX_MODULE_LINES` (none).
 KNOWN_LARGE_MODULES: frozenset[str] = frozenset()
 
-#: Functions over :data:`MAX_FUNCTION_LINES` owned by another branch, as ``path:function``
-#: (``benchmarks/hooks.py``: the hook-backend benchmark, helper ``perf``).
-KNOWN_LONG_FUNCTIONS: frozenset[str] = frozenset({"benchmarks/hooks.py:main"})
+#: Functions over :data:`MAX_FUNCTION_LINES` (none).
+KNOWN_LONG_FUNCTIONS: frozenset[str] = frozenset()
 
 
 def _module_name(path: Path) -> str:
