@@ -51,11 +51,20 @@ class Bucket:
     mask: torch.Tensor
     centred: bool
     _edges: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    _whole: dict[int, bool] = field(default_factory=dict, repr=False)
 
     @property
     def padded(self) -> bool:
         """Whether some components have fewer than ``k`` samples."""
         return not bool(self.mask.all())
+
+    def whole_batch(self, batch: int) -> bool:
+        """Whether the bucket is one unpadded component of all ``batch`` samples in order."""
+        if batch not in self._whole:
+            order = torch.arange(batch, device=self.index.device)
+            whole = self.index.shape == (1, batch) and not self.padded
+            self._whole[batch] = whole and bool((self.index[0] == order).all())
+        return self._whole[batch]
 
     def select(self, keep: torch.Tensor, scale: float) -> Bucket | None:
         """The components where ``keep`` (``None`` if none), centred if all rows sum to 0."""
@@ -117,6 +126,11 @@ class FoldPlan:
     def centred(self) -> bool:
         """Whether any uniform component folds in the centred form."""
         return bool((self.inverse_sizes > 0).any())
+
+    @property
+    def weighted(self) -> bool:
+        """Whether any sample has a non-zero weight ``a`` (else the per-sample term vanishes)."""
+        return bool(self.weights.any())
 
     @property
     def n_uniform(self) -> int:
