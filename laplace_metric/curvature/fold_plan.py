@@ -138,7 +138,7 @@ class FoldPlan:
         return len(self.offsets) - 1
 
 
-def _matrix(graph: PairGraph, matrix: str | torch.Tensor | None) -> tuple[str, torch.Tensor]:
+def _matrix(graph: PairGraph, matrix: str | torch.Tensor | None) -> tuple[str | None, torch.Tensor]:
     """``(cache key, tensor)`` of a graph matrix given by name, by itself, or ``None``."""
     if matrix is None:
         return "matrix", graph.matrix
@@ -149,7 +149,7 @@ def _matrix(graph: PairGraph, matrix: str | torch.Tensor | None) -> tuple[str, t
     for name in GRAPH_MATRICES:
         if getattr(graph, name) is matrix:
             return name, matrix
-    return f"tensor@{id(matrix)}", matrix  # another matrix with the graph's block pattern
+    return None, matrix  # another matrix with the graph's block pattern: not cached
 
 
 def _bucket_all(graph: PairGraph, matrix: torch.Tensor, scale: float) -> list[Bucket]:
@@ -215,7 +215,8 @@ def fold_plan(graph: PairGraph, matrix: str | torch.Tensor | None = None) -> Fol
     own = torch.nonzero((labels < len(offsets_t) - 1) | (weights != 0)).flatten()
     own = None if len(own) == len(weights) else own
     plan = FoldPlan(weights, labels, offsets_t, torch.cat(inverse_sizes), buckets, general, own)
-    graph.cache["plan", key] = plan
+    if key is not None:
+        graph.cache["plan", key] = plan
     return plan
 
 
