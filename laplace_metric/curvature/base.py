@@ -62,7 +62,7 @@ class PairCurvatureInterface(GGNInterface):
     #: Whether the batch forward pass must keep its autograd graph (BackPACK-style backends).
     forward_needs_graph: bool = False
     #: Fold the pair graph per sample when the likelihood allows it (see
-    #: :mod:`laplace_metric.curvature.graph`); ``False`` forces the per-pair path.
+    #: :mod:`laplace_metric.curvature.folds`); ``False`` forces the per-pair path.
     use_pair_graph: bool = True
     #: Pairs whose factors are formed at once on the per-pair path (bounds its memory).
     max_pairs_per_chunk: int = 4096

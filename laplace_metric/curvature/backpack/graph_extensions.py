@@ -1,10 +1,10 @@
-"""BackPACK extensions that fold a :class:`~laplace_metric.curvature.graph.PairGraph` in at
+"""BackPACK extensions that fold a :class:`~laplace_metric.pairs.PairGraph` in at
 every layer.
 
 The batch is the ``B`` samples themselves (one side, no pair batch) and the back-propagated
 columns are the per-sample square roots ``[R, B, D]``, the same work as stock BackPACK's
 ``DiagGGNExact``. At a layer with parameters, the per-sample pieces are coupled through the
-graph (``sum_ij A_ij g_i g_j``) by the folds of :mod:`laplace_metric.curvature.graph`.
+graph (``sum_ij A_ij g_i g_j``) by the folds of :mod:`laplace_metric.curvature.folds`.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class GraphKronGGN(GraphExtension):
 
 class GraphGram(GraphExtension):
     """Per-sample factors ``u_i = J_i^T S_i`` as ``[R, B, numel]`` in ``param.graph_factor``
-    (the dense structure folds them with :func:`~laplace_metric.curvature.graph.fold_gram`)."""
+    (the dense structure folds them with :func:`~laplace_metric.curvature.folds.fold_gram`)."""
 
     def __init__(self, graph: PairGraph, root: torch.Tensor | None = None):
         super().__init__("graph_factor", graph, root)

@@ -44,15 +44,15 @@ class HookPairGGN(PairCurvatureInterface):
     output and ``x`` its input:
 
     * **diag** (exact): a Linear on ``(B, in)`` folds ``q`` and ``x`` with
-      :func:`~laplace_metric.curvature.graph.fold_linear` without per-sample gradients;
+      :func:`~laplace_metric.curvature.folds.fold_linear` without per-sample gradients;
       shared weights (tokens, conv positions, a layer called twice) form the per-sample
       gradients ``G_i = sum_t q_it x_it^T`` a block of output rows at a time and fold them with
-      :func:`~laplace_metric.curvature.hooks.folds.fold_diag`; biases and affines likewise.
+      :func:`~laplace_metric.curvature.folds.fold_diag`; biases and affines likewise.
     * **kron**: Linear/Conv weights get ``[fold_output_factor, fold_input_factor]``
       (``kfac_approximation='expand'``, the default and what the other backends compute, or
       ``'reduce'``; see :class:`KFACApproximation`); 1-D parameters their exact dense block
-      (:func:`~laplace_metric.curvature.hooks.folds.fold_gram` of per-sample gradients).
-    * **full**: :func:`~laplace_metric.curvature.hooks.folds.fold_gram` of the per-sample factors
+      (:func:`~laplace_metric.curvature.folds.fold_gram` of per-sample gradients).
+    * **full**: :func:`~laplace_metric.curvature.folds.fold_gram` of the per-sample factors
       ``u_i = J_i^T S_i`` of all parameters (only feasible for small models).
 
     Parameters no site covers (class tokens, positional embeddings, grouped convolutions, a
@@ -74,9 +74,9 @@ class HookPairGGN(PairCurvatureInterface):
     activations (of the batch repeated once per column in a chunk) plus a few times
     ``max_elements``.
 
-    The folds (:mod:`laplace_metric.curvature.hooks.folds`) equal those of
-    :mod:`laplace_metric.curvature.graph` and take a vectorised fast path for components
-    whose block is ``a I + b 1 1^T`` (all pairs of a class: every ``positives`` graph).
+    The folds are those of every backend (:mod:`laplace_metric.curvature.folds`), with a
+    closed form for components whose block is ``a I + b 1 1^T`` (all pairs of a class: every
+    ``positives`` graph).
 
     Limitations: BatchNorm must be in evaluation mode with running statistics (batch
     statistics couple the samples); a parameter of a site that is also used outside its layer
