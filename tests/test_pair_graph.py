@@ -254,3 +254,29 @@ def test_pair_budget_miner_caps_and_is_reproducible():
     assert len(lik.mine(z, labels)) == 50
     with pytest.raises(ValueError, match="max_pairs"):
         PairBudgetMiner(max_pairs=0)
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_pair_batch_graph_reproduces_per_pair_sums(one_sided):
+    """``PairGraph.of_pair_batch``: on the rows ``cat([x_a, x_b])`` the folds give
+    ``sum_m s_m V_m V_m^T`` with ``V_m = u_a + u_b`` (different factors per side, as for a
+    likelihood that does not factor per sample) and the per-pair Kronecker factors."""
+    m, rank, out, fan_in, locations = 5, 2, 3, 4, 2
+    gen = torch.Generator().manual_seed(7)
+    signs = torch.tensor([1.0, -1.0, 0.5, 1.0, -2.0], dtype=torch.float64)
+    graph = PairGraph.of_pair_batch(signs, one_sided)
+    sides = 1 if one_sided else 2
+    q = torch.randn(rank, sides * m, locations, out, generator=gen, dtype=torch.float64)
+    x = torch.randn(sides * m, locations, fan_in, generator=gen, dtype=torch.float64)
+    grads = torch.einsum("rbto,bti->rboi", q, x).flatten(start_dim=2)
+    pair = grads if one_sided else grads[:, :m] + grads[:, m:]  # V_m per column
+    expected = torch.einsum("m,rmp,rmq->pq", signs, pair, pair)
+    assert graph.n_pairs == m
+    assert rel_error(fold_gram(grads, graph), expected) < TOL
+    assert rel_error(fold_diag(grads, graph), expected.diagonal()) < TOL
+    big_q = q if one_sided else q[:, :m] - q[:, m:]
+    e = x if one_sided else (x[:m] - x[m:]) / 2
+    b_exp = torch.einsum("m,rmto,rmtp->op", signs, big_q, big_q)
+    a_exp = torch.einsum("mti,mtj->ij", e, e) / locations
+    assert rel_error(fold_output_factor(q, graph), b_exp) < TOL
+    assert rel_error(fold_input_factor(x, graph), a_exp) < TOL
