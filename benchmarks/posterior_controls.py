@@ -72,7 +72,6 @@ def _metrics(score, data, confidence=None) -> dict[str, float]:
 
 def _lam_rows(rows, name, config, det, loader, data, seed, n_samples, margin) -> None:
     from laplace_metric.controls import curvature_off
-    from laplace_metric.metrics import retrieval_ece
     from laplace_metric.registry import metric_laplace
     from laplace_metric.scores import UncertaintyScorer
 
@@ -90,13 +89,20 @@ def _lam_rows(rows, name, config, det, loader, data, seed, n_samples, margin) ->
     scorer = UncertaintyScorer(la, x_tr, y_tr, n_samples=n_samples, generator=gen)
     for suffix, off in (("fitted", False), ("curvature off", True)):
         with curvature_off(la) if off else nullcontext():
-            test = scorer.retrieval(data["inputs"]["test"])
-            confidence = (test.confidence, test.predicted == data["y_test"])
-            row = _metrics(scorer, data, confidence)
-            val = scorer.retrieval(data["inputs"]["val"])
-            correct = (val.predicted == data["y_val"]).cpu()
-            row["val ECE"] = retrieval_ece(val.confidence.cpu(), correct)
-            rows[f"{name}: {suffix}"] = row
+            rows[f"{name}: {suffix}"] = _retrieval_metrics(scorer, scorer.retrieval, data)
+
+
+def _retrieval_metrics(score, retrieval, data) -> dict[str, float]:
+    """:func:`_metrics` plus the ECE of the top-1 retrieval confidence, on test and validation
+    queries (``retrieval(x)`` returns a :class:`~laplace_metric.scores.PosteriorRetrieval`)."""
+    from laplace_metric.metrics import retrieval_ece
+
+    test = retrieval(data["inputs"]["test"])
+    row = _metrics(score, data, (test.confidence, test.predicted == data["y_test"]))
+    val = retrieval(data["inputs"]["val"])
+    correct = (val.predicted == data["y_val"]).cpu()
+    row["val ECE"] = retrieval_ece(val.confidence.cpu(), correct)
+    return row
 
 
 def _baseline_rows(rows, det, data, seed, n_samples, image: bool = False) -> None:
@@ -112,10 +118,9 @@ def _baseline_rows(rows, det, data, seed, n_samples, image: bool = False) -> Non
     # on images, all-layer noise re-runs the CNN per draw and grid value: last layer only
     for params in ("last_layer",) if image else ("all", "last_layer"):
         iso = IsotropicNoiseBaseline(det, parameters=params, n_samples=n_samples, seed=seed)
-        iso.fit(x_tr, x_val=inputs["val"], x_val_ood=inputs["noise_val"])
-        rows[f"isotropic noise ({params.replace('_', '-')}), tuned on validation"] = _metrics(
-            iso.score, data
-        )
+        iso.fit(x_tr, y_tr, x_val=inputs["val"], x_val_ood=inputs["noise_val"])
+        name = f"isotropic noise ({params.replace('_', '-')}), tuned on validation"
+        rows[name] = _retrieval_metrics(iso.score, iso.retrieval, data)
     rows["kNN distance (deterministic)"] = _metrics(KNNDistanceBaseline(det).fit(x_tr).score, data)
     feats = KNNDistanceBaseline(penultimate(det), normalize=False).fit(x_tr)
     rows["kNN distance, penultimate features"] = _metrics(feats.score, data)
