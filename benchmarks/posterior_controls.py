@@ -19,6 +19,7 @@ seeds. Rows:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -39,6 +40,15 @@ CONFIGS = {
     "LAM last-layer kron, dataset scale, prior 1": ("last_layer", "kron", "dataset", 1.0),
     "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
     "LAM last-layer kron, batch scale, marglik": ("last_layer", "kron", "batch", "marglik"),
+    "LAM all-layer diag, composite scale, prior 1": ("all", "diag", "composite", 1.0),
+    "LAM all-layer diag, composite scale, marglik": ("all", "diag", "composite", "marglik"),
+    "LAM last-layer kron, composite scale, prior 1": ("last_layer", "kron", "composite", 1.0),
+    "LAM last-layer kron, composite scale, marglik": (
+        "last_layer",
+        "kron",
+        "composite",
+        "marglik",
+    ),
 }
 #: FashionMNIST -> MNIST (LAM's CNN): last-layer posteriors, and all-layer diag with --all-layer.
 FASHION_CONFIGS = {
@@ -246,7 +256,19 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--all-layer", action="store_true", help="FashionMNIST: add all-layer diag rows (slow)"
     )
+    parser.add_argument("--save", default=None, help="also write the per-seed rows to this JSON")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="print the table of per-seed JSON files written by --save (runs nothing)",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        results = [r for path in args.merge for r in json.loads(Path(path).read_text())]
+        table = format_table(results)
+        print(table)
+        return table
     torch.set_num_threads(1)
     configs = CONFIGS
     if args.fashion_dim is not None:
@@ -260,6 +282,8 @@ def main(argv: list[str] | None = None) -> str:
     results = [
         run_seed(s, args.samples, args.epochs, configs, args.fashion_dim) for s in args.seeds
     ]
+    if args.save:
+        Path(args.save).write_text(json.dumps(results))
     table = format_table(results)
     print(table)
     print(f"\n{len(args.seeds)} seeds, {time.perf_counter() - start:.0f} s")

@@ -55,6 +55,21 @@ def test_dataset_scale_does_not_depend_on_the_batch_size():
     assert abs(float(ratio_scaled) - 1) < abs(float(ratio_batch) - 1) / 3
 
 
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_composite_scale_counts_each_sample_once(structure, device):
+    """'composite' stands for N / 2 pairs (all pairs times 1 / (N - 1)): the same posterior and
+    marginal likelihood as the number N / 2, and 1 / (N - 1) of 'dataset'."""
+    la, x = fitted("last_layer", structure, device, likelihood_scale="composite")
+    assert la.likelihood_factor == pytest.approx(20 / 180)
+    as_number, _ = fitted("last_layer", structure, device, likelihood_scale=20.0)
+    dataset, _ = fitted("last_layer", structure, device, likelihood_scale="dataset")
+    assert la.likelihood_factor == pytest.approx(dataset.likelihood_factor / 39)
+    for prior in (0.5, 3.0):
+        la.prior_precision = as_number.prior_precision = prior
+        assert torch.allclose(la.log_marginal_likelihood(), as_number.log_marginal_likelihood())
+        torch.testing.assert_close(la(x[:4])[1], as_number(x[:4])[1])
+
+
 def test_number_scale_and_bad_values():
     la, _ = fitted("last_layer", "diag", "cpu", likelihood_scale=1800.0)
     assert la.likelihood_factor == pytest.approx(10.0)
