@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--all-layer", action="store_true", help="FashionMNIST: add all-layer diag rows (slow)"
     )
+    parser.add_argument(
+        "--only", default=None, help="run only the LAM configurations whose name contains this"
+    )
     parser.add_argument("--save", default=None, help="also write the per-seed rows to this JSON")
     parser.add_argument(
         "--merge",
@@ -275,6 +278,8 @@ def main(argv: list[str] | None = None) -> str:
         configs = {**FASHION_CONFIGS, **(FASHION_ALL_LAYER if args.all_layer else {})}
         if args.epochs == parser.get_default("epochs"):
             args.epochs = 5
+    if args.only:
+        configs = {name: c for name, c in configs.items() if args.only in name}
     if args.quick:
         args.seeds, args.epochs, args.samples = args.seeds[:1], 2, 4
         configs = dict(list(configs.items())[:1] + list(configs.items())[-1:])
