@@ -120,6 +120,7 @@ def _baseline_rows(rows, det, data, seed, n_samples, image: bool = False) -> Non
         IsotropicNoiseBaseline,
         KNNDistanceBaseline,
         MahalanobisBaseline,
+        MultiLayerMahalanobisBaseline,
         penultimate,
     )
 
@@ -134,7 +135,12 @@ def _baseline_rows(rows, det, data, seed, n_samples, image: bool = False) -> Non
     rows["kNN distance (deterministic)"] = _metrics(KNNDistanceBaseline(det).fit(x_tr).score, data)
     feats = KNNDistanceBaseline(penultimate(det), normalize=False).fit(x_tr)
     rows["kNN distance, penultimate features"] = _metrics(feats.score, data)
-    if not image:  # a rank-deficient 9216-d covariance on LAM's CNN: left out
+    raw = KNNDistanceBaseline(torch.nn.Flatten(), normalize=False).fit(x_tr)
+    rows["kNN distance, raw inputs"] = _metrics(raw.score, data)
+    if image:  # Lee et al.'s pooled multi-layer recipe (the 9216-d flat features are singular)
+        maha = MultiLayerMahalanobisBaseline(det, layers=["1", "3"]).fit(x_tr, y_tr)
+        rows["Mahalanobis, pooled conv layers (Lee et al.)"] = _metrics(maha.score, data)
+    else:
         maha = MahalanobisBaseline(penultimate(det)).fit(x_tr, y_tr)
         rows["Mahalanobis, penultimate features"] = _metrics(maha.score, data)
 
