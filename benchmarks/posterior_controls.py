@@ -19,6 +19,7 @@ seeds. Rows:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -39,6 +40,15 @@ CONFIGS = {
     "LAM last-layer kron, dataset scale, prior 1": ("last_layer", "kron", "dataset", 1.0),
     "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
     "LAM last-layer kron, batch scale, marglik": ("last_layer", "kron", "batch", "marglik"),
+    "LAM all-layer diag, composite scale, prior 1": ("all", "diag", "composite", 1.0),
+    "LAM all-layer diag, composite scale, marglik": ("all", "diag", "composite", "marglik"),
+    "LAM last-layer kron, composite scale, prior 1": ("last_layer", "kron", "composite", 1.0),
+    "LAM last-layer kron, composite scale, marglik": (
+        "last_layer",
+        "kron",
+        "composite",
+        "marglik",
+    ),
 }
 #: FashionMNIST -> MNIST (LAM's CNN): last-layer posteriors, and all-layer diag with --all-layer.
 FASHION_CONFIGS = {
@@ -72,7 +82,6 @@ def _metrics(score, data, confidence=None) -> dict[str, float]:
 
 def _lam_rows(rows, name, config, det, loader, data, seed, n_samples, margin) -> None:
     from laplace_metric.controls import curvature_off
-    from laplace_metric.metrics import retrieval_ece
     from laplace_metric.registry import metric_laplace
     from laplace_metric.scores import UncertaintyScorer
 
@@ -90,13 +99,20 @@ def _lam_rows(rows, name, config, det, loader, data, seed, n_samples, margin) ->
     scorer = UncertaintyScorer(la, x_tr, y_tr, n_samples=n_samples, generator=gen)
     for suffix, off in (("fitted", False), ("curvature off", True)):
         with curvature_off(la) if off else nullcontext():
-            test = scorer.retrieval(data["inputs"]["test"])
-            confidence = (test.confidence, test.predicted == data["y_test"])
-            row = _metrics(scorer, data, confidence)
-            val = scorer.retrieval(data["inputs"]["val"])
-            correct = (val.predicted == data["y_val"]).cpu()
-            row["val ECE"] = retrieval_ece(val.confidence.cpu(), correct)
-            rows[f"{name}: {suffix}"] = row
+            rows[f"{name}: {suffix}"] = _retrieval_metrics(scorer, scorer.retrieval, data)
+
+
+def _retrieval_metrics(score, retrieval, data) -> dict[str, float]:
+    """:func:`_metrics` plus the ECE of the top-1 retrieval confidence, on test and validation
+    queries (``retrieval(x)`` returns a :class:`~laplace_metric.scores.PosteriorRetrieval`)."""
+    from laplace_metric.metrics import retrieval_ece
+
+    test = retrieval(data["inputs"]["test"])
+    row = _metrics(score, data, (test.confidence, test.predicted == data["y_test"]))
+    val = retrieval(data["inputs"]["val"])
+    correct = (val.predicted == data["y_val"]).cpu()
+    row["val ECE"] = retrieval_ece(val.confidence.cpu(), correct)
+    return row
 
 
 def _baseline_rows(rows, det, data, seed, n_samples, image: bool = False) -> None:
@@ -104,6 +120,7 @@ def _baseline_rows(rows, det, data, seed, n_samples, image: bool = False) -> Non
         IsotropicNoiseBaseline,
         KNNDistanceBaseline,
         MahalanobisBaseline,
+        MultiLayerMahalanobisBaseline,
         penultimate,
     )
 
@@ -112,14 +129,18 @@ def _baseline_rows(rows, det, data, seed, n_samples, image: bool = False) -> Non
     # on images, all-layer noise re-runs the CNN per draw and grid value: last layer only
     for params in ("last_layer",) if image else ("all", "last_layer"):
         iso = IsotropicNoiseBaseline(det, parameters=params, n_samples=n_samples, seed=seed)
-        iso.fit(x_tr, x_val=inputs["val"], x_val_ood=inputs["noise_val"])
-        rows[f"isotropic noise ({params.replace('_', '-')}), tuned on validation"] = _metrics(
-            iso.score, data
-        )
+        iso.fit(x_tr, y_tr, x_val=inputs["val"], x_val_ood=inputs["noise_val"])
+        name = f"isotropic noise ({params.replace('_', '-')}), tuned on validation"
+        rows[name] = _retrieval_metrics(iso.score, iso.retrieval, data)
     rows["kNN distance (deterministic)"] = _metrics(KNNDistanceBaseline(det).fit(x_tr).score, data)
     feats = KNNDistanceBaseline(penultimate(det), normalize=False).fit(x_tr)
     rows["kNN distance, penultimate features"] = _metrics(feats.score, data)
-    if not image:  # a rank-deficient 9216-d covariance on LAM's CNN: left out
+    raw = KNNDistanceBaseline(torch.nn.Flatten(), normalize=False).fit(x_tr)
+    rows["kNN distance, raw inputs"] = _metrics(raw.score, data)
+    if image:  # Lee et al.'s pooled multi-layer recipe (the 9216-d flat features are singular)
+        maha = MultiLayerMahalanobisBaseline(det, layers=["1", "3"]).fit(x_tr, y_tr)
+        rows["Mahalanobis, pooled conv layers (Lee et al.)"] = _metrics(maha.score, data)
+    else:
         maha = MahalanobisBaseline(penultimate(det)).fit(x_tr, y_tr)
         rows["Mahalanobis, penultimate features"] = _metrics(maha.score, data)
 
@@ -241,13 +262,30 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--all-layer", action="store_true", help="FashionMNIST: add all-layer diag rows (slow)"
     )
+    parser.add_argument(
+        "--only", default=None, help="run only the LAM configurations whose name contains this"
+    )
+    parser.add_argument("--save", default=None, help="also write the per-seed rows to this JSON")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="print the table of per-seed JSON files written by --save (runs nothing)",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        results = [r for path in args.merge for r in json.loads(Path(path).read_text())]
+        table = format_table(results)
+        print(table)
+        return table
     torch.set_num_threads(1)
     configs = CONFIGS
     if args.fashion_dim is not None:
         configs = {**FASHION_CONFIGS, **(FASHION_ALL_LAYER if args.all_layer else {})}
         if args.epochs == parser.get_default("epochs"):
             args.epochs = 5
+    if args.only:
+        configs = {name: c for name, c in configs.items() if args.only in name}
     if args.quick:
         args.seeds, args.epochs, args.samples = args.seeds[:1], 2, 4
         configs = dict(list(configs.items())[:1] + list(configs.items())[-1:])
@@ -255,6 +293,8 @@ def main(argv: list[str] | None = None) -> str:
     results = [
         run_seed(s, args.samples, args.epochs, configs, args.fashion_dim) for s in args.seeds
     ]
+    if args.save:
+        Path(args.save).write_text(json.dumps(results))
     table = format_table(results)
     print(table)
     print(f"\n{len(args.seeds)} seeds, {time.perf_counter() - start:.0f} s")

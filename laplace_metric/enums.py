@@ -38,6 +38,12 @@ class LikelihoodScale(str, Enum):
     """All ``N (N - 1) / 2`` pairs of the fitted data set (LAM's convention, up to ordering):
     curvature and loss are rescaled by ``N (N - 1) / sum_b B_b (B_b - 1)``."""
 
+    COMPOSITE = "composite"
+    """All pairs with the composite-likelihood magnitude adjustment ``1 / (N - 1)``: every
+    sample enters ``N - 1`` of the ``N (N - 1) / 2`` pairs, so the all-pairs likelihood counts
+    each sample's information ``N - 1`` times; adjusted, the likelihood stands for ``N / 2``
+    pairs, i.e. each sample is counted once (see ``docs/mathematics.rst``)."""
+
 
 class CovarianceScore(str, Enum):
     """Reductions of a predictive covariance to one uncertainty number per input.

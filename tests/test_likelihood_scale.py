@@ -55,6 +55,21 @@ def test_dataset_scale_does_not_depend_on_the_batch_size():
     assert abs(float(ratio_scaled) - 1) < abs(float(ratio_batch) - 1) / 3
 
 
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_composite_scale_counts_each_sample_once(structure, device):
+    """'composite' stands for N / 2 pairs (all pairs times 1 / (N - 1)): the same posterior and
+    marginal likelihood as the number N / 2, and 1 / (N - 1) of 'dataset'."""
+    la, x = fitted("last_layer", structure, device, likelihood_scale="composite")
+    assert la.likelihood_factor == pytest.approx(20 / 180)
+    as_number, _ = fitted("last_layer", structure, device, likelihood_scale=20.0)
+    dataset, _ = fitted("last_layer", structure, device, likelihood_scale="dataset")
+    assert la.likelihood_factor == pytest.approx(dataset.likelihood_factor / 39)
+    for prior in (0.5, 3.0):
+        la.prior_precision = as_number.prior_precision = prior
+        assert torch.allclose(la.log_marginal_likelihood(), as_number.log_marginal_likelihood())
+        torch.testing.assert_close(la(x[:4])[1], as_number(x[:4])[1])
+
+
 def test_number_scale_and_bad_values():
     la, _ = fitted("last_layer", "diag", "cpu", likelihood_scale=1800.0)
     assert la.likelihood_factor == pytest.approx(10.0)
@@ -169,3 +184,28 @@ def test_online_lam_keeps_its_epoch_scaling():
     assert la.likelihood_scale.value == "batch" and la.likelihood_factor == 1.0
     with pytest.raises(ValueError, match="likelihood_scale='batch' only"):
         fit_online_lam(make_mlp(), loader(x, y, 8), epochs=1, likelihood_scale="dataset")
+
+
+def test_isotropic_noise_retrieval_confidence_matches_its_definition():
+    from laplace_metric.baselines import IsotropicNoiseBaseline
+
+    x, y = labelled_data(40, (5,), n_classes=4)
+    encoder = make_mlp().eval()
+    base = IsotropicNoiseBaseline(encoder, sigmas=0.3, n_samples=5).fit(x[:30], y[:30])
+    result = base.retrieval(x[30:])
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(encoder(x), dim=-1)
+    torch.testing.assert_close(result.predicted, y[:30][torch.cdist(z[30:], z[:30]).argmin(1)])
+    sampled = base.samples(x[30:])
+    train = base.samples(x[:30])
+    top1 = torch.stack([y[:30][torch.cdist(q, t).argmin(1)] for q, t in zip(sampled, train)])
+    expected = (top1 == result.predicted).double().mean(0)
+    torch.testing.assert_close(result.confidence, expected)
+    torch.testing.assert_close(result.knn_distance, base.score(x[30:]))
+    # no noise: every draw agrees with the noise-free top-1
+    exact = IsotropicNoiseBaseline(encoder, sigmas=1e-12, n_samples=3).fit(x[:30], y[:30])
+    assert bool((exact.retrieval(x[30:]).confidence == 1).all())
+    with pytest.raises(ValueError, match="training labels"):
+        IsotropicNoiseBaseline(encoder, sigmas=0.3).fit(x[:30]).retrieval(x[30:])
+    with pytest.raises(ValueError, match="y_train must have shape"):
+        IsotropicNoiseBaseline(encoder, sigmas=0.3).fit(x[:30], y[:10])

@@ -19,6 +19,7 @@ from torch.func import functional_call
 from laplace_metric.baselines.base import OODBaseline, _check_k, register_baseline
 from laplace_metric.memory import default_budget
 from laplace_metric.predictive.samples import knn_and_top1
+from laplace_metric.scores.support import PosteriorRetrieval
 
 __all__ = ["IsotropicNoiseBaseline"]
 
@@ -80,6 +81,7 @@ class IsotropicNoiseBaseline(OODBaseline):
         self.batch_size = batch_size
         self.validation: dict[float, float] = {}
         self._x_train: Tensor | None = None
+        self._y_train: Tensor | None = None
         self._train_samples: dict[float, Tensor] = {}
         self._features: dict[tuple, Tensor] = {}
 
@@ -94,14 +96,14 @@ class IsotropicNoiseBaseline(OODBaseline):
         last = {id(p) for p in linear[-1].parameters()}
         return [n for n, p in named.items() if id(p) in last]
 
-    def _sampled(self, x: Tensor, sigma: float) -> Tensor:
-        """Embeddings ``(S, n, D)`` under the ``S`` noise draws of scale ``sigma`` (eval mode;
-        every submodule's mode is restored afterwards)."""
+    def _sampled(self, x: Tensor, sigma: float, n_samples: int | None = None) -> Tensor:
+        """Embeddings ``(S, n, D)`` under the ``S`` (default :attr:`n_samples`) noise draws of
+        scale ``sigma`` (eval mode; every submodule's mode is restored afterwards)."""
         modes = {m: m.training for m in self.encoder.modules()}
         self.encoder.eval()
         try:
             with torch.no_grad():
-                return self._draw(x, sigma)
+                return self._draw(x, sigma, n_samples or self.n_samples)
         finally:
             for module, training in modes.items():
                 module.train(training)
@@ -115,7 +117,7 @@ class IsotropicNoiseBaseline(OODBaseline):
                 return enc[:-1], enc[-1]
         return None
 
-    def _draw(self, x: Tensor, sigma: float) -> Tensor:
+    def _draw(self, x: Tensor, sigma: float, n_samples: int) -> Tensor:
         split = self._split()
         if split is not None:
             backbone, head = split
@@ -125,15 +127,18 @@ class IsotropicNoiseBaseline(OODBaseline):
                     self._features.pop(next(iter(self._features)))
                 self._features[key] = torch.cat([backbone(c) for c in x.split(self.batch_size)])
             features = self._features[key]
-            return self._draw_from(head, features, sigma, list(dict(head.named_parameters())))
-        return self._draw_from(self.encoder, x, sigma, self._noised())
+            noised = list(dict(head.named_parameters()))
+            return self._draw_from(head, features, sigma, noised, n_samples)
+        return self._draw_from(self.encoder, x, sigma, self._noised(), n_samples)
 
-    def _draw_from(self, module: nn.Module, x: Tensor, sigma: float, noised: list[str]) -> Tensor:
+    def _draw_from(
+        self, module: nn.Module, x: Tensor, sigma: float, noised: list[str], n_samples: int
+    ) -> Tensor:
         params = dict(module.named_parameters())
         device = next(iter(params.values())).device
         gen = torch.Generator(device=device).manual_seed(self.seed)
         out = []
-        for _ in range(self.n_samples):
+        for _ in range(n_samples):
             sample = dict(params)
             for name in noised:
                 p = params[name]
@@ -166,12 +171,17 @@ class IsotropicNoiseBaseline(OODBaseline):
     ) -> IsotropicNoiseBaseline:
         """Store the training inputs; with a grid of scales, pick the one whose score best
         separates ``x_val`` (in distribution) from ``x_val_ood`` (validation OOD data, e.g.
-        the split's ``ood_noise_val``), by AUROC. ``y_train`` is not used."""
+        the split's ``ood_noise_val``), by AUROC. ``y_train`` (optional) enables
+        :meth:`retrieval`."""
         from laplace_metric.metrics import ood_auroc
 
         if len(x_train) < self.k:
             raise ValueError(f"k={self.k} exceeds the {len(x_train)} training inputs.")
-        self._x_train, self._train_samples = x_train, {}
+        if y_train is not None and y_train.shape != (len(x_train),):
+            raise ValueError(
+                f"y_train must have shape ({len(x_train)},), got {tuple(y_train.shape)}."
+            )
+        self._x_train, self._y_train, self._train_samples = x_train, y_train, {}
         if len(self.sigmas) == 1:
             return self
         if x_val is None or x_val_ood is None:
@@ -193,6 +203,25 @@ class IsotropicNoiseBaseline(OODBaseline):
         """Mean over noise draws of the k-th neighbour distance, ``(n,)``."""
         self._require_fit("_x_train")
         return self._score(x, self.sigma)
+
+    def retrieval(self, x: Tensor) -> PosteriorRetrieval:
+        """Top-1 retrieval with its confidence under the chosen noise: the fraction of noise
+        draws whose top-1 training label equals the top-1 label of the noise-free encoder,
+        computed as :meth:`UncertaintyScorer.retrieval
+        <laplace_metric.scores.UncertaintyScorer.retrieval>` computes it (needs ``y_train``
+        in :meth:`fit`)."""
+        self._require_fit("_x_train")
+        if self._y_train is None:
+            raise ValueError("retrieval() needs training labels: fit(x_train, y_train, ...).")
+        labels = self._y_train.to(x.device)
+        budget = default_budget(x.device)
+        means = [self._sampled(t, 0.0, n_samples=1)[0] for t in (x, self._x_train)]
+        predicted = knn_and_top1(means[0], means[1], self.k, labels, budget)[1]
+        queries, train = self._sampled(x, self.sigma), self._train(self.sigma)
+        results = [knn_and_top1(q, t, self.k, labels, budget) for q, t in zip(queries, train)]
+        knn = torch.stack([r[0] for r in results]).mean(0)
+        agree = torch.stack([r[1] == predicted for r in results]).double().mean(0)
+        return PosteriorRetrieval(knn_distance=knn, confidence=agree, predicted=predicted)
 
     def samples(self, x: Tensor) -> Tensor:
         """Embeddings ``(S, n, D)`` under the chosen noise scale."""

@@ -66,11 +66,12 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         for ``'bregman'``.
     backend : type[PairCurvatureInterface], optional
         Curvature backend; ``None`` picks the fastest one that supports the model.
-    likelihood_scale : {'batch', 'dataset'} or float, default='dataset'
+    likelihood_scale : {'batch', 'dataset', 'composite'} or float, default='dataset'
         How many pairs the fitted likelihood stands for (see :class:`LikelihoodScale` and
         ``docs/mathematics.rst``): ``'batch'`` keeps the curvature and loss as summed over the
         pairs the batches offered; ``'dataset'`` rescales both to all ``N (N - 1) / 2`` pairs of
-        the fitted data; a number rescales them to that many pairs. The marginal likelihood,
+        the fitted data; ``'composite'`` to ``N / 2`` pairs (all pairs, each sample counted
+        once); a number rescales them to that many pairs. The marginal likelihood,
         the posterior and the predictive all use the rescaled likelihood
         (:attr:`likelihood_factor`).
     memory_budget : int, float or str, optional
@@ -179,7 +180,8 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
 
     @property
     def likelihood_scale(self) -> LikelihoodScale | float:
-        """How many pairs the likelihood stands for: ``'batch'``, ``'dataset'`` or a number."""
+        """How many pairs the likelihood stands for: ``'batch'``, ``'dataset'``, ``'composite'``
+        or a number."""
         return self._likelihood_scale
 
     @likelihood_scale.setter
@@ -187,8 +189,8 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not (value > 0 and value < float("inf")):
                 raise ValueError(
-                    f"likelihood_scale must be 'batch', 'dataset' or a positive number of "
-                    f"pairs, got {value!r}."
+                    "likelihood_scale must be 'batch', 'dataset', 'composite' or a positive "
+                    f"number of pairs, got {value!r}."
                 )
             self._likelihood_scale = float(value)
         else:
@@ -208,9 +210,16 @@ class MetricLaplaceMixin(FitMixin, PredictionMixin, PriorPrecisionMixin, Seriali
                 "the fitted batches offered; it is known after fit() (not after a fit from an "
                 "older state_dict or online LAM): use likelihood_scale='batch'."
             )
+        return float(self._target_pairs(scale)) / self.n_candidate_pairs
+
+    def _target_pairs(self, scale: LikelihoodScale | float) -> float:
+        """The number of pairs ``scale`` stands for, given the fitted ``N``."""
         n = self.n_data
-        target = n * (n - 1) / 2 if scale == LikelihoodScale.DATASET else scale
-        return float(target) / self.n_candidate_pairs
+        if scale == LikelihoodScale.DATASET:
+            return n * (n - 1) / 2
+        if scale == LikelihoodScale.COMPOSITE:
+            return n / 2
+        return float(scale)
 
     @property
     def _H_factor(self) -> torch.Tensor:
