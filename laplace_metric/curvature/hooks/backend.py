@@ -107,6 +107,11 @@ class HookPairGGN(PairCurvatureInterface):
     #: ``False`` forces per-column gradients, ``True`` a Gram form (``'gram'``: whole
     #: components, ``'split'``: per-sample Grams and component sums, where the graph allows).
     location_gram: bool | str | None = None
+    #: Parameters of shape ``(1, *rest)`` that no site covers (class tokens, positional
+    #: embeddings) get their per-sample gradients from the sites' own backward pass, expanded
+    #: over the rows, where a check on two samples confirms it (``False``: always
+    #: ``torch.func``).
+    row_params: bool = True
 
     def __init__(
         self,
@@ -155,9 +160,11 @@ class HookPairGGN(PairCurvatureInterface):
         inputs: Any,
         batch: int | None = None,
         previous: list[Site] | None = None,
+        rows: dict[str, torch.Tensor] | None = None,
     ) -> tuple[nn.Module, torch.Tensor, list[Site]]:
         """One forward pass of the private copy recording the sites (inputs of the first
-        ``batch`` rows only: the rows repeat the batch; reused from ``previous`` sites)."""
+        ``batch`` rows only: the rows repeat the batch; reused from ``previous`` sites), with
+        the parameters in ``rows`` replaced by the given tensors (see :meth:`_row_params`)."""
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(
                 f"HookPairGGN needs tensor inputs, got {type(inputs).__name__}; use "
@@ -170,7 +177,10 @@ class HookPairGGN(PairCurvatureInterface):
                 if reason is not None:
                     raise ValueError(f"HookPairGGN: '{name}': {reason}.")
         with Recorder(twin, batch=batch, previous=previous) as recorder, torch.enable_grad():
-            g = twin(inputs)
+            if rows:
+                g = torch.func.functional_call(twin, rows, (inputs,), strict=False)
+            else:
+                g = twin(inputs)
         return twin, g, recorder.sites
 
     def _per_sample_elements(self, module: nn.Module, inputs: torch.Tensor) -> int:
@@ -204,23 +214,57 @@ class HookPairGGN(PairCurvatureInterface):
             The site gradients (and ``torch.func`` gradients) of one chunk of columns.
         """
         batch = inputs.shape[0]
-        per_sample = self._per_sample_elements(module, inputs)
+        twin, probe, probe_sites = self._record(module, inputs[:1])
+        per_sample = sum(s.output.numel() for s in probe_sites) + probe.numel()
+        others = self._others(twin, probe_sites)
+        del probe, probe_sites
         n_cols = columns.shape[0]
         step = max(1, min(n_cols, self.max_elements // max(batch * per_sample, 1)))
         if all_columns:
             step = n_cols
-        others, first = None, None
+        by_row = self._row_params(module, inputs, columns, others)
+        rest = [n for n in others if n not in by_row]
+        first = None
         for start in range(0, n_cols, step):
             cols = columns[start : start + step]
-            twin, sites, entries = self._backpropagate(module, inputs, cols, first)
-            if others is None:
-                others, first = self._others(twin, sites), sites
-            extra = {}
-            if others:
-                extra = functional_grads(
-                    twin, inputs, others, cols, per_sample * 4, self.max_elements
+            twin, sites, entries, extra = self._backpropagate(module, inputs, cols, first, by_row)
+            first = sites
+            if rest:
+                extra.update(
+                    functional_grads(twin, inputs, rest, cols, per_sample * 4, self.max_elements)
                 )
             yield ColumnPass(twin, sites, entries, extra)
+
+    def _row_params(
+        self, module: nn.Module, inputs: torch.Tensor, columns: torch.Tensor, others: list[str]
+    ) -> list[str]:
+        """The uncovered parameters whose per-sample gradients one pass gives by rows.
+
+        A parameter of shape ``(1, *rest)`` that the model broadcasts over the batch (a class
+        token, a positional embedding) is replaced by its expansion ``(N, *rest)`` over the
+        ``N`` rows of a pass: the gradient at the expansion is then the per-row gradient, from
+        the same backward pass as the sites (no ``torch.func`` pass). Each candidate is
+        checked once against ``torch.func`` on two samples and two columns; a parameter used
+        any other way (indexed, reduced over the batch, a shape error) keeps ``torch.func``.
+        """
+        if self.row_params is False:
+            return []
+        twin = self._private(module)
+        params = dict(twin.named_parameters())
+        names = [n for n in others if params[n].dim() >= 2 and params[n].shape[0] == 1]
+        if not names:
+            return []
+        probe, cols = inputs[:2], columns[:2, :2]
+        try:
+            *_, fast = self._backpropagate(module, probe, cols, None, names)
+        except RuntimeError:
+            return []
+        slow = functional_grads(twin, probe, names, cols, 1, self.max_elements)
+        return [
+            n
+            for n in names
+            if torch.allclose(fast[n], slow[n], rtol=1e-4, atol=1e-6 * float(slow[n].abs().max()))
+        ]
 
     def _backpropagate(
         self,
@@ -228,16 +272,28 @@ class HookPairGGN(PairCurvatureInterface):
         inputs: torch.Tensor,
         columns: torch.Tensor,
         previous: list[Site] | None,
-    ) -> tuple[nn.Module, list[Site], dict[str, Entries]]:
+        by_row: list[str] | None = None,
+    ) -> tuple[nn.Module, list[Site], dict[str, Entries], dict[str, torch.Tensor]]:
         """One forward pass of the batch repeated ``c`` times and one backward pass of the
-        columns ``[c, B, D]`` to every site output."""
+        columns ``[c, B, D]`` to every site output (and to the parameters ``by_row``, expanded
+        over the rows: their per-sample gradients ``[c, B, *shape]``)."""
         n, batch = columns.shape[:2]
         rows = inputs.repeat(n, *([1] * (inputs.dim() - 1))) if n > 1 else inputs
-        twin, g, sites = self._record(module, rows, batch, previous)
+        twin = self._private(module)
+        params = dict(twin.named_parameters())
+        expanded = {
+            name: params[name].expand(n * batch, *params[name].shape[1:]) for name in by_row or []
+        }
+        twin, g, sites = self._record(module, rows, batch, previous, expanded)
         cols = columns.to(g.dtype).reshape(n * batch, -1)
-        outputs = [s.output for s in sites]
+        outputs = [s.output for s in sites] + list(expanded.values())
         grads = torch.autograd.grad(g, outputs, cols, allow_unused=True) if outputs else []
         del g, outputs
+        grads, row_grads = grads[: len(sites)], grads[len(sites) :]
+        extra = {}
+        for name, grad in zip(expanded, row_grads):
+            shape = (n, batch, *params[name].shape)
+            extra[name] = params[name].new_zeros(shape) if grad is None else grad.reshape(shape)
         entries: dict[str, Entries] = {}
         for site, q in zip(sites, grads):
             shape = (n, batch, *site.output.shape[1:])
@@ -247,7 +303,7 @@ class HookPairGGN(PairCurvatureInterface):
             for name in (site.weight, site.bias):
                 if name is not None:
                     entries.setdefault(name, []).append((site, q))
-        return twin, sites, entries
+        return twin, sites, entries, extra
 
     # ------------------------------------------------------------------ pair graph
     def _gram_policy(self) -> GramPolicy:
