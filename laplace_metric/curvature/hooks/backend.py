@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,23 +12,23 @@ from laplace_metric.curvature.backpack.backend import private_copy, sync_copy
 from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.curvature.budget import budget_elements
 from laplace_metric.curvature.graph import PairGraph
+from laplace_metric.curvature.hooks.columns import ColumnPasses
 from laplace_metric.curvature.hooks.diag import GramPolicy, graph_diag, plan_location_grams
 from laplace_metric.curvature.hooks.folds import fold_gram
 from laplace_metric.curvature.hooks.kron import KFACApproximation, kron_factors
 from laplace_metric.curvature.hooks.pairs import pair_batch
-from laplace_metric.curvature.hooks.passes import ColumnPass, Entries
+from laplace_metric.curvature.hooks.passes import ColumnPass
 from laplace_metric.curvature.hooks.predictive import covariance_chunk, normalised
 from laplace_metric.curvature.hooks.sites import (
     Recorder,
     Site,
     batchnorm_reason,
-    functional_grads,
 )
 from laplace_metric.enums import parse_enum
 from laplace_metric.likelihoods.base import GraphTerms, PairTerms
 
 
-class HookPairGGN(PairCurvatureInterface):
+class HookPairGGN(ColumnPasses, PairCurvatureInterface):
     """Pairwise GGN (diag, Kronecker, full) of any module graph, from hooks and ``torch.func``.
 
     In the spirit of curvlinops' KFAC: one forward pass of a private, hook-free copy of the
@@ -107,11 +106,6 @@ class HookPairGGN(PairCurvatureInterface):
     #: ``False`` forces per-column gradients, ``True`` a Gram form (``'gram'``: whole
     #: components, ``'split'``: per-sample Grams and component sums, where the graph allows).
     location_gram: bool | str | None = None
-    #: Parameters of shape ``(1, *rest)`` that no site covers (class tokens, positional
-    #: embeddings) get their per-sample gradients from the sites' own backward pass, expanded
-    #: over the rows, where a check on two samples confirms it (``False``: always
-    #: ``torch.func``).
-    row_params: bool = True
 
     def __init__(
         self,
@@ -187,123 +181,6 @@ class HookPairGGN(PairCurvatureInterface):
         """Elements of one sample's site outputs and embedding (a probe pass on one sample)."""
         _, probe, sites = self._record(module, inputs[:1])
         return sum(s.output.numel() for s in sites) + probe.numel()
-
-    def _others(self, twin: nn.Module, sites: list[Site]) -> list[str]:
-        """Inferred parameters that no site covers (they get ``torch.func`` gradients)."""
-        covered = {n for s in sites for n in (s.weight, s.bias) if n is not None}
-        return [n for n, p in twin.named_parameters() if p.requires_grad and n not in covered]
-
-    def _passes(
-        self,
-        module: nn.Module,
-        inputs: torch.Tensor,
-        columns: torch.Tensor,
-        all_columns: bool = False,
-    ) -> Iterator[ColumnPass]:
-        """Back-propagate ``columns [R, B, D]`` in chunks (all at once if ``all_columns``).
-
-        ``c`` columns are back-propagated by one forward and one backward pass of the batch
-        repeated ``c`` times, with ``c`` such that the repeated site outputs hold at most
-        :attr:`max_elements` numbers (on a loaded CPU, resnet18, batch 64: 16 columns took
-        9.9 s this way against 37 s with ``is_grads_batched``, whose vmap falls back to loops;
-        one retained-graph backward per column was about as fast).
-
-        Yields
-        ------
-        ColumnPass
-            The site gradients (and ``torch.func`` gradients) of one chunk of columns.
-        """
-        batch = inputs.shape[0]
-        twin, probe, probe_sites = self._record(module, inputs[:1])
-        per_sample = sum(s.output.numel() for s in probe_sites) + probe.numel()
-        others = self._others(twin, probe_sites)
-        del probe, probe_sites
-        n_cols = columns.shape[0]
-        step = max(1, min(n_cols, self.max_elements // max(batch * per_sample, 1)))
-        if all_columns:
-            step = n_cols
-        by_row = self._row_params(module, inputs, columns, others)
-        rest = [n for n in others if n not in by_row]
-        first = None
-        for start in range(0, n_cols, step):
-            cols = columns[start : start + step]
-            twin, sites, entries, extra = self._backpropagate(module, inputs, cols, first, by_row)
-            first = sites
-            if rest:
-                extra.update(
-                    functional_grads(twin, inputs, rest, cols, per_sample * 4, self.max_elements)
-                )
-            yield ColumnPass(twin, sites, entries, extra)
-
-    def _row_params(
-        self, module: nn.Module, inputs: torch.Tensor, columns: torch.Tensor, others: list[str]
-    ) -> list[str]:
-        """The uncovered parameters whose per-sample gradients one pass gives by rows.
-
-        A parameter of shape ``(1, *rest)`` that the model broadcasts over the batch (a class
-        token, a positional embedding) is replaced by its expansion ``(N, *rest)`` over the
-        ``N`` rows of a pass: the gradient at the expansion is then the per-row gradient, from
-        the same backward pass as the sites (no ``torch.func`` pass). Each candidate is
-        checked once against ``torch.func`` on two samples and two columns; a parameter used
-        any other way (indexed, reduced over the batch, a shape error) keeps ``torch.func``.
-        """
-        if self.row_params is False:
-            return []
-        twin = self._private(module)
-        params = dict(twin.named_parameters())
-        names = [n for n in others if params[n].dim() >= 2 and params[n].shape[0] == 1]
-        if not names:
-            return []
-        probe, cols = inputs[:2], columns[:2, :2]
-        try:
-            *_, fast = self._backpropagate(module, probe, cols, None, names)
-        except RuntimeError:
-            return []
-        slow = functional_grads(twin, probe, names, cols, 1, self.max_elements)
-        return [
-            n
-            for n in names
-            if torch.allclose(fast[n], slow[n], rtol=1e-4, atol=1e-6 * float(slow[n].abs().max()))
-        ]
-
-    def _backpropagate(
-        self,
-        module: nn.Module,
-        inputs: torch.Tensor,
-        columns: torch.Tensor,
-        previous: list[Site] | None,
-        by_row: list[str] | None = None,
-    ) -> tuple[nn.Module, list[Site], dict[str, Entries], dict[str, torch.Tensor]]:
-        """One forward pass of the batch repeated ``c`` times and one backward pass of the
-        columns ``[c, B, D]`` to every site output (and to the parameters ``by_row``, expanded
-        over the rows: their per-sample gradients ``[c, B, *shape]``)."""
-        n, batch = columns.shape[:2]
-        rows = inputs.repeat(n, *([1] * (inputs.dim() - 1))) if n > 1 else inputs
-        twin = self._private(module)
-        params = dict(twin.named_parameters())
-        expanded = {
-            name: params[name].expand(n * batch, *params[name].shape[1:]) for name in by_row or []
-        }
-        twin, g, sites = self._record(module, rows, batch, previous, expanded)
-        cols = columns.to(g.dtype).reshape(n * batch, -1)
-        outputs = [s.output for s in sites] + list(expanded.values())
-        grads = torch.autograd.grad(g, outputs, cols, allow_unused=True) if outputs else []
-        del g, outputs
-        grads, row_grads = grads[: len(sites)], grads[len(sites) :]
-        extra = {}
-        for name, grad in zip(expanded, row_grads):
-            shape = (n, batch, *params[name].shape)
-            extra[name] = params[name].new_zeros(shape) if grad is None else grad.reshape(shape)
-        entries: dict[str, Entries] = {}
-        for site, q in zip(sites, grads):
-            shape = (n, batch, *site.output.shape[1:])
-            q = site.output.new_zeros(shape) if q is None else q.reshape(shape)
-            site.output = None  # release the graph
-            q = site.columns(q)
-            for name in (site.weight, site.bias):
-                if name is not None:
-                    entries.setdefault(name, []).append((site, q))
-        return twin, sites, entries, extra
 
     # ------------------------------------------------------------------ pair graph
     def _gram_policy(self) -> GramPolicy:

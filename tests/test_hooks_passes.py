@@ -1,5 +1,7 @@
-"""Per-sample gradients of broadcast parameters (class tokens, positional embeddings) from the
-sites' own backward pass, and the ``torch.func`` fallback where a parameter is used otherwise."""
+"""How HookPairGGN back-propagates its columns: one forward pass with the graph retained
+(against the batch repeated per column chunk), and per-sample gradients of broadcast parameters
+(class tokens, positional embeddings) from the sites' own backward pass, with the ``torch.func``
+fallback where a parameter is used otherwise."""
 
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ from torch import nn
 
 import laplace_metric  # noqa: F401  (registers the likelihoods)
 from laplace_metric.curvature import HookPairGGN, ReferencePairGGN
-from laplace_metric.curvature.hooks import backend as hook_backend
+from laplace_metric.curvature.hooks import columns as hook_columns
 from laplace_metric.likelihoods import ContrastiveLikelihood
 from tests.bruteforce import assert_close
 from tests.conftest import labelled_data
-from tests.test_hooks import tiny_vit
+from tests.test_hooks import residual_cnn, tiny_vit
 
 TOL = 1e-10
 
@@ -41,13 +43,13 @@ class Offset(nn.Module):
 def _spy(monkeypatch) -> list[list[str]]:
     """Record the parameter names each ``functional_grads`` call in the backend takes."""
     calls: list[list[str]] = []
-    stock = hook_backend.functional_grads
+    stock = hook_columns.functional_grads
 
     def spy(module, inputs, names, *args):
         calls.append(list(names))
         return stock(module, inputs, names, *args)
 
-    monkeypatch.setattr(hook_backend, "functional_grads", spy)
+    monkeypatch.setattr(hook_columns, "functional_grads", spy)
     return calls
 
 
@@ -86,3 +88,28 @@ def test_row_params_off_gives_the_same_diagonal(monkeypatch):
     slow = slow_backend.diag(x, y).hessian
     assert calls and all(set(c) == {"class_token", "encoder.pos_embedding"} for c in calls)
     assert_close(fast, slow, TOL)
+
+
+@pytest.mark.parametrize(
+    "name, build, shape", [("rescnn", residual_cnn, (1, 6, 6)), ("vit", tiny_vit, (3, 8, 8))]
+)
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_retained_forward_equals_repeated_batches(name, build, shape, structure, device):
+    """Several column chunks either way; the same curvature to rounding."""
+    model = build().to(device)
+    x, y = labelled_data(10, shape)
+    x, y = x.to(device), y.to(device)
+    lik = ContrastiveLikelihood(hessian_method="positives")
+    results = []
+    for retain in (True, False):
+        hooks = HookPairGGN(model, lik)
+        hooks.max_elements = 2**11
+        hooks.retain_forward = retain
+        results.append(getattr(hooks, structure)(x, y).hessian)
+    if structure == "diag":
+        assert_close(results[0], results[1], TOL)
+        assert_close(results[0], ReferencePairGGN(model, lik).diag(x, y).hessian, TOL)
+    else:
+        for got, want in zip(results[0].kfacs, results[1].kfacs):
+            for a, b in zip(got, want):
+                assert_close(a, b, TOL)
