@@ -13,6 +13,8 @@ classes, so the pair graph) and cuts the rest: ``--images`` images, and for the 
 * ``lam-diag``: all-layer LAM diag (``likelihood='contrastive'``, default backend);
 * ``lam-diag-func`` (``--compare-func``): the same with ``HookPairGGN.row_params = False``
   (class token and positional embedding through ``torch.func``, the behaviour before);
+* ``lam-diag-repeated`` (``--compare-repeated``): the same with ``HookPairGGN.retain_forward
+  = False`` (a forward pass of the batch repeated per chunk of columns, the behaviour before);
 * ``lam-kron-frozen-pos`` (ViT only): all-layer LAM kron with the positional embedding frozen;
 
 and prints each as a multiple of the floor. Run ``python benchmarks/encoder_ratios.py --model
@@ -45,7 +47,7 @@ def _fit(la, data, batch: int) -> float:
     return time.perf_counter() - start
 
 
-def _lam(model, structure: str, row_params: bool = True):
+def _lam(model, structure: str, row_params: bool = True, retain_forward: bool = True):
     from laplace import Laplace
 
     with warnings.catch_warnings():
@@ -53,6 +55,7 @@ def _lam(model, structure: str, row_params: bool = True):
         la = Laplace(model, "contrastive", "all", structure)
     if hasattr(la.backend, "row_params"):
         la.backend.row_params = row_params
+        la.backend.retain_forward = retain_forward
     return la
 
 
@@ -86,6 +89,9 @@ def run(args: argparse.Namespace) -> None:
     cells = [("lam-diag", lambda: _lam(model, "diag"))]
     if args.compare_func:
         cells.append(("lam-diag-func", lambda: _lam(model, "diag", row_params=False)))
+    if args.compare_repeated:
+        repeated = ("lam-diag-repeated", lambda: _lam(model, "diag", retain_forward=False))
+        cells.append(repeated)
     if args.model in encoder_models.VIT_SIZES and not args.no_kron:
 
         def frozen_pos():
@@ -109,6 +115,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compare-func", action="store_true")
+    parser.add_argument("--compare-repeated", action="store_true")
     parser.add_argument("--no-kron", action="store_true")
     run(parser.parse_args())
 
