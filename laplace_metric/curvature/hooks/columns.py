@@ -175,15 +175,16 @@ class ColumnPasses:
         twin, g, sites, targets = self._hooked_forward(module, inputs, batch, None, by_row)
         for start in range(0, columns.shape[0], step):
             cols = columns[start : start + step].to(g.dtype)
-            per_column = [
-                torch.autograd.grad(g, targets, col, allow_unused=True, retain_graph=True)
-                for col in cols
-            ]
-            grads = [
-                None if per_column[0][k] is None else torch.stack([p[k] for p in per_column])
-                for k in range(len(targets))
-            ]
-            del per_column
+            # each column's gradients go straight into the chunk's buffers (no second copy)
+            grads = [t.new_empty((len(cols), *t.shape)) for t in targets]
+            for j, col in enumerate(cols):
+                parts = torch.autograd.grad(g, targets, col, allow_unused=True, retain_graph=True)
+                for buffer, part in zip(grads, parts):
+                    if part is None:  # the target does not reach the output
+                        buffer[j].zero_()
+                    else:
+                        buffer[j].copy_(part)
+                del parts
             yield (
                 twin,
                 sites,
