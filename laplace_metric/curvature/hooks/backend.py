@@ -38,9 +38,10 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
     in-projection and out-projection of ``nn.MultiheadAttention`` self-attention (recomputed
     in plain operations). The square-root columns ``S_i = terms.factor[i]`` (raw-output space:
     the likelihood's normalisation is already folded in) are back-propagated from the
-    encoder output ``g`` to every site output at once, ``c`` columns per forward/backward
-    pass of the batch repeated ``c`` times, so residual connections, attention
-    and functional code need no per-layer derivative table. With ``q`` the gradient at a site
+    encoder output ``g`` to every site output at once: a fit runs one forward pass of the
+    batch and one backward pass per column with the graph retained, handing the folds ``c``
+    columns at a time (see :mod:`laplace_metric.curvature.hooks.columns`), so residual
+    connections, attention and functional code need no per-layer derivative table. With ``q`` the gradient at a site
     output and ``x`` its input:
 
     * **diag** (exact): a Linear on ``(B, in)`` folds ``q`` and ``x`` with
@@ -56,8 +57,10 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
       ``u_i = J_i^T S_i`` of all parameters (only feasible for small models).
 
     Parameters no site covers (class tokens, positional embeddings, grouped convolutions, a
-    MultiheadAttention called with masks, embeddings) get exact per-sample gradients from
-    ``torch.func`` (a vmapped vector-Jacobian product on the hook-free copy): their diagonal
+    MultiheadAttention called with masks, embeddings) get exact per-sample gradients: from the
+    same backward passes where the parameter has shape ``(1, *rest)`` and the model broadcasts
+    it over the batch (checked once on two samples; ``row_params``), else from
+    ``torch.func`` (a vmapped vector-Jacobian product on the hook-free copy). Their diagonal
     and dense blocks are exact. For Kronecker structure such a parameter must be 1-D or have a
     leading dimension of 1 (``(1, *, n)``: class token, positional embedding); the latter gets
     its exact dense block, stored in laplace-torch's ``Kron`` layout as
@@ -71,8 +74,8 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
     location-Gram accumulators of all shared weights, which live across column chunks, hold
     at most ``4 * max_elements`` numbers together, and the output gradients of those weights
     are gathered over passes up to ``max_elements`` numbers before each update. Peak memory is about the forward pass's
-    activations (of the batch repeated once per column in a chunk) plus a few times
-    ``max_elements``.
+    activations (of the batch; the predictive: of the batch repeated once per column) plus a
+    few times ``max_elements``.
 
     The folds (:mod:`laplace_metric.curvature.hooks.folds`) equal those of
     :mod:`laplace_metric.curvature.graph` and take a vectorised fast path for components
