@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -12,15 +11,15 @@ from torch import nn
 from laplace_metric.curvature.base import PairCurvatureInterface
 from laplace_metric.curvature.budget import budget_elements
 from laplace_metric.curvature.folds import fold_gram
+from laplace_metric.curvature.hooks.columns import ColumnPasses
 from laplace_metric.curvature.hooks.diag import GramPolicy, graph_diag, plan_location_grams
 from laplace_metric.curvature.hooks.kron import KFACApproximation, kron_factors
-from laplace_metric.curvature.hooks.passes import ColumnPass, Entries
+from laplace_metric.curvature.hooks.passes import ColumnPass
 from laplace_metric.curvature.hooks.predictive import covariance_chunk, normalised
 from laplace_metric.curvature.hooks.sites import (
     Recorder,
     Site,
     batchnorm_reason,
-    functional_grads,
 )
 from laplace_metric.curvature.layers import pair_rows, private_copy, sync_copy
 from laplace_metric.enums import parse_enum
@@ -28,7 +27,7 @@ from laplace_metric.pairs.graph import PairGraph
 from laplace_metric.pairs.terms import GraphTerms, PairTerms
 
 
-class HookPairGGN(PairCurvatureInterface):
+class HookPairGGN(ColumnPasses, PairCurvatureInterface):
     """Pairwise GGN (diag, Kronecker, full) of any module graph, from hooks and ``torch.func``.
 
     In the spirit of curvlinops' KFAC: one forward pass of a private, hook-free copy of the
@@ -38,9 +37,10 @@ class HookPairGGN(PairCurvatureInterface):
     in-projection and out-projection of ``nn.MultiheadAttention`` self-attention (recomputed
     in plain operations). The square-root columns ``S_i = terms.factor[i]`` (raw-output space:
     the likelihood's normalisation is already folded in) are back-propagated from the
-    encoder output ``g`` to every site output at once, ``c`` columns per forward/backward
-    pass of the batch repeated ``c`` times, so residual connections, attention
-    and functional code need no per-layer derivative table. With ``q`` the gradient at a site
+    encoder output ``g`` to every site output at once: a fit runs one forward pass of the
+    batch and one backward pass per column with the graph retained, handing the folds ``c``
+    columns at a time (see :mod:`laplace_metric.curvature.hooks.columns`), so residual
+    connections, attention and functional code need no per-layer derivative table. With ``q`` the gradient at a site
     output and ``x`` its input:
 
     * **diag** (exact): a Linear on ``(B, in)`` folds ``q`` and ``x`` with
@@ -56,8 +56,10 @@ class HookPairGGN(PairCurvatureInterface):
       ``u_i = J_i^T S_i`` of all parameters (only feasible for small models).
 
     Parameters no site covers (class tokens, positional embeddings, grouped convolutions, a
-    MultiheadAttention called with masks, embeddings) get exact per-sample gradients from
-    ``torch.func`` (a vmapped vector-Jacobian product on the hook-free copy): their diagonal
+    MultiheadAttention called with masks, embeddings) get exact per-sample gradients: from the
+    same backward passes where the parameter has shape ``(1, *rest)`` and the model broadcasts
+    it over the batch (checked once on two samples; ``row_params``), else from
+    ``torch.func`` (a vmapped vector-Jacobian product on the hook-free copy). Their diagonal
     and dense blocks are exact. For Kronecker structure such a parameter must be 1-D or have a
     leading dimension of 1 (``(1, *, n)``: class token, positional embedding); the latter gets
     its exact dense block, stored in laplace-torch's ``Kron`` layout as
@@ -71,8 +73,8 @@ class HookPairGGN(PairCurvatureInterface):
     location-Gram accumulators of all shared weights, which live across column chunks, hold
     at most ``4 * max_elements`` numbers together, and the output gradients of those weights
     are gathered over passes up to ``max_elements`` numbers before each update. Peak memory is about the forward pass's
-    activations (of the batch repeated once per column in a chunk) plus a few times
-    ``max_elements``.
+    activations (of the batch; the predictive: of the batch repeated once per column) plus a
+    few times ``max_elements``.
 
     The folds are those of every backend (:mod:`laplace_metric.curvature.folds`), with a
     closed form for components whose block is ``a I + b 1 1^T`` (all pairs of a class: every
@@ -154,9 +156,11 @@ class HookPairGGN(PairCurvatureInterface):
         inputs: Any,
         batch: int | None = None,
         previous: list[Site] | None = None,
+        rows: dict[str, torch.Tensor] | None = None,
     ) -> tuple[nn.Module, torch.Tensor, list[Site]]:
         """One forward pass of the private copy recording the sites (inputs of the first
-        ``batch`` rows only: the rows repeat the batch; reused from ``previous`` sites)."""
+        ``batch`` rows only: the rows repeat the batch; reused from ``previous`` sites), with
+        the parameters in ``rows`` replaced by the given tensors (see :meth:`_row_params`)."""
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(
                 f"HookPairGGN needs tensor inputs, got {type(inputs).__name__}; use "
@@ -169,84 +173,16 @@ class HookPairGGN(PairCurvatureInterface):
                 if reason is not None:
                     raise ValueError(f"HookPairGGN: '{name}': {reason}.")
         with Recorder(twin, batch=batch, previous=previous) as recorder, torch.enable_grad():
-            g = twin(inputs)
+            if rows:
+                g = torch.func.functional_call(twin, rows, (inputs,), strict=False)
+            else:
+                g = twin(inputs)
         return twin, g, recorder.sites
 
     def _per_sample_elements(self, module: nn.Module, inputs: torch.Tensor) -> int:
         """Elements of one sample's site outputs and embedding (a probe pass on one sample)."""
         _, probe, sites = self._record(module, inputs[:1])
         return sum(s.output.numel() for s in sites) + probe.numel()
-
-    def _others(self, twin: nn.Module, sites: list[Site]) -> list[str]:
-        """Inferred parameters that no site covers (they get ``torch.func`` gradients)."""
-        covered = {n for s in sites for n in (s.weight, s.bias) if n is not None}
-        return [n for n, p in twin.named_parameters() if p.requires_grad and n not in covered]
-
-    def _passes(
-        self,
-        module: nn.Module,
-        inputs: torch.Tensor,
-        columns: torch.Tensor,
-        all_columns: bool = False,
-    ) -> Iterator[ColumnPass]:
-        """Back-propagate ``columns [R, B, D]`` in chunks (all at once if ``all_columns``).
-
-        ``c`` columns are back-propagated by one forward and one backward pass of the batch
-        repeated ``c`` times, with ``c`` such that the repeated site outputs hold at most
-        :attr:`max_elements` numbers (on a loaded CPU, resnet18, batch 64: 16 columns took
-        9.9 s this way against 37 s with ``is_grads_batched``, whose vmap falls back to loops;
-        one retained-graph backward per column was about as fast).
-
-        Yields
-        ------
-        ColumnPass
-            The site gradients (and ``torch.func`` gradients) of one chunk of columns.
-        """
-        batch = inputs.shape[0]
-        per_sample = self._per_sample_elements(module, inputs)
-        n_cols = columns.shape[0]
-        step = max(1, min(n_cols, self.max_elements // max(batch * per_sample, 1)))
-        if all_columns:
-            step = n_cols
-        others, first = None, None
-        for start in range(0, n_cols, step):
-            cols = columns[start : start + step]
-            twin, sites, entries = self._backpropagate(module, inputs, cols, first)
-            if others is None:
-                others, first = self._others(twin, sites), sites
-            extra = {}
-            if others:
-                extra = functional_grads(
-                    twin, inputs, others, cols, per_sample * 4, self.max_elements
-                )
-            yield ColumnPass(twin, sites, entries, extra)
-
-    def _backpropagate(
-        self,
-        module: nn.Module,
-        inputs: torch.Tensor,
-        columns: torch.Tensor,
-        previous: list[Site] | None,
-    ) -> tuple[nn.Module, list[Site], dict[str, Entries]]:
-        """One forward pass of the batch repeated ``c`` times and one backward pass of the
-        columns ``[c, B, D]`` to every site output."""
-        n, batch = columns.shape[:2]
-        rows = inputs.repeat(n, *([1] * (inputs.dim() - 1))) if n > 1 else inputs
-        twin, g, sites = self._record(module, rows, batch, previous)
-        cols = columns.to(g.dtype).reshape(n * batch, -1)
-        outputs = [s.output for s in sites]
-        grads = torch.autograd.grad(g, outputs, cols, allow_unused=True) if outputs else []
-        del g, outputs
-        entries: dict[str, Entries] = {}
-        for site, q in zip(sites, grads):
-            shape = (n, batch, *site.output.shape[1:])
-            q = site.output.new_zeros(shape) if q is None else q.reshape(shape)
-            site.output = None  # release the graph
-            q = site.columns(q)
-            for name in (site.weight, site.bias):
-                if name is not None:
-                    entries.setdefault(name, []).append((site, q))
-        return twin, sites, entries
 
     # ------------------------------------------------------------------ pair graph
     def _gram_policy(self) -> GramPolicy:

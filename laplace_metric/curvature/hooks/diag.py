@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 from laplace_metric.curvature.folds import fold_diag, fold_linear
-from laplace_metric.curvature.hooks.locations import GraphGram, SplitGram, graph_costs, split_costs
+from laplace_metric.curvature.hooks.locations import (
+    CACHE_ELEMENTS,
+    GraphGram,
+    SplitGram,
+    graph_costs,
+    split_costs,
+)
 from laplace_metric.curvature.hooks.passes import ColumnPass, row_slices
 from laplace_metric.curvature.hooks.sites import Site, SiteKind, weight_grads
 from laplace_metric.pairs.graph import PairGraph
@@ -203,6 +209,6 @@ def diag_block(
     c, b, _, n_out = q.shape
     n_in = site.x.shape[-1]
     result = param.new_zeros(n_out, n_in)
-    for rows in row_slices(n_out, c * b * n_in, max_elements):
+    for rows in row_slices(n_out, c * b * n_in, min(max_elements, CACHE_ELEMENTS)):
         result[rows] = fold_diag(weight_grads(calls, rows), graph)
     return result.reshape(param.shape)
