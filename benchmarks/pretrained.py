@@ -13,11 +13,11 @@ Per seed (``--seeds``), on the cached features (:mod:`benchmarks.pretrained_head
   post-hoc last-layer LAM diag and kron (analytic :class:`~laplace_metric.retrieval.
   RetrievalIndex`), the sampled-LAM path (30 weight samples: time, agreement with the analytic
   path), and the curvature-off control (:mod:`benchmarks.pretrained_lam`);
-* a deep ensemble of ``--members`` such heads (this seed's and others), an MC-dropout head,
-  and a head trained with a learned ICNN Bregman divergence (deterministic Bregman kNN, and
+* an MC-dropout head, and a head trained with a learned ICNN Bregman divergence (deterministic Bregman kNN, and
   sampled last-layer LAM: no closed form for a learned potential);
-* once (no seed): cosine kNN on raw pixels (the floor) and Mahalanobis on the backbone
-  features (:mod:`benchmarks.pretrained_rows`).
+* once (no std): cosine kNN on raw pixels (the floor), Mahalanobis on the backbone features
+  (:mod:`benchmarks.pretrained_rows`), and the deep ensemble of the seeds' contrastive heads
+  (plus extra heads up to ``--members``).
 
 Columns: recall@1, MAP@R, ECE of the probability that the top-1 match has the query's label,
 AUSE, OOD AUROC, search seconds (test queries), top-1 agreement with the analytic path; mean ±
@@ -79,20 +79,16 @@ def lam_rows(head, feats: dict, labels: dict, start: float) -> dict:
     return out
 
 
-def run_seed(seed: int, feats: dict, labels: dict, args, start: float) -> dict:
-    """Every seeded row of one seed."""
+def run_seed(seed: int, feats: dict, labels: dict, args, start: float):
+    """Every seeded row of one seed, and the seed's contrastive head."""
     x, y, ep = feats["gallery"], labels["gallery"], args.epochs
     head = heads.contrastive_head(x, y, ep, seed)
     log(f"seed {seed}: contrastive head", start)
     with torch.no_grad():
         emb = {k: F.normalize(head(v), dim=1) for k, v in feats.items()}
     out = {"deterministic cosine kNN (head)": rows.cosine_row(emb, labels)}
-    members = [head] + [heads.contrastive_head(x, y, ep, 1000 * j + seed)
-                        for j in range(1, args.members)]  # fmt: skip
-    out[f"deep ensemble ({args.members} heads)"] = rows.ensemble_row(members, feats, labels)
-    log("ensemble", start)
-    out["MC dropout head (30)"] = rows.mc_dropout_row(heads.dropout_head(x, y, ep, seed), feats,
-                                                      labels)  # fmt: skip
+    dropout = heads.dropout_head(x, y, ep, seed)
+    out["MC dropout head (30)"] = rows.mc_dropout_row(dropout, feats, labels)
     log("MC dropout", start)
     out.update(lam_rows(head, feats, labels, start))
     b_head, div = heads.bregman_head(x, y, ep, seed)
@@ -102,7 +98,16 @@ def run_seed(seed: int, feats: dict, labels: dict, args, start: float) -> dict:
         "lam"
     ]
     log(f"seed {seed}: Bregman head", start)
-    return out
+    return out, head
+
+
+def ensemble(seed_heads: list, feats: dict, labels: dict, args) -> dict:
+    """The deep ensemble of the seeds' heads, plus extra heads up to ``args.members``."""
+    x, y = feats["gallery"], labels["gallery"]
+    extra = [heads.contrastive_head(x, y, args.epochs, 1000 * (j + 1) + args.seeds[0])
+             for j in range(args.members - len(seed_heads))]  # fmt: skip
+    members = seed_heads + extra
+    return {f"deep ensemble ({len(members)} heads)": rows.ensemble_row(members, feats, labels)}
 
 
 def table(fixed: dict, seeds: list[dict]) -> str:
@@ -118,13 +123,27 @@ def table(fixed: dict, seeds: list[dict]) -> str:
     return result.to_markdown()
 
 
+def merge(paths: list[str]) -> str:
+    """The table of several runs' ``--json`` files (e.g. one seed per process): every row,
+    the deep ensemble's included, gets one value per seed it was run with."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    fixed = {name: row for name, row in runs[0]["fixed"].items() if "ensemble" not in name}
+    seeds = []
+    for run in runs:
+        ens = {name: row for name, row in run["fixed"].items() if "ensemble" in name}
+        seeds += [{**ens, **seed} for seed in run["seeds"]]
+    return table(fixed, seeds)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--members", type=int, default=None, help="deep-ensemble heads")
+    parser.add_argument("--members", type=int, default=None,
+                        help="deep-ensemble heads: the seeds' heads and extra ones (default: "
+                        "one per seed, at least 2)")  # fmt: skip
     parser.add_argument("--sizes", type=int, nargs=3, default=None, metavar=("GAL", "VAL", "TEST"),
                         help="gallery, validation and test (and MNIST) sizes")  # fmt: skip
     parser.add_argument("--pool", type=int, default=None,
@@ -132,18 +151,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bregman-fit", type=int, default=512,
                         help="gallery items the Bregman head's Laplace posterior is fitted on")  # fmt: skip
     parser.add_argument("--json", default=None, help="write every seed's rows here")
+    parser.add_argument("--merge", nargs="+", default=None, help="print the table of --json files")
     args = parser.parse_args()
     args.gallery, args.val, args.test = (2000, 500, 1000) if args.quick else (None, 2000, 2000)
     if args.sizes:
         args.gallery, args.val, args.test = args.sizes
     args.epochs = args.epochs or (10 if args.quick else 20)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.members = args.members or (2 if args.quick else 5)
+    args.members = max(args.members or 2, len(args.seeds))
     return args
 
 
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        print(merge(args.merge))
+        return
     start = time.perf_counter()
     backbone = load_backbone()
     if backbone is None:
@@ -157,7 +180,9 @@ def main() -> None:
     log(f"features {', '.join(f'{k} {len(v)}' for k, v in feats.items())}", start)
     fixed = fixed_rows(images, feats, labels)
     log("raw pixels, Mahalanobis", start)
-    seeds = [run_seed(seed, feats, labels, args, start) for seed in args.seeds]
+    seeds, seed_heads = zip(*(run_seed(seed, feats, labels, args, start) for seed in args.seeds))
+    fixed.update(ensemble(list(seed_heads), feats, labels, args))
+    log("ensemble", start)
     if args.json:
         Path(args.json).write_text(json.dumps({"fixed": fixed, "seeds": seeds}, indent=1))
     n = len(feats["gallery"])
