@@ -87,6 +87,8 @@ def run_seed(seed: int, feats: dict, labels: dict, args, start: float):
     with torch.no_grad():
         emb = {k: F.normalize(head(v), dim=1) for k, v in feats.items()}
     out = {"deterministic cosine kNN (head)": rows.cosine_row(emb, labels)}
+    if args.core:
+        return {**out, **lam_rows(head, feats, labels, start)}, head
     dropout = heads.dropout_head(x, y, ep, seed)
     out["MC dropout head (30)"] = rows.mc_dropout_row(dropout, feats, labels)
     log("MC dropout", start)
@@ -119,7 +121,7 @@ def table(fixed: dict, seeds: list[dict]) -> str:
         result.add_row(name, {m: [v] for m, v in row.items()})
     for name in seeds[0]:
         metrics = seeds[0][name]
-        result.add_row(name, {m: [s[name][m] for s in seeds] for m in metrics})
+        result.add_row(name, {m: [s[name][m] for s in seeds if name in s] for m in metrics})
     return result.to_markdown()
 
 
@@ -151,6 +153,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bregman-fit", type=int, default=512,
                         help="gallery items the Bregman head's Laplace posterior is fitted on")  # fmt: skip
     parser.add_argument("--json", default=None, help="write every seed's rows here")
+    parser.add_argument("--core", action="store_true",
+                        help="only the contrastive head's rows (deterministic, LAM, control)")  # fmt: skip
     parser.add_argument("--merge", nargs="+", default=None, help="print the table of --json files")
     args = parser.parse_args()
     args.gallery, args.val, args.test = (2000, 500, 1000) if args.quick else (None, 2000, 2000)
@@ -181,8 +185,9 @@ def main() -> None:
     fixed = fixed_rows(images, feats, labels)
     log("raw pixels, Mahalanobis", start)
     seeds, seed_heads = zip(*(run_seed(seed, feats, labels, args, start) for seed in args.seeds))
-    fixed.update(ensemble(list(seed_heads), feats, labels, args))
-    log("ensemble", start)
+    if not args.core:
+        fixed.update(ensemble(list(seed_heads), feats, labels, args))
+        log("ensemble", start)
     if args.json:
         Path(args.json).write_text(json.dumps({"fixed": fixed, "seeds": seeds}, indent=1))
     n = len(feats["gallery"])
