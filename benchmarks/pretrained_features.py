@@ -72,17 +72,23 @@ def cached_features(model: nn.Module, images, folder: Path, desc: str) -> torch.
     return torch.cat(parts)
 
 
-def split_indices(n_train: int, n_test: int, n_ood: int, gallery: int | None, val: int, test: int):
+def split_indices(n_train: int, n_test: int, n_ood: int, gallery: int | None, val: int, test: int,
+                  pool: int | None = None):  # fmt: skip
     """Fixed random gallery / validation / test / OOD indices (seed 0); without ``gallery``,
-    every training image not in the validation set is in the gallery."""
+    every training image of the pool (the first ``pool``, default all) not in the validation
+    set is in the gallery. The test and OOD indices do not depend on ``pool``."""
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(n_train, generator=gen)
-    n_gal = gallery or (n_train - val)
+    test_idx = torch.randperm(n_test, generator=gen)[:test]
+    ood_idx = torch.randperm(n_ood, generator=gen)[:test]
+    if pool is not None and pool < n_train:
+        perm = torch.randperm(pool, generator=torch.Generator().manual_seed(1))
+    n_gal = gallery or (len(perm) - val)
     return {
         "gallery": perm[:n_gal],
         "val": perm[n_gal : n_gal + val],
-        "test": torch.randperm(n_test, generator=gen)[:test],
-        "ood": torch.randperm(n_ood, generator=gen)[:test],
+        "test": test_idx,
+        "ood": ood_idx,
     }
 
 
@@ -97,7 +103,8 @@ def load_features(model: nn.Module, args, cache: Path):
 
     fm, mn = load_idx_dataset("fashion_mnist"), load_idx_dataset("mnist")
     pool = min(getattr(args, "pool", None) or len(fm.y_train), len(fm.y_train))
-    idx = split_indices(pool, len(fm.y_test), len(mn.y_test), args.gallery, args.val, args.test)
+    idx = split_indices(len(fm.y_train), len(fm.y_test), len(mn.y_test), args.gallery, args.val,
+                        args.test, pool)  # fmt: skip
     source = {"gallery": fm, "val": fm, "test": fm, "ood": mn}
     images, labels, feats = {}, {}, {}
     for k, ds in source.items():
