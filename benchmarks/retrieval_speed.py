@@ -9,6 +9,11 @@ gallery holds ``G`` synthetic features (class centres plus noise, float32). For 
 * ``analytic``: :class:`laplace_metric.retrieval.RetrievalIndex` (candidates by the MAP cosine,
   64 per query, re-ranked by the closed-form posterior mean; variance of each match and the
   match probability with its margin variance);
+* ``faiss-<factory>``: the analytic search with its candidates from a faiss inner-product
+  index (``candidate_search='faiss'``, e.g. ``faiss-HNSW32`` with ``efSearch=128``, ``faiss-Flat``; optional extra
+  ``laplace-metric[faiss]``, one faiss thread), re-ranked exactly as above; the faiss index is
+  built once with the gallery (its time is printed), and the top-k overlap with the matmul
+  analytic search of the same run is reported;
 * ``sampled``: 30 weight samples from ``la.sample``; each re-applies the head to the gallery
   and the queries and takes the top-k (the package's sampled retrieval,
   :func:`~laplace_metric.scores.posterior_retrieval`, works the same way). With ``--sampled-
@@ -20,7 +25,8 @@ gallery was built (what the search needs beyond the gallery). All methods use th
 ``memory_budget`` (``--budget``, default 1GB) for their chunks. Timings on a shared machine are
 noisy: compare the ratios, measured in the same run.
 
-Run ``python benchmarks/retrieval_speed.py --sizes 100000 1000000``.
+Run ``python benchmarks/retrieval_speed.py --sizes 100000 1000000`` (add ``--methods
+deterministic analytic faiss-HNSW32`` to time faiss, which must be installed).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +47,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 N_FEATURES, DIM, N_CLASSES, N_QUERIES, K = 1280, 128, 10, 1000, 10
+#: faiss search parameters by index family (``faiss-HNSW32`` -> ``HNSW``)
+FAISS_PARAMS = {"HNSW": "efSearch=128"}
 
 
 def rss_bytes() -> int:
@@ -78,7 +87,7 @@ def fitted_estimator(centres: torch.Tensor, budget: str):
     return la
 
 
-def gallery_index(la, size: int, centres: torch.Tensor, budget: str):
+def gallery_index(la, size: int, centres: torch.Tensor, budget: str, **kwargs):
     """The index of a synthetic gallery, built chunk by chunk (no full-size copy)."""
     from laplace_metric.predictive.similarity import similarity_provider
     from laplace_metric.predictive.similarity_stats import Items
@@ -94,7 +103,8 @@ def gallery_index(la, size: int, centres: torch.Tensor, budget: str):
             z[start:stop], n[start:stop], c[start:stop] = items.z, items.n, items.c
             phi[start:stop] = items.psi  # rotated features replace the raw ones in place
     gallery = Items(z=z, n=n, psi=phi, c=c)
-    return RetrievalIndex(post, gallery, labels, n_candidates=64, memory_budget=budget), labels
+    index = RetrievalIndex(post, gallery, labels, n_candidates=64, memory_budget=budget, **kwargs)
+    return index, labels
 
 
 def deterministic(index, q: torch.Tensor, budget: int):
@@ -122,35 +132,60 @@ def sampled(la, index, q: torch.Tensor, n_samples: int, budget: int):
     return out
 
 
-def child(method: str, size: int, budget: str, n_samples: int) -> dict:
+def build_index(la, method: str, size: int, centres: torch.Tensor, budget: str):
+    """The gallery index (for ``faiss-<factory>``: and its faiss index; ``faiss`` seconds)."""
+    kwargs, seconds = {}, 0.0
+    if method.startswith("faiss-"):
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        factory = method.split("-", 1)[1]
+        params = FAISS_PARAMS.get(factory.rstrip("0123456789"))
+        kwargs = {"candidate_search": "faiss", "faiss_factory": factory, "faiss_params": params}
+    index, _ = gallery_index(la, size, centres, budget)
+    if kwargs:
+        from laplace_metric.retrieval import RetrievalIndex
+
+        t0 = time.perf_counter()
+        index = RetrievalIndex(index.posterior, index.gallery, index.labels, n_candidates=64,
+                               memory_budget=budget, **kwargs)  # fmt: skip
+        seconds = time.perf_counter() - t0
+    return index, seconds
+
+
+def child(method: str, size: int, budget: str, n_samples: int, save: str | None) -> dict:
     from laplace_metric.memory import parse_bytes
 
     torch.set_num_threads(1)
     centres = 3.0 * torch.randn(N_CLASSES, N_FEATURES, generator=torch.Generator().manual_seed(0))
     la = fitted_estimator(centres, budget)
     t0 = time.perf_counter()
-    index, _ = gallery_index(la, size, centres, budget)
-    build = time.perf_counter() - t0
+    index, faiss_build = build_index(la, method, size, centres, budget)
+    build = time.perf_counter() - t0 - faiss_build
     q, _ = features(N_QUERIES, 3, centres)
     before = rss_bytes()
     t0 = time.perf_counter()
     with torch.no_grad():
         if method == "deterministic":
-            deterministic(index, q, parse_bytes(budget))
-        elif method == "analytic":
-            index.search_features(q, k=K)
+            top = deterministic(index, q, parse_bytes(budget))
+        elif method == "sampled":
+            top = sampled(la, index, q, n_samples, parse_bytes(budget))[0]
         else:
-            sampled(la, index, q, n_samples, parse_bytes(budget))
+            top = index.search_features(q, k=K).indices
     seconds = time.perf_counter() - t0
     if method == "sampled":
         seconds *= 30 / n_samples
-    return {"seconds": seconds, "memory": peak_rss_bytes() - before, "build": build}
+    if save:
+        torch.save(top, save)
+    return {"seconds": seconds, "memory": peak_rss_bytes() - before, "build": build,
+            "faiss build": faiss_build}  # fmt: skip
 
 
-def run(method: str, size: int, args) -> dict:
+def run(method: str, size: int, args, save: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--child", method, "--sizes", str(size)]
     cmd += ["--budget", args.budget, "--sampled-samples", str(args.sampled_samples)]
+    cmd += ["--save", save] if save else []
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -162,25 +197,43 @@ def main() -> None:
     parser.add_argument("--sampled-samples", type=int, default=30)
     parser.add_argument("--methods", nargs="+", default=["deterministic", "analytic", "sampled"])
     parser.add_argument("--child", default=None)
+    parser.add_argument("--save", default=None)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.sizes[0], args.budget, args.sampled_samples)))
+        result = child(args.child, args.sizes[0], args.budget, args.sampled_samples, args.save)
+        print(json.dumps(result))
         return
     print(f"{N_QUERIES} queries, k={K}, features {N_FEATURES} -> {DIM}, last-layer kron, "
           f"1 thread, budget {args.budget}")  # fmt: skip
-    print("| G | method | seconds | x deterministic | memory beyond gallery (MB) |")
-    print("|---|---|---|---|---|")
-    for size in args.sizes:
-        base = None
-        for method in ["deterministic"] + [m for m in args.methods if m != "deterministic"]:
-            r = run(method, size, args)
-            base = r["seconds"] if method == "deterministic" else base
-            label = method
-            if method == "sampled" and args.sampled_samples < 30:
-                label += f" ({args.sampled_samples} timed, x{30 / args.sampled_samples:g})"
-            print(f"| {size:,} | {label} | {r['seconds']:.2f} | {r['seconds'] / base:.2f} | "
-                  f"{r['memory'] / 1e6:.0f} |", flush=True)  # fmt: skip
-        print(f"(index build for G={size:,}: {r['build']:.1f} s, once)")
+    print("| G | method | seconds | x deterministic | memory beyond gallery (MB) | top-k overlap "
+          "with analytic |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            time_size(size, args, Path(tmp))
+
+
+def time_size(size: int, args, tmp: Path) -> None:
+    """Every method at gallery size ``size``, printed as table rows."""
+    base, builds = None, {}
+    methods = ["deterministic"] + [m for m in args.methods if m != "deterministic"]
+    for method in methods:
+        r = run(method, size, args, save=str(tmp / f"{method}.pt"))
+        base = r["seconds"] if method == "deterministic" else base
+        builds[method] = (r["build"], r["faiss build"])
+        label = method
+        if method == "sampled" and args.sampled_samples < 30:
+            label += f" ({args.sampled_samples} timed, x{30 / args.sampled_samples:g})"
+        overlap = ""
+        if method.startswith("faiss-") and (tmp / "analytic.pt").exists():
+            ref, top = torch.load(tmp / "analytic.pt"), torch.load(tmp / f"{method}.pt")
+            hits = (ref[:, :, None] == top[:, None, :]).any(-1).float().mean()
+            overlap = f"{hits.item():.3f}"
+        print(f"| {size:,} | {label} | {r['seconds']:.2f} | {r['seconds'] / base:.2f} | "
+              f"{r['memory'] / 1e6:.0f} | {overlap} |", flush=True)  # fmt: skip
+    for method, (build, faiss_build) in builds.items():
+        extra = f" + faiss index {faiss_build:.1f} s" if faiss_build else ""
+        print(f"(G={size:,}, {method}: index build {build:.1f} s{extra}, once)")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,21 @@ def test_faiss_candidates_equal_torch(device):
     assert torch.allclose(a.variance, b.variance, atol=1e-12)
 
 
+def test_faiss_hnsw_params_apply_and_bad_params_raise(tmp_path, device):
+    faiss = pytest.importorskip("faiss")
+    la, index, xq, xg, _ = index_for("kron", device, n_candidates=8)
+    kwargs = {"candidate_search": "faiss", "faiss_factory": "HNSW8"}
+    hnsw = RetrievalIndex.from_laplace(la, xg, index.labels, faiss_params="efSearch=64", **kwargs)
+    assert faiss.downcast_index(hnsw._faiss_index).hnsw.efSearch == 64
+    # a small gallery with a wide search: the approximate candidates are the exact ones
+    assert torch.equal(hnsw.search(xq, k=3).indices, index.search(xq, k=3).indices)
+    hnsw.save(tmp_path / "hnsw.pt")
+    loaded = RetrievalIndex.load(tmp_path / "hnsw.pt", la=la)
+    assert loaded.faiss_params == "efSearch=64"
+    with pytest.raises(ValueError, match="faiss_params"):
+        RetrievalIndex.from_laplace(la, xg, index.labels, faiss_params="nonsense=3", **kwargs)
+
+
 def test_unsupported_posteriors_and_bad_input_raise(device):
     la, xq, xg = fitted("last_layer", "full", 1.0, device)
     with pytest.raises(NotImplementedError, match="diag and kron"):

@@ -85,6 +85,10 @@ class RetrievalIndex:
     faiss_factory : str, default='Flat'
         A ``faiss.index_factory`` string (inner product), e.g. ``'HNSW32'`` for ``G >= 1e6``;
         candidates are re-ranked exactly either way.
+    faiss_params : str, optional
+        Search parameters of the faiss index, set with ``faiss.ParameterSpace`` (e.g.
+        ``'efSearch=128'`` for HNSW, ``'nprobe=32'`` for IVF): approximate indexes trade
+        candidate recall for speed.
     memory_budget : int or str, optional
         Bytes one search chunk may allocate (``None``: half the free memory).
     """
@@ -98,6 +102,7 @@ class RetrievalIndex:
         candidate_search: str = "torch",
         faiss_factory: str = "Flat",
         memory_budget: int | str | None = None,
+        faiss_params: str | None = None,
     ) -> None:
         if candidate_search not in ("torch", "faiss"):
             raise ValueError(
@@ -108,6 +113,7 @@ class RetrievalIndex:
         self.posterior, self.gallery, self.labels = posterior, gallery, labels
         self.n_candidates = int(n_candidates)
         self.candidate_search, self.faiss_factory = candidate_search, faiss_factory
+        self.faiss_params = faiss_params
         self.memory_budget = memory_budget
         self.tau, self.kappa = 1.0, 0.0
         self.la = None
@@ -142,6 +148,14 @@ class RetrievalIndex:
         if not index.is_trained:
             index.train(z)
         index.add(z)
+        if self.faiss_params:
+            try:
+                faiss.ParameterSpace().set_index_parameters(index, self.faiss_params)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"faiss_params={self.faiss_params!r} do not apply to the faiss index "
+                    f"{self.faiss_factory!r} ({err}); e.g. 'efSearch=128' for HNSW."
+                ) from None
         self._faiss_index = index
 
     # ------------------------------------------------------------------ search
@@ -237,6 +251,7 @@ class RetrievalIndex:
                 "n_candidates": self.n_candidates,
                 "candidate_search": self.candidate_search,
                 "faiss_factory": self.faiss_factory,
+                "faiss_params": self.faiss_params,
                 "tau": float(self.tau),
                 "kappa": float(self.kappa),
                 "format": 1,
