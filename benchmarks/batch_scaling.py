@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from encoder_models import ENCODERS, build_encoder  # noqa: E402
+from encoder_models import ENCODERS, build_encoder, random_labelled_images  # noqa: E402
 from encoders import freeze_outside_kfac_layers  # noqa: E402
 
 N_CLASSES = 10
@@ -60,10 +60,7 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, shape = build_encoder(args.model, args.dim)
     model.eval()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.images, *shape, generator=gen)
-    y = (torch.arange(args.images) % N_CLASSES)[torch.randperm(args.images, generator=gen)]
-    lam_data = torch.utils.data.TensorDataset(x, y)
+    x, lam_data, gen = random_labelled_images(shape, args.images, N_CLASSES)
     print(
         f"{args.model}, {args.images} images, {args.dim}-d, threads={args.threads}, "
         f"min of {args.repeats}"

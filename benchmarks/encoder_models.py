@@ -70,3 +70,15 @@ def build_encoder(name: str, dim: int = 128) -> tuple[nn.Module, tuple[int, ...]
         model.heads.head.reset_parameters()
         return model, (3, 32, 32)
     raise ValueError(f"unknown encoder {name!r}; choose from {ENCODERS}")
+
+
+def random_labelled_images(
+    shape: tuple[int, ...], n_images: int, n_classes: int = 10, seed: int = 1
+) -> tuple[torch.Tensor, torch.utils.data.TensorDataset, torch.Generator]:
+    """``n_images`` standard-normal inputs of ``shape`` with balanced, shuffled labels of
+    ``n_classes`` classes: the inputs, the ``(x, y)`` dataset the all-layer fit benchmarks
+    time, and the generator (for further draws, e.g. the stock floor's regression targets)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_images, *shape, generator=gen)
+    y = (torch.arange(n_images) % n_classes)[torch.randperm(n_images, generator=gen)]
+    return x, torch.utils.data.TensorDataset(x, y), gen

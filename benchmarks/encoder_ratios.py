@@ -70,10 +70,7 @@ def run(args: argparse.Namespace) -> None:
         encoder_models.VIT_SIZES[args.model] = (args.layers, heads, width, mlp)
     model, shape = encoder_models.build_encoder(args.model, args.dim)
     model.eval()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.images, *shape, generator=gen)
-    y = (torch.arange(args.images) % N_CLASSES)[torch.randperm(args.images, generator=gen)]
-    lam_data = torch.utils.data.TensorDataset(x, y)
+    x, lam_data, gen = encoder_models.random_labelled_images(shape, args.images, N_CLASSES)
     print(
         f"{args.model} (layers={args.layers}), {args.images} images in batches of {args.batch}, "
         f"{args.dim}-d, threads={args.threads}",
