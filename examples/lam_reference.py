@@ -75,6 +75,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="batch size")
     parser.add_argument("--test-size", type=int, default=2000, help="test and OOD images")
     parser.add_argument("--seed", type=int, default=0, help="seed")
+    parser.add_argument(
+        "--controls",
+        action="store_true",
+        help="also score kNN on the embedding, penultimate features and raw pixels, and "
+        "last-layer isotropic noise tuned on validation",
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -83,6 +89,10 @@ def main() -> None:
     tr = torch.randperm(len(fashion.y_train), generator=gen)[: args.train_size]
     te = torch.randperm(len(fashion.y_test), generator=gen)[: args.test_size]
     ood = torch.randperm(len(mnist.y_test), generator=gen)[: args.test_size]
+    # validation images for --controls: their own generator keeps the training run unchanged
+    held = torch.Generator().manual_seed(args.seed + 1000)
+    val = torch.randperm(len(fashion.y_test), generator=held)
+    val = val[~torch.isin(val, te)][: args.test_size // 2]
     x_tr, y_tr = images(fashion, tr, True), torch.as_tensor(fashion.y_train[tr.numpy()])
     x_te, y_te = images(fashion, te, False), torch.as_tensor(fashion.y_test[te.numpy()])
     x_ood = images(mnist, ood, False)
@@ -115,9 +125,36 @@ def main() -> None:
         print(
             f"{name:14s} AUROC FashionMNIST vs MNIST: {fitted:.3f} (curvature off: {control:.3f})"
         )
+    if args.controls:
+        x_val = images(fashion, val, False)
+        noise = torch.rand(len(x_val) // 10, 1, 28, 28, generator=held)
+        print_controls(la.model.model, x_tr, y_tr, x_te, x_ood, x_val, noise, args.seed)
     print(
         f"({len(x_tr)} training images, {args.epochs} epochs, {time.perf_counter() - start:.0f} s)"
     )
+
+
+def print_controls(encoder, x_tr, y_tr, x_te, x_ood, x_val, noise_val, seed: int) -> None:
+    """The strongest simple baselines beside LAM's rows: the kNN distance on the embedding, on
+    the penultimate features and on the raw pixels, and last-layer isotropic weight noise with
+    its scale tuned on validation images against validation noise (no test or OOD data)."""
+    from laplace_metric.baselines import IsotropicNoiseBaseline, KNNDistanceBaseline, penultimate
+
+    encoder = encoder.eval()
+    rows = {
+        "kNN distance, embedding": KNNDistanceBaseline(encoder),
+        "kNN distance, penultimate features": KNNDistanceBaseline(
+            penultimate(encoder), normalize=False, batch_size=256
+        ),
+        "kNN distance, raw pixels": KNNDistanceBaseline(nn.Flatten(), normalize=False),
+    }
+    for name, baseline in rows.items():
+        baseline.fit(x_tr)
+        print(f"{name:36s} AUROC: {ood_auroc(baseline.score(x_te), baseline.score(x_ood)):.3f}")
+    iso = IsotropicNoiseBaseline(encoder, parameters="last_layer", seed=seed)
+    iso.fit(x_tr, y_tr, x_val=x_val, x_val_ood=noise_val)
+    auroc = ood_auroc(iso.score(x_te), iso.score(x_ood))
+    print(f"{'isotropic noise (last layer), tuned':36s} AUROC: {auroc:.3f} (sigma {iso.sigma:.3g})")
 
 
 if __name__ == "__main__":
