@@ -84,6 +84,7 @@ class IsotropicNoiseBaseline(OODBaseline):
         self._y_train: Tensor | None = None
         self._train_samples: dict[float, Tensor] = {}
         self._features: dict[tuple, Tensor] = {}
+        self._last_queries: tuple[tuple, Tensor] | None = None
 
     # ------------------------------------------------------------------ internals
     def _noised(self) -> list[str]:
@@ -153,13 +154,27 @@ class IsotropicNoiseBaseline(OODBaseline):
             self._train_samples[sigma] = self._sampled(self._x_train, sigma)
         return self._train_samples[sigma]
 
-    def _score(self, x: Tensor, sigma: float) -> Tensor:
-        """Mean over draws of the k-th neighbour distance, computed as the posterior-kNN score
-        computes it (query chunks within the default memory budget)."""
-        queries, train = self._sampled(x, sigma), self._train(sigma)
+    def _queries(self, x: Tensor, sigma: float) -> Tensor:
+        """:meth:`_sampled` of the query set ``x``, cached for the last ``(x, sigma)`` so that
+        :meth:`score` and :meth:`retrieval` of the same queries draw them once."""
+        key = (x.data_ptr(), tuple(x.shape), x._version, sigma)
+        if self._last_queries is None or self._last_queries[0] != key:
+            self._last_queries = (key, self._sampled(x, sigma))
+        return self._last_queries[1]
+
+    def _neighbours(
+        self, x: Tensor, sigma: float, labels: Tensor | None
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """Per draw, the k-th neighbour distance and (with ``labels``) the top-1 training
+        label, computed as the posterior-kNN score computes them (query chunks within the
+        default memory budget)."""
+        queries, train = self._queries(x, sigma), self._train(sigma)
         budget = default_budget(queries.device)
-        dists = [knn_and_top1(q, t, self.k, None, budget)[0] for q, t in zip(queries, train)]
-        return torch.stack(dists).mean(0)
+        return [knn_and_top1(q, t, self.k, labels, budget) for q, t in zip(queries, train)]
+
+    def _score(self, x: Tensor, sigma: float) -> Tensor:
+        """Mean over draws of the k-th neighbour distance."""
+        return torch.stack([d for d, _ in self._neighbours(x, sigma, None)]).mean(0)
 
     # ------------------------------------------------------------------ public
     def fit(
@@ -182,6 +197,7 @@ class IsotropicNoiseBaseline(OODBaseline):
                 f"y_train must have shape ({len(x_train)},), got {tuple(y_train.shape)}."
             )
         self._x_train, self._y_train, self._train_samples = x_train, y_train, {}
+        self._last_queries = None
         if len(self.sigmas) == 1:
             return self
         if x_val is None or x_val_ood is None:
@@ -214,11 +230,9 @@ class IsotropicNoiseBaseline(OODBaseline):
         if self._y_train is None:
             raise ValueError("retrieval() needs training labels: fit(x_train, y_train, ...).")
         labels = self._y_train.to(x.device)
-        budget = default_budget(x.device)
         means = [self._sampled(t, 0.0, n_samples=1)[0] for t in (x, self._x_train)]
-        predicted = knn_and_top1(means[0], means[1], self.k, labels, budget)[1]
-        queries, train = self._sampled(x, self.sigma), self._train(self.sigma)
-        results = [knn_and_top1(q, t, self.k, labels, budget) for q, t in zip(queries, train)]
+        predicted = knn_and_top1(means[0], means[1], self.k, labels, default_budget(x.device))[1]
+        results = self._neighbours(x, self.sigma, labels)
         knn = torch.stack([r[0] for r in results]).mean(0)
         agree = torch.stack([r[1] == predicted for r in results]).double().mean(0)
         return PosteriorRetrieval(knn_distance=knn, confidence=agree, predicted=predicted)
