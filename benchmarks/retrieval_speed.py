@@ -10,7 +10,8 @@ gallery holds ``G`` synthetic features (class centres plus noise, float32). For 
   64 per query, re-ranked by the closed-form posterior mean; variance of each match and the
   match probability with its margin variance);
 * ``faiss-<factory>``: the analytic search with its candidates from a faiss inner-product
-  index (``candidate_search='faiss'``, e.g. ``faiss-HNSW32`` with ``efSearch=128``, ``faiss-Flat``; optional extra
+  index (``candidate_search='faiss'``, e.g. ``faiss-HNSW32`` with ``efSearch=128``,
+  ``faiss-IVF1024,Flat`` with ``nprobe=32``, ``faiss-Flat``; optional extra
   ``laplace-metric[faiss]``, one faiss thread), re-ranked exactly as above; the faiss index is
   built once with the gallery (its time is printed), and the top-k overlap with the matmul
   analytic search of the same run is reported;
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -47,8 +49,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 N_FEATURES, DIM, N_CLASSES, N_QUERIES, K = 1280, 128, 10, 1000, 10
-#: faiss search parameters by index family (``faiss-HNSW32`` -> ``HNSW``)
-FAISS_PARAMS = {"HNSW": "efSearch=128"}
+#: faiss search parameters by index family (``faiss-HNSW32`` -> ``HNSW``,
+#: ``faiss-IVF1024,Flat`` -> ``IVF``)
+FAISS_PARAMS = {"HNSW": "efSearch=128", "IVF": "nprobe=32"}
 
 
 def rss_bytes() -> int:
@@ -140,7 +143,7 @@ def build_index(la, method: str, size: int, centres: torch.Tensor, budget: str):
 
         faiss.omp_set_num_threads(1)
         factory = method.split("-", 1)[1]
-        params = FAISS_PARAMS.get(factory.rstrip("0123456789"))
+        params = FAISS_PARAMS.get(re.match(r"[A-Za-z]*", factory).group())
         kwargs = {"candidate_search": "faiss", "faiss_factory": factory, "faiss_params": params}
     index, _ = gallery_index(la, size, centres, budget)
     if kwargs:
