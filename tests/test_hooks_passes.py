@@ -113,3 +113,46 @@ def test_retained_forward_equals_repeated_batches(name, build, shape, structure,
         for got, want in zip(results[0].kfacs, results[1].kfacs):
             for a, b in zip(got, want):
                 assert_close(a, b, TOL)
+
+
+@pytest.mark.parametrize("method", ["positives", "full"])
+def test_sample_blocks_give_the_reference_diagonal(method, device, monkeypatch):
+    """Per-sample gradients formed a block of whole components at a time (a tiny cache makes
+    every component, and the singleton class, a block of its own) are exact."""
+    from laplace_metric.curvature.hooks import diag as hook_diag
+
+    monkeypatch.setattr(hook_diag, "CACHE_ELEMENTS", 64)
+    model = residual_cnn().to(device)
+    x, y = labelled_data(13, (1, 6, 6), n_classes=4)
+    y[y == 3] = torch.tensor([3, 0, 1, 2])[: int((y == 3).sum())]  # class 3: one sample
+    x, y = x.to(device), y.to(device)
+    lik = ContrastiveLikelihood(hessian_method=method, margin=10.0)
+    hooks = HookPairGGN(model, lik)
+    hooks.location_gram = False  # every shared weight in the per-sample form
+    got = hooks.diag(x, y).hessian
+    assert_close(got, ReferencePairGGN(model, lik).diag(x, y).hessian, TOL)
+
+
+def test_sample_blocks_of_scattered_components(monkeypatch):
+    """Blocks of components that are not contiguous in the batch are gathered, not sliced."""
+    from laplace_metric.curvature.folds import fold_diag
+    from laplace_metric.curvature.hooks import diag as hook_diag
+    from laplace_metric.curvature.hooks.diag import per_column_diag
+    from laplace_metric.curvature.hooks.sites import Site, SiteKind, weight_grads
+    from laplace_metric.pairs.graph import PairGraph
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 3, 1])
+    i, j = torch.triu_indices(9, 9, 1)
+    same = y[i] == y[j]
+    graph = PairGraph.from_pairs(i[same], j[same], torch.rand(int(same.sum()), generator=gen), 9)
+    site = Site(
+        SiteKind.LINEAR, nn.Identity(), "w", None, torch.randn(9, 4, 5, generator=gen), None
+    )
+    site.inputs = site.inputs.double()
+    calls = [(site, torch.randn(2, 9, 4, 3, generator=gen, dtype=torch.float64))]
+    monkeypatch.setattr(hook_diag, "CACHE_ELEMENTS", hook_diag.MIN_ROWS * 2 * 5 * 3)  # 3 samples
+    chunks = graph.component_chunks(3)
+    assert len(chunks) > 1 and any(len(s) > 1 and (s.diff() > 1).any() for s, _ in chunks)
+    want = fold_diag(weight_grads(calls), graph)
+    assert_close(per_column_diag(calls, graph, max_elements=1 << 20), want, TOL)

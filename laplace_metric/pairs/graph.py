@@ -155,3 +155,45 @@ class PairGraph:
             components = [members for members, n in zip(groups, counts) if n > 1]
             self.cache["blocks"] = (singletons, self.matrix.diagonal()[singletons], components)
         return self.cache["blocks"]
+
+    def induced(self, index: torch.Tensor) -> PairGraph:
+        """The graph on the samples ``index``, a union of whole components (cross terms to
+        the other samples are dropped, so the folds of the parts sum to the whole's)."""
+        rows = (index[:, None], index[None, :])
+        return PairGraph(
+            self.matrix[rows], self.input_matrix[rows], self.output_matrix[rows], self.n_pairs
+        )
+
+    def component_order(self) -> torch.Tensor | None:
+        """A sample order that makes every component contiguous (components, then the
+        singletons), or ``None`` if the samples are already in it."""
+        singletons, _, components = self.blocks()
+        order = torch.cat([*components, singletons])
+        if torch.equal(order, torch.arange(len(order), device=order.device)):
+            return None
+        return order
+
+    def component_chunks(self, target: int) -> list[tuple[torch.Tensor | None, PairGraph]]:
+        """Whole components packed into chunks of about ``target`` samples (cached).
+
+        Returns ``[(index, induced graph)]``; ``[(None, self)]`` when one chunk holds every
+        sample. A component larger than ``target`` is a chunk of its own.
+        """
+        key = ("component_chunks", target)
+        if key not in self.cache:
+            singletons, _, components = self.blocks()
+            parts = [*components, *singletons[:, None]]
+            chunks, current, size = [], [], 0
+            for part in parts:
+                if current and size + len(part) > target:
+                    chunks.append(torch.cat(current))
+                    current, size = [], 0
+                current.append(part)
+                size += len(part)
+            if current:
+                chunks.append(torch.cat(current))
+            if len(chunks) <= 1:
+                self.cache[key] = [(None, self)]
+            else:
+                self.cache[key] = [(c.sort().values, self.induced(c.sort().values)) for c in chunks]
+        return self.cache[key]

@@ -189,9 +189,13 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
         return GramPolicy(self.location_gram, self.max_elements)
 
     def _graph_diag(self, module, inputs, g, terms):
-        passes = self._passes(module, inputs, terms.factor.permute(2, 0, 1))
-        n_columns, policy = terms.factor.shape[2], self._gram_policy()
-        return graph_diag(passes, terms.graph, n_columns, policy, self._plan_location_grams)
+        graph, factor = terms.graph, terms.factor
+        order = graph.component_order()
+        if order is not None:  # components contiguous: blocks of samples are views
+            inputs, factor, graph = inputs[order], factor[order], graph.induced(order)
+        passes = self._passes(module, inputs, factor.permute(2, 0, 1))
+        n_columns, policy = factor.shape[2], self._gram_policy()
+        return graph_diag(passes, graph, n_columns, policy, self._plan_location_grams)
 
     def _plan_location_grams(
         self, column_pass: ColumnPass, graph: PairGraph, n_columns: int, policy: GramPolicy
