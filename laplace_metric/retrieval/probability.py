@@ -46,27 +46,50 @@ def match_probability(
     return torch.special.ndtr(margin / scale)
 
 
+def _nll(m: torch.Tensor, v: torch.Tensor, y: torch.Tensor, log_params: torch.Tensor):
+    """Mean Bernoulli negative log-likelihood of ``y`` at ``(log tau, log kappa)``."""
+    tau, kappa = log_params.exp()
+    p = match_probability(m, v, tau, kappa).clamp(1e-12, 1 - 1e-12)
+    return -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+
+
 def fit_temperature(
     margin: torch.Tensor, variance: torch.Tensor, correct: torch.Tensor, steps: int = 200
 ) -> tuple[float, float]:
     """``(tau, kappa)`` maximising the Bernoulli likelihood of ``correct`` under
-    :func:`match_probability` (validation queries; float64 L-BFGS on the log-parameters)."""
+    :func:`match_probability` (validation queries; float64).
+
+    A grid over ``log tau`` and ``log kappa`` (12 e-folds either side of the data's own
+    scales: the median margin, and the median margin over the median standard deviation)
+    picks the start of an L-BFGS refinement, whose result is kept only if it is better: from a
+    fixed start L-BFGS stalled on a 58k-item gallery whose margins were ``1e-3`` and
+    variances ``1e-9`` (likelihood 0.68 against the grid's 0.42).
+    """
     m, v = margin.detach().double(), variance.detach().double()
     y = correct.detach().double()
-    spread = m.abs().median().clamp_min(1e-6)
-    params = torch.tensor([0.0, float(spread.log())], dtype=torch.float64, requires_grad=True)
+    spread = m.abs().median().clamp_min(1e-12)
+    sd = v.sqrt().median().clamp_min(1e-12)
+    offsets = torch.linspace(-12.0, 12.0, 25, dtype=torch.float64)
+    grid = torch.cartesian_prod(float((spread / sd).log()) + offsets, float(spread.log()) + offsets)
+    with torch.no_grad():
+        losses = torch.stack([_nll(m, v, y, g) for g in grid])
+    best = grid[losses.argmin()]
+    best_loss = losses.min()
+    params = best.clone().requires_grad_(True)
     optimiser = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         optimiser.zero_grad()
-        tau, kappa = params.exp()
-        p = match_probability(m, v, tau, kappa).clamp(1e-12, 1 - 1e-12)
-        loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+        loss = _nll(m, v, y, params)
         loss.backward()
         return loss
 
     optimiser.step(closure)
-    tau, kappa = params.detach().exp().tolist()
+    with torch.no_grad():
+        refined = _nll(m, v, y, params)
+    if torch.isfinite(refined) and torch.isfinite(params).all() and refined <= best_loss:
+        best = params.detach()
+    tau, kappa = best.exp().tolist()
     return float(tau), float(kappa)
 
 
