@@ -11,7 +11,8 @@ gallery holds ``G`` synthetic features (class centres plus noise, float32). For 
   match probability with its margin variance);
 * ``faiss-<factory>``: the analytic search with its candidates from a faiss inner-product
   index (``candidate_search='faiss'``, e.g. ``faiss-HNSW32`` with ``efSearch=128``,
-  ``faiss-IVF1024,Flat`` with ``nprobe=32``, ``faiss-Flat``; optional extra
+  ``faiss-IVF1024,Flat`` with ``nprobe=32``, ``faiss-Flat``; other search parameters after a
+  colon, ``faiss-IVF1024,Flat:nprobe=128``; optional extra
   ``laplace-metric[faiss]``, one faiss thread), re-ranked exactly as above; the faiss index is
   built once with the gallery (its time is printed), and the top-k overlap with the matmul
   analytic search of the same run is reported;
@@ -142,8 +143,8 @@ def build_index(la, method: str, size: int, centres: torch.Tensor, budget: str):
         import faiss
 
         faiss.omp_set_num_threads(1)
-        factory = method.split("-", 1)[1]
-        params = FAISS_PARAMS.get(re.match(r"[A-Za-z]*", factory).group())
+        factory, _, params = method.split("-", 1)[1].partition(":")
+        params = params or FAISS_PARAMS.get(re.match(r"[A-Za-z]*", factory).group())
         kwargs = {"candidate_search": "faiss", "faiss_factory": factory, "faiss_params": params}
     index, _ = gallery_index(la, size, centres, budget)
     if kwargs:
