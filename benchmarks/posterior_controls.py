@@ -56,6 +56,12 @@ FASHION_CONFIGS = {
     "LAM last-layer diag, dataset scale, marglik": ("last_layer", "diag", "dataset", "marglik"),
     "LAM last-layer kron, dataset scale, prior 1": ("last_layer", "kron", "dataset", 1.0),
     "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
+    "LAM last-layer kron, composite scale, marglik": (
+        "last_layer",
+        "kron",
+        "composite",
+        "marglik",
+    ),
 }
 FASHION_ALL_LAYER = {
     "LAM all-layer diag, dataset scale, prior 1": ("all", "diag", "dataset", 1.0),
