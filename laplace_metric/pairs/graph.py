@@ -195,5 +195,6 @@ class PairGraph:
             if len(chunks) <= 1:
                 self.cache[key] = [(None, self)]
             else:
-                self.cache[key] = [(c.sort().values, self.induced(c.sort().values)) for c in chunks]
+                index = [c.sort().values for c in chunks]
+                self.cache[key] = [(i, self.induced(i)) for i in index]
         return self.cache[key]

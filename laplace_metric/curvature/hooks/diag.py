@@ -250,7 +250,7 @@ def per_column_diag(
     for samples, part in graph.component_chunks(target):
         chunk = calls if samples is None else _sample_calls(calls, samples)
         per_row = c * part.n_samples * n_in
-        cached = max(MIN_ROWS * per_row, min(max_elements, CACHE_ELEMENTS))
-        for rows in row_slices(n_out, per_row, min(max_elements, cached)):
+        block = min(max_elements, max(MIN_ROWS * per_row, CACHE_ELEMENTS))
+        for rows in row_slices(n_out, per_row, block):
             result[rows] += fold_diag(weight_grads(chunk, rows), part)
     return result
