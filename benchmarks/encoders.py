@@ -15,7 +15,9 @@ stage through ``/proc/self/clear_refs``):
 
 * ``fit``: ``la.fit(loader)``;
 * ``glm32``: the GLM predictive ``la(x)`` of 32 queries;
-* ``score256``: ``la.predictive_uncertainty`` (stock: ``la(x)``) of 256 queries;
+* ``score256``: ``la.predictive_uncertainty`` (stock: ``la(x)``) of 256 queries (the GLM trace);
+* ``knn256`` (laplace-metric cells): the default score, ``UncertaintyScorer(la, database=x)``
+  of the 256 queries (30 weight samples; the 512 training images as the database);
 * ``retrieval`` (laplace-metric last-layer cells): ``posterior_retrieval`` of the 32 queries
   against a 2048-image database with 10 weight samples, also as a multiple of one plain forward
   pass over the same 2080 images.
@@ -29,7 +31,8 @@ class tokens): ``floor-all-kron`` is the same stock fit with only those layers' 
 trainable (the others frozen), the nearest per-sample floor there is; its ``P`` is in the table.
 A failing stage is recorded with its error message. The all-layer cells of ResNet-18/50 and ViT-Tiny are off by default
 (``--all-layer``): each takes minutes on a CPU. ``lam-all-full`` cells are there to show the
-budget error that names what fits instead.
+budget error that names what fits instead. On ViT-Tiny, ``lam-all-kron-frozenpos`` is all-layer
+kron with the positional embedding frozen (its Kronecker factor is dense, 12,480 x 12,480).
 
 Run ``nice -n 10 python benchmarks/encoders.py`` (``--models resnet18 --methods lam-ll-kron``
 to select cells; ``--json out.json`` to keep the raw results).
@@ -72,6 +75,8 @@ ALL_LAYER = (
     "stock-all-kron",
     "floor-all-kron",
 )
+#: ViT cells beside :data:`ALL_LAYER`: all-layer kron with the positional embedding frozen.
+VIT_ALL_LAYER = ("lam-all-kron-frozenpos",)
 #: The small models' all-layer cells are cheap and run by default.
 SMALL_METHODS = {
     "mlp": ("stock-all-diag", "lam-all-diag", "stock-ll-kron", "lam-ll-kron"),
@@ -144,10 +149,12 @@ def run_cell(model_name: str, method: str) -> dict:
     import laplace_metric  # noqa: F401  (registers the likelihoods)
     from laplace_metric import posterior_retrieval
 
-    lib, subset, structure = method.split("-")
+    lib, subset, structure, *variant = method.split("-")
     subset = {"ll": "last_layer", "all": "all"}[subset]
     model, shape = build_model(model_name)
     model.eval()
+    if variant == ["frozenpos"]:  # a ViT's positional embedding frozen (its kron factor is dense)
+        model.encoder.pos_embedding.requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(N_TRAIN, *shape, generator=gen)
     y = torch.arange(N_TRAIN) % N_CLASSES
@@ -179,6 +186,11 @@ def run_cell(model_name: str, method: str) -> dict:
             la.predictive_uncertainty(queries)
         else:
             la(queries, pred_type="glm")
+    if lib == "lam":
+        from laplace_metric import UncertaintyScorer
+
+        with Stage(results, "knn256"):  # the default score: 30 weight samples, 512-image database
+            UncertaintyScorer(la, database=x, progress_bar=False)(queries)
     if lib == "lam" and subset == "last_layer":
         database = torch.randn(N_DB, *shape, generator=gen)
         db_labels = torch.arange(N_DB) % N_CLASSES
@@ -260,14 +272,16 @@ def table(rows: list[dict]) -> str:
     by_key = {(r["model"], r["method"]): r for r in rows}
     lines = [
         "| model | method | P | fit | GLM, 32 queries | score, 256 queries | "
-        "retrieval (x forward) | fit time / floor | GLM time / floor | GLM memory / floor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "posterior kNN, 256 queries | retrieval (x forward) | fit time / floor | "
+        "GLM time / floor | GLM memory / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     errors = []
     for r in rows:
-        floor = by_key.get((r["model"], r["method"].replace("lam-", "stock-")))
+        base = r["method"].removesuffix("-frozenpos")
+        floor = by_key.get((r["model"], base.replace("lam-", "stock-")))
         if floor is None or "error" in floor.get("fit", {"error": ""}):
-            floor = by_key.get((r["model"], r["method"].replace("lam-", "floor-")), floor)
+            floor = by_key.get((r["model"], base.replace("lam-", "floor-")), floor)
         is_lam = r["method"].startswith("lam-")
         retrieval = r.get("retrieval")
         ret = "-"
@@ -282,13 +296,14 @@ def table(rows: list[dict]) -> str:
             _fmt_stage(r.get("fit")) if "error" not in r else "fails",
             _fmt_stage(r.get("glm32")),
             _fmt_stage(r.get("score256")),
+            _fmt_stage(r.get("knn256")),
             ret,
             _ratio(r.get("fit"), floor and floor.get("fit"), "time") if is_lam else "",
             _ratio(r.get("glm32"), floor and floor.get("glm32"), "time") if is_lam else "",
             _ratio(r.get("glm32"), floor and floor.get("glm32"), "peak_bytes") if is_lam else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-        for stage in ("fit", "glm32", "score256", "retrieval"):
+        for stage in ("fit", "glm32", "score256", "knn256", "retrieval"):
             if r.get(stage, {}).get("error"):
                 errors.append(f"- {r['model']} {r['method']} {stage}: {r[stage]['error']}")
         if "error" in r:
@@ -328,7 +343,7 @@ def main() -> None:
     for model in args.models:
         methods = args.methods or list(SMALL_METHODS.get(model, METHODS))
         if args.all_layer and args.methods is None and model not in SMALL_METHODS:
-            methods += list(ALL_LAYER)
+            methods += list(ALL_LAYER) + (list(VIT_ALL_LAYER) if model == "vit_tiny" else [])
         for method in methods:
             result = measure(model, method, args)
             print(json.dumps(result), flush=True)
