@@ -140,8 +140,12 @@ def diagnose_lam_std(config: BenchConfig, dim: int, seed: int = 0) -> dict:
 def verdict(table: dict) -> list[str]:
     """The issue's acceptance checks on one D, as sentences with the numbers."""
     det = table["deterministic, kNN"]
-    lam = {n: c for n, c in table.items() if n.startswith(("post-hoc LAM", "online LAM"))}
-    base = {n: c for n, c in table.items() if n not in lam}
+    lam = {
+        n: c
+        for n, c in table.items()
+        if n.startswith(("post-hoc LAM", "online LAM")) and "(curvature off)" not in n
+    }
+    base = {n: c for n, c in table.items() if n not in lam}  # controls included
     best_base = max(base, key=lambda n: base[n]["AUROC"][0])
     best_lam = max(lam, key=lambda n: lam[n]["AUROC"][0])
     lines = [
@@ -158,7 +162,16 @@ def verdict(table: dict) -> list[str]:
         "AUROC >= 0.95 with recall@1 >= deterministic: " + (", ".join(ok) if ok else "none")
     )
     beats = lam[best_lam]["AUROC"][0] > base[best_base]["AUROC"][0]
-    lines.append(f"a LAM row beats every baseline on AUROC: {'yes' if beats else 'no'}")
+    lines.append(f"a LAM row beats every baseline and control on AUROC: {'yes' if beats else 'no'}")
+    for name, cells in lam.items():
+        head, _, score = name.rpartition(", ")
+        control = table.get(f"{head} (curvature off), {score}")
+        if control is not None:
+            (a, sa), (b, sb) = cells["AUROC"], control["AUROC"]
+            lines.append(
+                f"{name}: AUROC {a:.3f} ± {sa:.3f} against {b:.3f} ± {sb:.3f} with the "
+                "curvature off"
+            )
     return lines
 
 

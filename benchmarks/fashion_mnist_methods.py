@@ -63,6 +63,7 @@ STAGES = (
     "MC dropout",
     "deep ensemble",
     "PFE",
+    "controls",
     "post-hoc LAM last-layer diag",
     "post-hoc LAM last-layer kron",
     "post-hoc LAM all-layer diag",

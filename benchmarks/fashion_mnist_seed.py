@@ -31,7 +31,8 @@ from fashion_mnist_methods import (  # noqa: E402
 )
 from harness import Usage, measure  # noqa: E402
 
-from laplace_metric.baselines import PFEBaseline  # noqa: E402
+from laplace_metric.baselines import IsotropicNoiseBaseline, PFEBaseline  # noqa: E402
+from laplace_metric.controls import curvature_off  # noqa: E402
 from laplace_metric.evaluation import SeedResult  # noqa: E402
 from laplace_metric.likelihoods import ContrastiveLikelihood  # noqa: E402
 from laplace_metric.metrics import top1_labels  # noqa: E402
@@ -43,7 +44,10 @@ from laplace_metric.training import fit_online_lam  # noqa: E402
 if TYPE_CHECKING:
     from fashion_mnist import BenchConfig
 
-__all__ = ["run_seed"]
+__all__ = ["CURVATURE_OFF", "run_seed"]
+
+#: Suffix of a posterior's name in the rows of its curvature-off control.
+CURVATURE_OFF = " (curvature off)"
 
 
 @dataclass
@@ -138,14 +142,53 @@ def _pfe(s: _Seed, det: _Deterministic) -> None:
     s.ev.row(f"PFE, {Score.LAM_STD.value}", std_sum, det.retrieval, det.wrong, usage)
 
 
+def _head_rows_with_control(
+    s: _Seed, name: str, la, head: nn.Linear, feats: dict[str, Tensor], usage: Usage
+) -> None:
+    """A last-layer posterior's rows, then its curvature-off control's (same prior, same seed)."""
+    samples = laplace_head_samples(la, head, s.config.n_samples, s.seed)
+    s.ev.head_rows(name, samples, feats, usage)
+    control = Usage()
+    with measure(control), curvature_off(la):
+        samples = laplace_head_samples(la, head, s.config.n_samples, s.seed)
+    s.ev.head_rows(name + CURVATURE_OFF, samples, feats, control)
+
+
 def _posthoc_last_layer(s: _Seed, det: _Deterministic, structure: str) -> None:
     usage = Usage()
     with measure(usage):
         la = metric_laplace(det.model, s.likelihood, "last_layer", structure)
         la.fit(s.loader)
         la.optimize_prior_precision(method="marglik")
-        samples = laplace_head_samples(la, det.model[-1], s.config.n_samples, s.seed)
-    s.ev.head_rows(f"post-hoc LAM last-layer {structure}", samples, det.feats, usage)
+    name = f"post-hoc LAM last-layer {structure}"
+    _head_rows_with_control(s, name, la, det.model[-1], det.feats, usage)
+
+
+def _controls(s: _Seed, det: _Deterministic) -> None:
+    """Controls without a posterior: isotropic head noise tuned on validation data (against
+    uniform noise images, never MNIST), and the kNN distance on the penultimate features and on
+    the raw pixels."""
+    data, usage = s.data, Usage()
+    with measure(usage):
+        noise = torch.rand(
+            (200, *data.x_val.shape[1:]), generator=torch.Generator().manual_seed(s.seed)
+        )
+        iso = IsotropicNoiseBaseline(
+            det.model, parameters="last_layer", n_samples=s.config.n_samples, seed=s.seed
+        )
+        iso.fit(data.x_train, data.y_train, x_val=data.x_val, x_val_ood=noise)
+        test = iso.retrieval(data.x_test)
+        scores = test.knn_distance, iso.score(data.x_ood)
+    wrong = test.predicted != data.y_test
+    name = "isotropic head noise, tuned on validation"
+    s.ev.row(name, scores, det.retrieval, wrong, usage, test.confidence)
+    for name, x in (("penultimate features", det.feats), ("raw pixels", None)):
+        usage = Usage()
+        with measure(usage):
+            if x is None:
+                x = {k: v.flatten(1) for k, v in data.splits().items()}
+            scores = knn(x["test"], x["train"]), knn(x["ood"], x["train"])
+        s.ev.row(f"kNN distance, {name}", scores, det.retrieval, det.wrong, usage)
 
 
 def _posthoc_all_layer(s: _Seed, det: _Deterministic) -> None:
@@ -197,8 +240,7 @@ def _online(s: _Seed) -> None:
         )
         online = la.model.model
         feats = all_features(online, s.data)
-        samples = laplace_head_samples(la, online[-1], s.config.n_samples, s.seed)
-    s.ev.head_rows("online LAM last-layer diag", samples, feats, usage)
+    _head_rows_with_control(s, "online LAM last-layer diag", la, online[-1], feats, usage)
 
 
 def run_seed(
@@ -226,6 +268,8 @@ def run_seed(
     _ensemble(s, det)
     stage("PFE")
     _pfe(s, det)
+    stage("controls")
+    _controls(s, det)
     for structure in ("diag", "kron"):
         if f"post-hoc LAM last-layer {structure}" in stages:
             stage(f"post-hoc LAM last-layer {structure}")

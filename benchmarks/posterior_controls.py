@@ -239,6 +239,34 @@ def run_seed(seed: int, n_samples: int, epochs: int, configs: dict, dim: int | N
     return rows
 
 
+def add_selected_rows(results: list[dict], candidates: list[str]) -> list[str]:
+    """Per seed, the candidate configuration with the lowest validation ECE (what
+    :func:`laplace_metric.selection.select_posterior` chooses by), added to every seed's rows as
+    ``"selected on validation ECE: fitted"`` / ``": curvature off"``; returns the choices."""
+    chosen = []
+    for rows in results:
+        missing = [c for c in candidates if f"{c}: fitted" not in rows]
+        if missing:
+            raise ValueError(f"--select: no rows for {missing} in a seed's results.")
+        best = min(candidates, key=lambda c: rows[f"{c}: fitted"]["val ECE"])
+        for suffix in ("fitted", "curvature off"):
+            rows[f"selected on validation ECE: {suffix}"] = rows[f"{best}: {suffix}"]
+        chosen.append(best)
+    return chosen
+
+
+def load_merged(groups: list[str]) -> list[dict]:
+    """Per-seed rows of ``--save`` files; files joined by ``+`` are runs of the same seed."""
+    results = []
+    for group in groups:
+        seed_rows: list[dict] = []
+        for path in group.split("+"):
+            runs = json.loads(Path(path).read_text())
+            seed_rows = [{**a, **b} for a, b in zip(seed_rows, runs)] if seed_rows else runs
+        results += seed_rows
+    return results
+
+
 def format_table(results: list[dict]) -> str:
     """Mean +- std over seeds, one row per method (the shared evaluation layer's table)."""
     from laplace_metric.evaluation import Column, ResultTable
@@ -276,13 +304,24 @@ def main(argv: list[str] | None = None) -> str:
         "--merge",
         nargs="+",
         default=None,
-        help="print the table of per-seed JSON files written by --save (runs nothing)",
+        help="print the table of per-seed JSON files written by --save (runs nothing); "
+        "join files of the same seed with '+'",
+    )
+    parser.add_argument(
+        "--select",
+        nargs="+",
+        default=None,
+        help="with --merge: add the rows of the configuration (of these names) with the lowest "
+        "validation ECE in each seed",
     )
     args = parser.parse_args(argv)
     if args.merge:
-        results = [r for path in args.merge for r in json.loads(Path(path).read_text())]
+        results = load_merged(args.merge)
+        chosen = add_selected_rows(results, args.select) if args.select else []
         table = format_table(results)
         print(table)
+        if chosen:
+            print("\nchosen on validation ECE, per seed: " + "; ".join(chosen))
         return table
     torch.set_num_threads(1)
     configs = CONFIGS

@@ -27,7 +27,12 @@ from laplace_metric.curvature import (
     default_backend,
 )
 from laplace_metric.encoders import SelectOutput, check_encoder_output
-from laplace_metric.enums import CovarianceScore, HessianMethod, MetricLikelihood
+from laplace_metric.enums import (
+    CovarianceScore,
+    HessianMethod,
+    MetricLikelihood,
+    SelectionCriterion,
+)
 from laplace_metric.estimators import (
     ESTIMATORS,
     MetricDiagLaplace,
@@ -56,6 +61,7 @@ from laplace_metric.scores import (
     UncertaintyScorer,
     posterior_retrieval,
 )
+from laplace_metric.selection import PosteriorConfig, PosteriorSelection, select_posterior
 from laplace_metric.training import fit_online_lam
 from laplace_metric.uncertainty import covariance_score
 
@@ -88,10 +94,13 @@ __all__ = [
     "PairLikelihood",
     "Pairs",
     "PositivePairGaussianNLL",
+    "PosteriorConfig",
     "PosteriorRetrieval",
     "PosteriorScore",
+    "PosteriorSelection",
     "ReferencePairGGN",
     "SelectOutput",
+    "SelectionCriterion",
     "UncertaintyScorer",
     "build_likelihood",
     "check_encoder_output",
@@ -101,6 +110,7 @@ __all__ = [
     "posterior_retrieval",
     "metric_laplace",
     "mine_pairs",
+    "select_posterior",
 ]
 
 #: Former public names, kept as deprecated aliases: ``{old: (new name, object)}``.

@@ -64,6 +64,18 @@ class CovarianceScore(str, Enum):
     """Log-determinant of the predictive covariance plus a small jitter."""
 
 
+class SelectionCriterion(str, Enum):
+    """What :func:`laplace_metric.selection.select_posterior` chooses a posterior by."""
+
+    ECE = "ece"
+    """Expected calibration error of the top-1 retrieval confidence of validation queries
+    (lower is better; needs only labels)."""
+
+    AUROC = "auroc"
+    """AUROC of the default score between validation queries and an OOD proxy such as uniform
+    noise (higher is better)."""
+
+
 #: The former name of :class:`CovarianceScore` (kept; ``laplace_metric.UncertaintyScore`` warns).
 UncertaintyScore = CovarianceScore
 

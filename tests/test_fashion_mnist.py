@@ -182,12 +182,17 @@ def test_quick_mode_on_synthetic_idx_files(tmp_path):
         "post-hoc LAM last-layer diag, LAM std",
         "post-hoc LAM last-layer diag, sampled kNN",
         "online LAM last-layer diag, sampled kNN",
+        # the controls: each posterior with its curvature off, and the posterior-free ones
+        "post-hoc LAM last-layer diag (curvature off), sampled kNN",
+        "online LAM last-layer diag (curvature off), sampled kNN",
+        "isotropic head noise, tuned on validation",
+        "kNN distance, penultimate features",
+        "kNN distance, raw pixels",
     }
     assert expected <= set(table)
-    for name, cells in table.items():
-        for metric in ("recall@1", "AUROC", "AUPR"):
-            assert 0.0 <= cells[metric][0] <= 1.0, (name, metric)
-        assert cells["time s"][0] > 0
+    checks = saved["dims"]["3"]["checks"]
+    assert "(curvature off)" not in checks[0].split(";")[0]  # the best LAM row is a posterior
+    assert any("with the curvature off" in c for c in checks)
     # post-hoc LAM keeps the MAP encoder: its retrieval is the deterministic one
     det, lam = table["deterministic, kNN"], table["post-hoc LAM last-layer diag, sampled kNN"]
     assert lam["recall@1"] == det["recall@1"] and lam["MAP@R"] == det["MAP@R"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -37,3 +38,29 @@ def test_reference_preset_temperature_counts_n_squared_pairs():
     offered = 60000 / 128 * 128 * 127 / 2
     assert preset.reference_temperature(60000, 128) == pytest.approx(offered / 60000**2)
     assert preset.REFERENCE_MARGIN**2 == pytest.approx(0.49)
+
+
+def test_merge_joins_runs_of_a_seed_and_selects_on_validation_ece(tmp_path):
+    bench = _load(ROOT / "benchmarks" / "posterior_controls.py", "posterior_controls")
+    columns = dict.fromkeys(bench.COLUMNS, 0.5)
+
+    def rows(name, val_ece, auroc):
+        return {
+            f"{name}: fitted": {**columns, "val ECE": val_ece, "AUROC held-out": auroc},
+            f"{name}: curvature off": {**columns, "val ECE": 0.3, "AUROC held-out": 0.4},
+        }
+
+    # seed 0: A has the lower validation ECE; seed 1: B
+    runs = {"a0": rows("A", 0.1, 0.91), "b0": rows("B", 0.2, 0.81)}
+    runs |= {"a1": rows("A", 0.3, 0.92), "b1": rows("B", 0.05, 0.82)}
+    for name, seed_rows in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps([seed_rows]))
+    groups = [f"{tmp_path / 'a0.json'}+{tmp_path / 'b0.json'}"]
+    groups.append(f"{tmp_path / 'a1.json'}+{tmp_path / 'b1.json'}")
+    results = bench.load_merged(groups)
+    assert len(results) == 2 and all(len(r) == 4 for r in results)
+    assert bench.add_selected_rows(results, ["A", "B"]) == ["A", "B"]
+    selected = [r["selected on validation ECE: fitted"]["AUROC held-out"] for r in results]
+    assert selected == [0.91, 0.82]
+    with pytest.raises(ValueError, match="no rows for"):
+        bench.add_selected_rows(results, ["A", "C"])
