@@ -255,9 +255,17 @@ def select_posterior(
     Raises
     ------
     ValueError
-        On no candidates, mismatched lengths, NaN inputs, or ``'auroc'`` without ``x_ood_val``.
+        On no candidates, mismatched lengths, NaN inputs, ``'auroc'`` without ``x_ood_val``,
+        or a candidate's option (``likelihood_scale``, ...) among ``laplace_kwargs``.
     """
     criterion = parse_enum(SelectionCriterion, criterion, "criterion")
+    owned = {"subset_of_weights", "hessian_structure", "likelihood_scale", "prior_precision"}
+    clash = sorted(owned & set(laplace_kwargs))
+    if clash:
+        raise ValueError(
+            f"{', '.join(clash)} belong to each candidate: pass PosteriorConfig(...) objects in "
+            "candidates= instead of estimator options."
+        )
     if not candidates:
         raise ValueError("select_posterior needs at least one candidate PosteriorConfig.")
     _check_inputs(x_val, y_val, x_ood_val, database, database_labels, criterion)

@@ -98,6 +98,7 @@ def test_auroc_criterion_with_an_ood_proxy(device):
         ({"criterion": "auroc"}, "needs x_ood_val"),
         ({"criterion": "accuracy"}, "criterion"),
         ({"candidates": ()}, "at least one candidate"),
+        ({"likelihood_scale": "batch"}, "belong to each candidate"),
     ],
 )
 def test_bad_input_is_named(change, message):
