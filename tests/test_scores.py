@@ -129,3 +129,17 @@ def test_a_registered_score_is_accepted_by_name(fitted):
         del SCORES["max_std"]
     with pytest.raises(ValueError, match="Unknown score 'max_std'"):
         UncertaintyScorer(la, n_samples=4)(x, "max_std")
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_weight_noise_that_overflows_the_network_is_named(subset):
+    """Weight samples so wide that the float32 encoder returns inf: the error names the
+    prior precision and the fix, not the inputs."""
+    x, y = labelled_data(12, (5,), n_classes=3)
+    model = make_mlp(5, 7, 3).float()
+    la = Laplace(model, "contrastive", subset_of_weights=subset, hessian_structure="diag")
+    la.fit(loader(x.float(), y, 6))
+    la.prior_precision = 1e-90  # weight standard deviation 1e45: beyond float32
+    scorer = UncertaintyScorer(la, database=x.float(), n_samples=2)
+    with pytest.raises(ValueError, match=r"under a posterior weight sample.*prior precision"):
+        scorer(x.float())

@@ -81,8 +81,26 @@ class PosteriorEmbedder:
             return torch.cat([module(c) for c in split(features, self.batch_size)])
 
     def embed(self, features: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings ``(n, D)`` at weight vector ``sample`` (``None``: the posterior mean)."""
-        return self.la.likelihood.embed(self.raw(features, sample))
+        """Embeddings ``(n, D)`` at weight vector ``sample`` (``None``: the posterior mean).
+
+        Raises
+        ------
+        ValueError
+            If the outputs under a weight sample are NaN or infinite: the posterior's weight
+            noise overflows the network (its prior precision is too small for it).
+        """
+        raw = self.raw(features, sample)
+        if sample is not None and not bool(torch.isfinite(raw).all()):
+            prior = torch.as_tensor(self.la.posterior.prior_precision).detach().float()
+            raise ValueError(
+                "The encoder returned NaN or inf embeddings under a posterior weight sample: "
+                f"the weight noise overflows the network (prior precision {prior.min():.3g}"
+                f"{'' if prior.numel() == 1 else f' to {prior.max():.3g}'}). Raise the prior "
+                "precision (la.optimize_prior_precision(method='marglik') or a larger "
+                "la.prior_precision), or put the posterior over fewer weights "
+                "(subset_of_weights='last_layer')."
+            )
+        return self.la.likelihood.embed(raw)
 
     def samples(
         self, n_samples: int, generator: torch.Generator | None = None
