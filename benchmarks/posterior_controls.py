@@ -279,7 +279,7 @@ def format_table(results: list[dict]) -> str:
     return table.to_markdown()
 
 
-def main(argv: list[str] | None = None) -> str:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
     parser.add_argument("--samples", type=int, default=30, help="weight samples per score")
@@ -314,15 +314,24 @@ def main(argv: list[str] | None = None) -> str:
         help="with --merge: add the rows of the configuration (of these names) with the lowest "
         "validation ECE in each seed",
     )
+    return parser
+
+
+def _print_merged(files: list[str], select: list[str] | None) -> str:
+    results = load_merged(files)
+    chosen = add_selected_rows(results, select) if select else []
+    table = format_table(results)
+    print(table)
+    if chosen:
+        print("\nchosen on validation ECE, per seed: " + "; ".join(chosen))
+    return table
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.merge:
-        results = load_merged(args.merge)
-        chosen = add_selected_rows(results, args.select) if args.select else []
-        table = format_table(results)
-        print(table)
-        if chosen:
-            print("\nchosen on validation ECE, per seed: " + "; ".join(chosen))
-        return table
+        return _print_merged(args.merge, args.select)
     torch.set_num_threads(1)
     configs = CONFIGS
     if args.fashion_dim is not None:

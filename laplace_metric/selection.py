@@ -202,6 +202,41 @@ def _check_inputs(x_val, y_val, x_ood_val, database, database_labels, criterion)
             raise ValueError(f"{name} contains NaN or infinite values.")
 
 
+def _check_options(
+    criterion: SelectionCriterion | str, candidates: tuple[PosteriorConfig, ...], laplace_kwargs
+) -> SelectionCriterion:
+    owned = {"subset_of_weights", "hessian_structure", "likelihood_scale", "prior_precision"}
+    clash = sorted(owned & set(laplace_kwargs))
+    if clash:
+        raise ValueError(
+            f"{', '.join(clash)} belong to each candidate: pass PosteriorConfig(...) objects in "
+            "candidates= instead of estimator options."
+        )
+    if not candidates:
+        raise ValueError("select_posterior needs at least one candidate PosteriorConfig.")
+    return parse_enum(SelectionCriterion, criterion, "criterion")
+
+
+def _evaluate_candidate(
+    la, config: PosteriorConfig, criterion: SelectionCriterion, args: tuple
+) -> CandidateResult:
+    """Validation ECE and AUROC of a fitted candidate, with its curvature on and off."""
+    ece, auroc = _validation_figures(la, *args)
+    with curvature_off(la):
+        ece_off, auroc_off = _validation_figures(la, *args)
+    use_ece = criterion == SelectionCriterion.ECE
+    return CandidateResult(
+        config,
+        fitted=ece if use_ece else auroc,
+        curvature_off=ece_off if use_ece else auroc_off,
+        ece=ece,
+        ece_curvature_off=ece_off,
+        auroc=auroc,
+        auroc_curvature_off=auroc_off,
+        prior_precision=float(la.prior_precision.detach().float().mean()),
+    )
+
+
 def select_posterior(
     model: torch.nn.Module,
     train_loader,
@@ -220,75 +255,45 @@ def select_posterior(
 ) -> PosteriorSelection:
     """Fit every candidate posterior and keep the one that is best on validation data.
 
-    Each candidate is fitted on ``train_loader``, its validation queries ``x_val`` are retrieved
-    from ``database`` with :class:`~laplace_metric.scores.UncertaintyScorer` (the default score,
-    ``n_samples`` weight samples drawn with ``seed``), and scored once more with its curvature
-    off. The criterion is the expected calibration error of the top-1 retrieval confidence
-    (``'ece'``, needs only labels) or the AUROC of the default score between ``x_val`` and an
-    OOD proxy ``x_ood_val`` (``'auroc'``). On a tie the earlier candidate wins. Only the chosen
-    estimator is kept.
+    Each candidate is fitted on ``train_loader``; ``x_val`` is retrieved from ``database`` with
+    :class:`~laplace_metric.scores.UncertaintyScorer` (``n_samples`` weight samples, ``seed``),
+    with the curvature on and off. Criterion: the ECE of the top-1 retrieval confidence
+    (``'ece'``, labels only) or the default score's AUROC of ``x_val`` against an OOD proxy
+    ``x_ood_val`` (``'auroc'``). A tie keeps the earlier candidate; only the chosen is kept.
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The trained encoder (shared by every candidate; its weights are not changed).
-    train_loader : DataLoader
-        Batches of ``(x, class_label)``, as for ``la.fit``.
-    x_val, y_val : torch.Tensor
-        Validation queries and their labels (never the test or OOD set).
-    database, database_labels : torch.Tensor
-        What the validation queries are retrieved from, e.g. the training set.
+    model, train_loader : torch.nn.Module, DataLoader
+        The trained encoder (not changed) and batches of ``(x, class_label)`` for ``la.fit``.
+    x_val, y_val, database, database_labels : torch.Tensor
+        Validation queries and labels (never the test or OOD set), and what they are retrieved
+        from (e.g. the training set) with its labels.
     candidates : tuple of PosteriorConfig, default=:data:`CANDIDATES`
     criterion : {'ece', 'auroc'}, default='ece'
     x_ood_val : torch.Tensor, optional
         OOD proxy inputs for validation AUROC (e.g. uniform noise); reported when given.
     likelihood : {'contrastive', 'bregman'} or PairLikelihood, default='contrastive'
-    n_samples : int, default=30
-    seed : int, default=0
+    n_samples, seed : int, default=30, 0
     **laplace_kwargs
         Estimator options for every candidate (``margin``, ``hessian_method``, ...).
 
     Returns
     -------
-    selection : PosteriorSelection
+    PosteriorSelection
 
     Raises
     ------
     ValueError
-        On no candidates, mismatched lengths, NaN inputs, ``'auroc'`` without ``x_ood_val``,
-        or a candidate's option (``likelihood_scale``, ...) among ``laplace_kwargs``.
+        On no candidates, mismatched lengths, NaN inputs, ``'auroc'`` without ``x_ood_val``, or
+        a candidate's option (``likelihood_scale``, ...) among ``laplace_kwargs``.
     """
-    criterion = parse_enum(SelectionCriterion, criterion, "criterion")
-    owned = {"subset_of_weights", "hessian_structure", "likelihood_scale", "prior_precision"}
-    clash = sorted(owned & set(laplace_kwargs))
-    if clash:
-        raise ValueError(
-            f"{', '.join(clash)} belong to each candidate: pass PosteriorConfig(...) objects in "
-            "candidates= instead of estimator options."
-        )
-    if not candidates:
-        raise ValueError("select_posterior needs at least one candidate PosteriorConfig.")
+    criterion = _check_options(criterion, candidates, laplace_kwargs)
     _check_inputs(x_val, y_val, x_ood_val, database, database_labels, criterion)
-    results: list[CandidateResult] = []
-    best_la, best_result = None, None
+    args = (x_val, y_val, x_ood_val, database, database_labels, n_samples, seed)
+    results, best_la, best_result = [], None, None
     for config in candidates:
         la = config.fit(model, train_loader, likelihood, **laplace_kwargs)
-        args = (x_val, y_val, x_ood_val, database, database_labels, n_samples, seed)
-        ece, auroc = _validation_figures(la, *args)
-        with curvature_off(la):
-            ece_off, auroc_off = _validation_figures(la, *args)
-        use_ece = criterion == SelectionCriterion.ECE
-        result = CandidateResult(
-            config,
-            fitted=ece if use_ece else auroc,
-            curvature_off=ece_off if use_ece else auroc_off,
-            ece=ece,
-            ece_curvature_off=ece_off,
-            auroc=auroc,
-            auroc_curvature_off=auroc_off,
-            prior_precision=float(la.prior_precision.detach().float().mean()),
-        )
-        results.append(result)
-        if best_result is None or _better(result.fitted, best_result.fitted, criterion):
-            best_la, best_result = la, result
+        results.append(_evaluate_candidate(la, config, criterion, args))
+        if best_result is None or _better(results[-1].fitted, best_result.fitted, criterion):
+            best_la, best_result = la, results[-1]
     return PosteriorSelection(best_la, best_result.config, criterion, results)
