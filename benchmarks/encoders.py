@@ -18,6 +18,9 @@ stage through ``/proc/self/clear_refs``):
 * ``score256``: ``la.predictive_uncertainty`` (stock: ``la(x)``) of 256 queries (the GLM trace);
 * ``knn256`` (laplace-metric cells): the default score, ``UncertaintyScorer(la, database=x)``
   of the 256 queries (30 weight samples; the 512 training images as the database);
+* ``knn256cand`` (laplace-metric all-layer cells): the same with
+  ``database_embedding='candidates'`` (the database embedded once at the posterior mean, and
+  under the samples only each query's 64 nearest items there);
 * ``retrieval`` (laplace-metric last-layer cells): ``posterior_retrieval`` of the 32 queries
   against a 2048-image database with 10 weight samples, also as a multiple of one plain forward
   pass over the same 2080 images.
@@ -147,7 +150,6 @@ def run_cell(model_name: str, method: str) -> dict:
     from laplace import Laplace
 
     import laplace_metric  # noqa: F401  (registers the likelihoods)
-    from laplace_metric import posterior_retrieval
 
     lib, subset, structure, *variant = method.split("-")
     subset = {"ll": "last_layer", "all": "all"}[subset]
@@ -187,19 +189,32 @@ def run_cell(model_name: str, method: str) -> dict:
         else:
             la(queries, pred_type="glm")
     if lib == "lam":
-        from laplace_metric import UncertaintyScorer
-
-        with Stage(results, "knn256"):  # the default score: 30 weight samples, 512-image database
-            UncertaintyScorer(la, database=x, progress_bar=False)(queries)
-    if lib == "lam" and subset == "last_layer":
-        database = torch.randn(N_DB, *shape, generator=gen)
-        db_labels = torch.arange(N_DB) % N_CLASSES
-        with Stage(results, "forward"), torch.no_grad():
-            for chunk in torch.cat([queries[:N_QUERIES], database]).split(1024):
-                model(chunk)
-        with Stage(results, "retrieval"):
-            posterior_retrieval(la, queries[:N_QUERIES], database, db_labels, n_samples=N_SAMPLES)
+        _lam_score_stages(results, la, x, queries, subset, gen)
     return results
+
+
+def _lam_score_stages(results: dict, la, x, queries, subset: str, gen) -> None:
+    """The posterior-kNN stages, and the retrieval stages of a last-layer posterior."""
+    import torch
+
+    from laplace_metric import UncertaintyScorer, posterior_retrieval
+
+    with Stage(results, "knn256"):  # the default score: 30 weight samples, 512-image database
+        UncertaintyScorer(la, database=x, progress_bar=False)(queries)
+    if subset == "all":
+        with Stage(results, "knn256cand"):  # 64 candidates per query under the samples
+            scorer = UncertaintyScorer(
+                la, database=x, progress_bar=False, database_embedding="candidates"
+            )
+            scorer(queries)
+        return
+    database = torch.randn(N_DB, *queries.shape[1:], generator=gen)
+    db_labels = torch.arange(N_DB) % N_CLASSES
+    with Stage(results, "forward"), torch.no_grad():
+        for chunk in torch.cat([queries[:N_QUERIES], database]).split(1024):
+            la.model(chunk)
+    with Stage(results, "retrieval"):
+        posterior_retrieval(la, queries[:N_QUERIES], database, db_labels, n_samples=N_SAMPLES)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -282,6 +297,8 @@ def table(rows: list[dict]) -> str:
         floor = by_key.get((r["model"], base.replace("lam-", "stock-")))
         if floor is None or "error" in floor.get("fit", {"error": ""}):
             floor = by_key.get((r["model"], base.replace("lam-", "floor-")), floor)
+        if floor is None and base.startswith("lam-all-"):  # the all-layer floor is stock KFAC
+            floor = by_key.get((r["model"], "floor-all-kron"))
         is_lam = r["method"].startswith("lam-")
         retrieval = r.get("retrieval")
         ret = "-"
@@ -296,14 +313,15 @@ def table(rows: list[dict]) -> str:
             _fmt_stage(r.get("fit")) if "error" not in r else "fails",
             _fmt_stage(r.get("glm32")),
             _fmt_stage(r.get("score256")),
-            _fmt_stage(r.get("knn256")),
+            _fmt_stage(r.get("knn256"))
+            + (f" (candidates {_fmt_stage(r['knn256cand'])})" if "knn256cand" in r else ""),
             ret,
             _ratio(r.get("fit"), floor and floor.get("fit"), "time") if is_lam else "",
             _ratio(r.get("glm32"), floor and floor.get("glm32"), "time") if is_lam else "",
             _ratio(r.get("glm32"), floor and floor.get("glm32"), "peak_bytes") if is_lam else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-        for stage in ("fit", "glm32", "score256", "knn256", "retrieval"):
+        for stage in ("fit", "glm32", "score256", "knn256", "knn256cand", "retrieval"):
             if r.get(stage, {}).get("error"):
                 errors.append(f"- {r['model']} {r['method']} {stage}: {r[stage]['error']}")
         if "error" in r:

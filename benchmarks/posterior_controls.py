@@ -27,10 +27,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from posterior_controls_merge import add_selected_rows, load_merged  # noqa: E402
 
 #: LAM configurations: row name -> (subset, structure, likelihood_scale, prior precision).
 CONFIGS = {
@@ -68,6 +70,10 @@ FASHION_ALL_LAYER = {
     "LAM all-layer diag, dataset scale, marglik (default)": ("all", "diag", "dataset", "marglik"),
 }
 COLUMNS = ("AUROC held-out", "AUROC noise", "AUSE", "ECE", "val AUROC noise", "val ECE")
+#: With ``--candidates``: the default score with only each query's nearest database items at the
+#: mean re-embedded under the samples, its rank agreement with the whole database re-embedded,
+#: and the scoring time of each.
+CANDIDATE_COLUMNS = (*COLUMNS, "Spearman vs per-sample", "score s")
 
 
 def _metrics(score, data, confidence=None) -> dict[str, float]:
@@ -79,6 +85,8 @@ def _metrics(score, data, confidence=None) -> dict[str, float]:
         "AUROC noise": ood_auroc(s["test"], s["noise"]),
         "val AUROC noise": ood_auroc(s["val"], s["noise_val"]),
         "AUSE": sparsification_curve(s["test"], data["wrong"], n_steps=50).error_area,
+        # the raw scores of test, held-out and noise queries (for rank agreement; not saved)
+        "scores": torch.cat([s["test"], s["held"], s["noise"]]),
     }
     if confidence is not None:
         conf, correct = confidence
@@ -101,11 +109,30 @@ def _lam_rows(rows, name, config, det, loader, data, seed, n_samples, margin) ->
     else:
         la.prior_precision = prior
     x_tr, y_tr = data["train"]
-    gen = torch.Generator().manual_seed(seed)
-    scorer = UncertaintyScorer(la, x_tr, y_tr, n_samples=n_samples, generator=gen)
-    for suffix, off in (("fitted", False), ("curvature off", True)):
-        with curvature_off(la) if off else nullcontext():
-            rows[f"{name}: {suffix}"] = _retrieval_metrics(scorer, scorer.retrieval, data)
+    modes = [("per_sample", 0)] + [("candidates", c) for c in data["candidates"]]
+    for mode, n_candidates in modes:
+        gen = torch.Generator().manual_seed(seed)
+        scorer = UncertaintyScorer(
+            la,
+            x_tr,
+            y_tr,
+            n_samples=n_samples,
+            generator=gen,
+            database_embedding=mode,
+            n_candidates=max(n_candidates, 1),
+        )
+        tag = f", {n_candidates} candidates" if n_candidates else ""
+        for suffix, off in (("fitted", False), ("curvature off", True)):
+            with curvature_off(la) if off else nullcontext():
+                start = time.perf_counter()
+                row = _retrieval_metrics(scorer, scorer.retrieval, data)
+                row["score s"] = time.perf_counter() - start
+            rows[f"{name}: {suffix}{tag}"] = row
+    for _, n_candidates in modes[1:]:
+        for suffix in ("fitted", "curvature off"):
+            row = rows[f"{name}: {suffix}, {n_candidates} candidates"]
+            base = rows[f"{name}: {suffix}"]["scores"]
+            row["Spearman vs per-sample"] = float(spearmanr(row["scores"], base).statistic)
 
 
 def _retrieval_metrics(score, retrieval, data) -> dict[str, float]:
@@ -183,15 +210,47 @@ def fashion_split(seed: int, n_train: int = 4000, n_val: int = 1000, n_test: int
     )
 
 
-def run_seed(seed: int, n_samples: int, epochs: int, configs: dict, dim: int | None = None):
-    """All rows of one seed; ``dim`` set: FashionMNIST -> MNIST with LAM's CNN of that size."""
+def _seed_data(split, det, candidates: tuple[int, ...]) -> dict:
+    """The split's tensors, and which test queries the trained encoder retrieves wrongly."""
+    from laplace_metric.metrics import top1_labels
+
+    x_tr, y_tr = split.train.tensors
+    x_te, y_te = split.test.tensors
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(det(torch.cat([x_te, x_tr])), dim=-1)
+    wrong = (top1_labels(z[: len(x_te)], z[len(x_te) :], y_tr) != y_te).double()
+    return {
+        "train": (x_tr, y_tr),
+        "y_test": y_te,
+        "y_val": split.val.tensors[1],
+        "wrong": wrong,
+        "inputs": {
+            "test": x_te,
+            "held": split.ood_classes.tensors[0],
+            "noise": split.ood_noise.tensors[0],
+            "val": split.val.tensors[0],
+            "noise_val": split.ood_noise_val.tensors[0],
+        },
+        "candidates": candidates,
+    }
+
+
+def run_seed(
+    seed: int,
+    n_samples: int,
+    epochs: int,
+    configs: dict,
+    dim: int | None = None,
+    candidates: tuple[int, ...] = (),
+):
+    """All rows of one seed; ``dim`` set: FashionMNIST -> MNIST with LAM's CNN of that size;
+    ``candidates``: LAM rows also with ``database_embedding='candidates'`` of these sizes."""
     from fashion_mnist_methods import lam_encoder
 
     from laplace_metric.baselines import train_encoder
     from laplace_metric.data import digits_open_set
     from laplace_metric.demo import make_encoder
     from laplace_metric.likelihoods import ContrastiveLikelihood
-    from laplace_metric.metrics import top1_labels
 
     image = dim is not None
     split = fashion_split(seed) if image else digits_open_set(seed=seed)
@@ -214,67 +273,24 @@ def run_seed(seed: int, n_samples: int, epochs: int, configs: dict, dim: int | N
         progress_bar=False,
     )
     det.eval()
-    x_tr, y_tr = split.train.tensors
-    x_te, y_te = split.test.tensors
-    with torch.no_grad():
-        z = torch.nn.functional.normalize(det(torch.cat([x_te, x_tr])), dim=-1)
-    wrong = (top1_labels(z[: len(x_te)], z[len(x_te) :], y_tr) != y_te).double()
-    data = {
-        "train": (x_tr, y_tr),
-        "y_test": y_te,
-        "y_val": split.val.tensors[1],
-        "wrong": wrong,
-        "inputs": {
-            "test": x_te,
-            "held": split.ood_classes.tensors[0],
-            "noise": split.ood_noise.tensors[0],
-            "val": split.val.tensors[0],
-            "noise_val": split.ood_noise_val.tensors[0],
-        },
-    }
+    data = _seed_data(split, det, candidates)
     rows: dict[str, dict[str, float]] = {}
     for name, config in configs.items():
         _lam_rows(rows, name, config, det, loader, data, seed, n_samples, likelihood.margin)
     _baseline_rows(rows, det, data, seed, n_samples, image)
+    for row in rows.values():
+        row.pop("scores", None)
     return rows
 
 
-def add_selected_rows(results: list[dict], candidates: list[str]) -> list[str]:
-    """Per seed, the candidate configuration with the lowest validation ECE (what
-    :func:`laplace_metric.selection.select_posterior` chooses by), added to every seed's rows as
-    ``"selected on validation ECE: fitted"`` / ``": curvature off"``; returns the choices."""
-    chosen = []
-    for rows in results:
-        missing = [c for c in candidates if f"{c}: fitted" not in rows]
-        if missing:
-            raise ValueError(f"--select: no rows for {missing} in a seed's results.")
-        best = min(candidates, key=lambda c: rows[f"{c}: fitted"]["val ECE"])
-        for suffix in ("fitted", "curvature off"):
-            rows[f"selected on validation ECE: {suffix}"] = rows[f"{best}: {suffix}"]
-        chosen.append(best)
-    return chosen
-
-
-def load_merged(groups: list[str]) -> list[dict]:
-    """Per-seed rows of ``--save`` files; files joined by ``+`` are runs of the same seed."""
-    results = []
-    for group in groups:
-        seed_rows: list[dict] = []
-        for path in group.split("+"):
-            runs = json.loads(Path(path).read_text())
-            seed_rows = [{**a, **b} for a, b in zip(seed_rows, runs)] if seed_rows else runs
-        results += seed_rows
-    return results
-
-
-def format_table(results: list[dict]) -> str:
+def format_table(results: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
     """Mean +- std over seeds, one row per method (the shared evaluation layer's table)."""
     from laplace_metric.evaluation import Column, ResultTable
 
-    digits = {"AUSE": 4, "ECE": 4, "val ECE": 4}
-    table = ResultTable([Column(c, digits.get(c, 3)) for c in COLUMNS])
+    digits = {"AUSE": 4, "ECE": 4, "val ECE": 4, "score s": 2}
+    table = ResultTable([Column(c, digits.get(c, 3)) for c in columns])
     for name in results[0]:
-        values = {c: [r[name].get(c, math.nan) for r in results] for c in COLUMNS}
+        values = {c: [r[name].get(c, math.nan) for r in results] for c in columns}
         table.add_row(name, values)
     return table.to_markdown()
 
@@ -299,6 +315,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only", default=None, help="run only the LAM configurations whose name contains this"
     )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        nargs="+",
+        default=[],
+        help="LAM rows also with UncertaintyScorer(database_embedding='candidates', "
+        "n_candidates=N) for each N, their Spearman rank agreement with the whole database "
+        "re-embedded, and the scoring times",
+    )
     parser.add_argument("--save", default=None, help="also write the per-seed rows to this JSON")
     parser.add_argument(
         "--merge",
@@ -320,7 +345,8 @@ def _parser() -> argparse.ArgumentParser:
 def _print_merged(files: list[str], select: list[str] | None) -> str:
     results = load_merged(files)
     chosen = add_selected_rows(results, select) if select else []
-    table = format_table(results)
+    candidates = any("Spearman vs per-sample" in row for row in results[0].values())
+    table = format_table(results, CANDIDATE_COLUMNS if candidates else COLUMNS)
     print(table)
     if chosen:
         print("\nchosen on validation ECE, per seed: " + "; ".join(chosen))
@@ -345,11 +371,12 @@ def main(argv: list[str] | None = None) -> str:
         configs = dict(list(configs.items())[:1] + list(configs.items())[-1:])
     start = time.perf_counter()
     results = [
-        run_seed(s, args.samples, args.epochs, configs, args.fashion_dim) for s in args.seeds
+        run_seed(s, args.samples, args.epochs, configs, args.fashion_dim, tuple(args.candidates))
+        for s in args.seeds
     ]
     if args.save:
         Path(args.save).write_text(json.dumps(results))
-    table = format_table(results)
+    table = format_table(results, CANDIDATE_COLUMNS if args.candidates else COLUMNS)
     print(table)
     print(f"\n{len(args.seeds)} seeds, {time.perf_counter() - start:.0f} s")
     return table

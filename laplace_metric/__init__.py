@@ -29,6 +29,7 @@ from laplace_metric.curvature import (
 from laplace_metric.encoders import SelectOutput, check_encoder_output
 from laplace_metric.enums import (
     CovarianceScore,
+    DatabaseEmbedding,
     HessianMethod,
     MetricLikelihood,
     SelectionCriterion,
@@ -75,6 +76,7 @@ __all__ = [
     "BregmanLikelihood",
     "ContrastiveLikelihood",
     "CovarianceScore",
+    "DatabaseEmbedding",
     "ESTIMATORS",
     "HookPairGGN",
     "HessianMethod",

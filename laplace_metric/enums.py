@@ -76,6 +76,22 @@ class SelectionCriterion(str, Enum):
     noise (higher is better)."""
 
 
+class DatabaseEmbedding(str, Enum):
+    """How :class:`~laplace_metric.scores.UncertaintyScorer` embeds its database under the
+    weight samples."""
+
+    PER_SAMPLE = "per_sample"
+    """The whole database under every weight sample, like the queries (the default): a query
+    is compared with neighbours that move with the same weights. ``n_samples`` forward passes
+    and embeddings per database item, cached across calls."""
+
+    CANDIDATES = "candidates"
+    """The database once at the posterior mean; under the weight samples only each query's
+    ``n_candidates`` nearest items at the mean (the same distance whenever a sample's nearest
+    item is among them, an upper bound otherwise). For large galleries under all-layer
+    posteriors, where the per-sample database dominates time and memory."""
+
+
 #: The former name of :class:`CovarianceScore` (kept; ``laplace_metric.UncertaintyScore`` warns).
 UncertaintyScore = CovarianceScore
 

@@ -20,16 +20,26 @@ def _load(path: Path, name: str):
     return module
 
 
-def test_quick_controls_table_has_each_control():
+def test_quick_controls_table_has_each_control(tmp_path):
     bench = _load(ROOT / "benchmarks" / "posterior_controls.py", "posterior_controls")
-    table = bench.main(["--quick"])
+    saved = tmp_path / "rows.json"
+    table = bench.main(["--quick", "--candidates", "4", "--save", str(saved)])
     lines = table.splitlines()
     assert lines[0].startswith("| method | AUROC held-out |")
+    assert lines[0].rstrip().endswith("| Spearman vs per-sample | score s |")
     names = [line.split(" | ")[0].lstrip("| ") for line in lines[2:]]
     fitted = [n for n in names if n.endswith(": fitted")]
     assert fitted and all(n.replace(": fitted", ": curvature off") in names for n in fitted)
     assert "isotropic noise (all), tuned on validation" in names
     assert "kNN distance, penultimate features" in names
+    # each LAM row also with 4 candidates per query, with its rank agreement
+    (seed_rows,) = json.loads(saved.read_text())
+    for name in fitted:
+        for suffix in ("fitted", "curvature off"):
+            row = seed_rows[name.replace("fitted", f"{suffix}, 4 candidates")]
+            assert -1.0 <= row["Spearman vs per-sample"] <= 1.0
+            assert row["score s"] > 0
+    assert not any("scores" in row for row in seed_rows.values())  # raw scores are not saved
 
 
 def test_reference_preset_temperature_counts_n_squared_pairs():

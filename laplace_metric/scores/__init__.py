@@ -13,7 +13,10 @@ sample, so that what is measured is how far a query stays from its neighbours wh
 varies as the posterior allows: in-distribution queries move with their neighbours,
 out-of-distribution queries do not. The database embeddings are computed once per weight sample
 and cached, so repeated queries (test set, OOD sets, batches) do not re-embed it; the cache is
-dropped when the posterior changes (a new fit or prior precision).
+dropped when the posterior changes (a new fit or prior precision). For galleries too large to
+embed ``n_samples`` times, ``UncertaintyScorer(..., database_embedding='candidates')`` embeds
+the database once at the posterior mean and, under the samples, only each query's nearest
+items there (:mod:`laplace_metric.scores.candidates`).
 
 Why not the trace? On the unit sphere the linearised covariance is
 ``P J Sigma J^T P / ||g||^2`` with ``P = I - z z^T``: its trace is dominated by the
@@ -30,7 +33,8 @@ by ``@register_score("name")``; importing the module (one line below) registers 
 # the scores: importing a module registers its score (one line per score)
 from laplace_metric.scores import posterior_knn, sampled_std, trace  # noqa: F401
 from laplace_metric.scores.base import SCORES, PosteriorScore, Score, register_score
-from laplace_metric.scores.scorer import PosteriorRetrieval, UncertaintyScorer, posterior_retrieval
+from laplace_metric.scores.oneshot import posterior_retrieval
+from laplace_metric.scores.scorer import PosteriorRetrieval, UncertaintyScorer
 
 __all__ = [
     "SCORES",

@@ -6,12 +6,15 @@ from collections.abc import Iterable
 
 import torch
 
+from laplace_metric.enums import DatabaseEmbedding, parse_enum
 from laplace_metric.predictive import PosteriorEmbedder, knn_and_top1
 from laplace_metric.progress import progress as show_progress
 from laplace_metric.scores.base import SCORES, PosteriorScore, parse_score
+from laplace_metric.scores.candidates import CandidateDatabase
 from laplace_metric.scores.support import (
     PosteriorRetrieval,
     QueryCache,
+    check_database_fits,
     check_tensor,
     in_eval_mode,
 )
@@ -41,6 +44,18 @@ class UncertaintyScorer:
     progress_bar : bool, optional
         A tqdm bar over the weight samples; ``None`` (default) shows it when standard error
         is a terminal and the work has run a few seconds (see :mod:`laplace_metric.progress`).
+    database_embedding : {'per_sample', 'candidates'}, default='per_sample'
+        Embed the whole database under every weight sample, or only each query's
+        ``n_candidates`` nearest items at the posterior mean (for large galleries under
+        all-layer posteriors); see :class:`~laplace_metric.DatabaseEmbedding`.
+    n_candidates : int, default=64
+        Candidates per query with ``database_embedding='candidates'`` (at least ``k``).
+
+    Raises
+    ------
+    laplace_metric.memory.MemoryBudgetError
+        When the database embedded under every weight sample (``n_samples x m x D``) does not
+        fit ``la.memory_budget``; the message names what fits.
 
     Notes
     -----
@@ -72,6 +87,8 @@ class UncertaintyScorer:
         generator: torch.Generator | None = None,
         batch_size: int = 1024,
         progress_bar: bool | None = None,
+        database_embedding: DatabaseEmbedding | str = DatabaseEmbedding.PER_SAMPLE,
+        n_candidates: int = 64,
     ) -> None:
         la._check_fitted()
         if n_samples < 2:
@@ -85,6 +102,13 @@ class UncertaintyScorer:
         if database is not None and not 1 <= k <= len(self.database):
             raise ValueError(f"k must be in [1, {len(self.database)}], got {k}.")
         self.k = int(k)
+        self.database_embedding = parse_enum(
+            DatabaseEmbedding, database_embedding, "database_embedding"
+        )
+        if n_candidates < self.k:
+            raise ValueError(f"n_candidates must be at least k = {self.k}, got {n_candidates}.")
+        self.n_candidates = int(n_candidates)
+        self._candidates: CandidateDatabase | None = None
         self.database_labels = None
         if database_labels is not None:
             if self.database is None:
@@ -153,7 +177,18 @@ class UncertaintyScorer:
         embedder = PosteriorEmbedder(self.la, self.batch_size)
         features = embedder.features(self.database)
         self._db_mean = embedder.embed(features)
-        self._db_samples = self._sample_embeddings(embedder, features, "database")
+        if self.database_embedding == DatabaseEmbedding.CANDIDATES:
+            self._candidates = CandidateDatabase(
+                features,
+                self._db_mean,
+                self.n_candidates,
+                lambda rows: self._sample_embeddings(embedder, rows, "candidates"),
+                self.n_samples,
+                self.la.memory_budget,
+            )
+        else:
+            check_database_fits(self._db_mean, self.n_samples, self.la.memory_budget)
+            self._db_samples = self._sample_embeddings(embedder, features, "database")
         self._cache_key = self._key()
 
     @torch.no_grad()
@@ -202,6 +237,8 @@ class UncertaintyScorer:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``k``-th neighbour distance and top-1 label per sample, ``(S, n)`` each, with the
         distance matrices in query chunks that fit ``la.memory_budget``."""
+        if self._candidates is not None:
+            return self._candidates.knn_top1(z_q, self._query_mean, self.k, self.database_labels)
         knn, top1 = [], []
         for q, db in zip(z_q, z_db):
             d, t = knn_and_top1(q, db, self.k, self.database_labels, self.la.memory_budget)
@@ -326,60 +363,4 @@ class UncertaintyScorer:
         return PosteriorRetrieval(knn, confidence, predicted)
 
 
-@torch.no_grad()
-def posterior_retrieval(
-    la,
-    x: torch.Tensor,
-    database: torch.Tensor,
-    database_labels: torch.Tensor | None = None,
-    k: int = 1,
-    n_samples: int = 30,
-    generator: torch.Generator | None = None,
-    batch_size: int = 1024,
-) -> PosteriorRetrieval:
-    """Posterior-averaged k-NN distance and top-1 retrieval confidence (one-shot).
-
-    For weight samples ``theta_s ~ q(theta)`` of the fitted Laplace estimator ``la``,
-
-        knn_distance(x) = 1/S sum_s d_k(z(x; theta_s), {z(x_db; theta_s)})
-
-    where ``d_k`` is the Euclidean distance to the ``k``-th nearest database embedding, and
-    ``confidence(x) = 1/S sum_s [label_1(x; theta_s) == label_1(x; theta_MAP)]``. To score
-    several query sets against one database, build one :class:`UncertaintyScorer` instead: it
-    embeds the database once per weight sample.
-
-    Parameters
-    ----------
-    la : MetricLaplaceMixin
-        A fitted laplace-metric estimator.
-    x : torch.Tensor
-        Queries ``(n, ...)``.
-    database : torch.Tensor
-        Database inputs ``(m, ...)``, e.g. the training inputs.
-    database_labels : torch.Tensor, optional
-        Labels ``(m,)``; needed for ``confidence`` and ``predicted`` (else they are empty).
-    k : int, default=1
-    n_samples : int, default=30
-    generator : torch.Generator, optional
-    batch_size : int, default=1024
-        Rows per forward pass. For a last-layer posterior the backbone runs once per input
-        (its features are cached) and each weight sample re-runs only the last layer; the
-        distance computations run in query chunks that fit ``la.memory_budget``.
-
-    Returns
-    -------
-    result : PosteriorRetrieval
-    """
-    scorer = UncertaintyScorer(
-        la,
-        database,
-        database_labels,
-        k=k,
-        n_samples=n_samples,
-        generator=generator,
-        batch_size=batch_size,
-    )
-    return scorer.retrieval(x)
-
-
-__all__ = ["PosteriorRetrieval", "UncertaintyScorer", "posterior_retrieval"]
+__all__ = ["PosteriorRetrieval", "UncertaintyScorer"]

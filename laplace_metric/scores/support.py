@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import torch
 
 from laplace_metric.encoders import eval_mode
+from laplace_metric.memory import check_fits
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -77,3 +78,21 @@ def check_tensor(x: Any, name: str, la) -> torch.Tensor:
 
 
 __all__ = ["PosteriorRetrieval", "QueryCache", "check_tensor", "in_eval_mode"]
+
+
+def check_database_fits(db_mean: torch.Tensor, n_samples: int, budget: int) -> None:
+    """A :class:`~laplace_metric.memory.MemoryBudgetError` before embedding the database
+    ``(m, D)`` under ``n_samples`` weight samples would exceed ``budget``."""
+    m, dim = db_mean.shape
+    n_bytes = n_samples * m * dim * db_mean.element_size()
+    fits = max(int(budget // (m * dim * db_mean.element_size())), 0)
+    check_fits(
+        n_bytes,
+        budget,
+        f"the database of {m:,} items embedded under {n_samples} weight samples ({dim}-d)",
+        [
+            "database_embedding='candidates' (only each query's nearest items at the "
+            "posterior mean under the samples)",
+            f"n_samples={fits}" if fits >= 2 else "a smaller database",
+        ],
+    )

@@ -1,0 +1,44 @@
+"""The cost benchmarks run at toy size: the Kronecker factor census and gallery scoring."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kron_factor_census_follows_laplace_torch_layout():
+    pytest.importorskip("torchvision")
+    bench = _load("kron_decomposition")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    # conv kernel: 8 and 3*3*3; conv bias: 8; linear: 4 and 8; linear bias: 4
+    assert bench.factor_sizes(model) == {8: 3, 27: 1, 4: 2}
+    resnet = bench.build_encoder("resnet18", 128)[0]
+    assert bench.factor_sizes(resnet)[4608] == 3  # layer4's 3x3 convolutions over 512 channels
+    vit = bench.build_encoder("vit_small", 128)[0]
+    assert 65 * 64 not in bench.factor_sizes(vit)  # the positional embedding is left out
+    timed = bench.main(["--models", "mlp", "--repeats", "1", "--threads", "1"])
+    eigh, cholesky = timed["mlp"]
+    assert eigh > 0 and cholesky > 0
+
+
+def test_gallery_scoring_runs_both_database_embeddings():
+    bench = _load("gallery_scoring")
+    args = ["--model", "mlp", "--galleries", "96", "--queries", "4", "--samples", "3"]
+    (row,) = bench.main([*args, "--candidates", "96", "--threads", "1"])
+    # candidates covering the whole gallery: the same score, so a perfect rank agreement
+    assert row["spearman"] == pytest.approx(1.0)
+    assert row["per_sample s"] > 0 and row["candidates s"] > 0
