@@ -38,7 +38,8 @@ budget error that names what fits instead. On ViT-Tiny, ``lam-all-kron-frozenpos
 kron with the positional embedding frozen (its Kronecker factor is dense, 12,480 x 12,480).
 
 Run ``nice -n 10 python benchmarks/encoders.py`` (``--models resnet18 --methods lam-ll-kron``
-to select cells; ``--json out.json`` to keep the raw results).
+to select cells, ``--stages fit knn256`` to select stages; ``--json out.json`` to keep the raw
+results).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ ALL_LAYER = (
     "stock-all-kron",
     "floor-all-kron",
 )
+#: Every stage of a cell (``--stages`` selects; ``fit`` always runs).
+STAGES = ("fit", "glm32", "score256", "knn256", "knn256cand", "retrieval")
 #: ViT cells beside :data:`ALL_LAYER`: all-layer kron with the positional embedding frozen.
 VIT_ALL_LAYER = ("lam-all-kron-frozenpos",)
 #: The small models' all-layer cells are cheap and run by default.
@@ -145,7 +148,7 @@ def freeze_outside_kfac_layers(model) -> None:
         param.requires_grad_(id(param) in kfac)
 
 
-def run_cell(model_name: str, method: str) -> dict:
+def run_cell(model_name: str, method: str, stages: tuple[str, ...] = STAGES) -> dict:
     import torch
     from laplace import Laplace
 
@@ -180,33 +183,42 @@ def run_cell(model_name: str, method: str) -> dict:
     results["backend"] = type(la.backend).__name__
     if "error" in results["fit"]:
         return results
-    with Stage(results, "glm32"):
-        mean, cov = la(queries[:N_QUERIES], pred_type="glm")
-        assert cov.shape == (N_QUERIES, EMBED_DIM, EMBED_DIM), tuple(cov.shape)
-    with Stage(results, "score256"):
-        if lib == "lam":
-            la.predictive_uncertainty(queries)
-        else:
-            la(queries, pred_type="glm")
+    if "glm32" in stages:
+        with Stage(results, "glm32"):
+            mean, cov = la(queries[:N_QUERIES], pred_type="glm")
+            assert cov.shape == (N_QUERIES, EMBED_DIM, EMBED_DIM), tuple(cov.shape)
+    if "score256" in stages:
+        with Stage(results, "score256"):
+            if lib == "lam":
+                la.predictive_uncertainty(queries)
+            else:
+                la(queries, pred_type="glm")
     if lib == "lam":
-        _lam_score_stages(results, la, x, queries, subset, gen)
+        _lam_score_stages(results, la, x, queries, subset, gen, stages)
     return results
 
 
-def _lam_score_stages(results: dict, la, x, queries, subset: str, gen) -> None:
+def _lam_score_stages(
+    results: dict, la, x, queries, subset: str, gen, stages: tuple[str, ...]
+) -> None:
     """The posterior-kNN stages, and the retrieval stages of a last-layer posterior."""
     import torch
 
     from laplace_metric import UncertaintyScorer, posterior_retrieval
 
-    with Stage(results, "knn256"):  # the default score: 30 weight samples, 512-image database
-        UncertaintyScorer(la, database=x, progress_bar=False)(queries)
+    if "knn256" in stages:  # the default score: 30 weight samples, 512-image database
+        with Stage(results, "knn256"):
+            UncertaintyScorer(la, database=x, progress_bar=False)(queries)
     if subset == "all":
+        if "knn256cand" not in stages:
+            return
         with Stage(results, "knn256cand"):  # 64 candidates per query under the samples
             scorer = UncertaintyScorer(
                 la, database=x, progress_bar=False, database_embedding="candidates"
             )
             scorer(queries)
+        return
+    if "retrieval" not in stages:
         return
     database = torch.randn(N_DB, *queries.shape[1:], generator=gen)
     db_labels = torch.arange(N_DB) % N_CLASSES
@@ -231,7 +243,7 @@ def child(args: argparse.Namespace) -> None:
     cap = size + int(args.cap_gb * 1e9)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     try:
-        results = run_cell(args.cell[0], args.cell[1])
+        results = run_cell(args.cell[0], args.cell[1], tuple(args.stages))
     except Exception as exc:  # a cell must not crash the table
         traceback.print_exc()
         results = {"model": args.cell[0], "method": args.cell[1], "error": f"{exc!r}"[:400]}
@@ -250,6 +262,8 @@ def measure(model: str, method: str, args: argparse.Namespace) -> dict:
         str(args.threads),
         "--cap-gb",
         str(args.cap_gb),
+        "--stages",
+        *getattr(args, "stages", STAGES),
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     try:
@@ -338,6 +352,13 @@ def main() -> None:
     parser.add_argument("--cap-gb", type=float, default=6.0)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per cell")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=list(STAGES),
+        choices=STAGES,
+        help="stages to run after the fit (default: all; e.g. --stages fit for a fit-only table)",
+    )
     parser.add_argument(
         "--from-json",
         nargs="+",

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             start = time.perf_counter()
             scores[mode] = scorer(queries)
             result[f"{mode} s"] = time.perf_counter() - start
-            stored = size if mode == "per_sample" else len(scorer._candidates.rows)
+            stored = scorer.sampled_database_items
             result[f"{mode} stored"] = args.samples * stored * 128 * 4
         result["spearman"] = float(spearmanr(scores["per_sample"], scores["candidates"]).statistic)
         rows.append(result)

@@ -88,8 +88,9 @@ def test_candidates_embed_only_what_queries_need_and_are_reused(device):
     calls = []
     handle = la.model.register_forward_pre_hook(lambda mod, args: calls.append(len(args[0])))
     try:
+        assert scorer.sampled_database_items == 0
         first = scorer(x[:2])
-        store = len(scorer._candidates.rows)
+        store = scorer.sampled_database_items
         assert 2 <= store <= 4  # two candidates per query, nothing else
         assert calls.count(len(database)) == 1  # the database at the mean, once
         assert sum(calls) == len(database) + 3 * store + 3 * 2 + 2  # + queries (mean + samples)
@@ -154,3 +155,11 @@ def test_per_sample_database_over_the_budget_is_a_named_error():
         assert torch.isfinite(cheap(x[:2])).all()
     finally:
         la.memory_budget = saved
+
+
+def test_sampled_database_items_of_the_per_sample_database(device):
+    la, x, _ = _fitted(device)
+    scorer = UncertaintyScorer(la, x[5:], n_samples=3)
+    assert scorer.sampled_database_items == 0
+    scorer(x[:2])
+    assert scorer.sampled_database_items == len(x) - 5

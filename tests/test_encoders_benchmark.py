@@ -29,3 +29,11 @@ def test_mlp_all_layer_diag_cell_records_every_stage():
     table = bench.table([row])
     assert "| mlp | lam-all-diag |" in table
     assert "(candidates " in table
+
+
+def test_stages_select_what_runs_after_the_fit():
+    bench = _load()
+    args = argparse.Namespace(threads=1, cap_gb=6.0, timeout=300.0, stages=["fit", "knn256"])
+    row = bench.measure("mlp", "lam-all-diag", args)
+    assert "error" not in row, row
+    assert {"fit", "knn256"} <= set(row) and not {"glm32", "score256", "knn256cand"} & set(row)

@@ -422,14 +422,14 @@ def test_memory_budget_bounds_the_passes():
 
     model, x, y, _ = setup("rescnn", "positives", torch.device("cpu"))
     fits = {}
-    for budget in ("100GB", 2**16 * 8 * HookPairGGN.MEMORY_PER_ELEMENT_BOUND):
+    for budget in ("100GB", 3 * 2**15 * 8 * HookPairGGN.MEMORY_PER_ELEMENT_BOUND):
         la = laplace.Laplace(
             model, "contrastive", "all", "diag", backend=HookPairGGN, memory_budget=budget
         )
         la.fit([(x, y)])
         fits[budget] = (la.H.clone(), la.backend.max_elements)
     (big, big_bound), (small, small_bound) = fits.values()
-    assert big_bound == HookPairGGN.DEFAULT_MAX_ELEMENTS and small_bound == 2**16
+    assert big_bound == HookPairGGN.DEFAULT_MAX_ELEMENTS and small_bound == 3 * 2**15
     assert_close(small, big, TOL)
     backend = HookPairGGN(model, ContrastiveLikelihood())
     backend.max_elements = 100

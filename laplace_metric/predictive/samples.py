@@ -167,6 +167,22 @@ def nn_embedding_samples(
 
 
 @torch.no_grad()
+def nearest(
+    z_q: torch.Tensor, z_db: torch.Tensor, k: int, budget: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances and indices ``(n, k)`` of each query's ``k`` nearest database embeddings,
+    nearest first, over query chunks whose ``(chunk, len(z_db))`` distance matrix fits
+    ``budget``."""
+    per_query = 3 * len(z_db) * z_db.element_size()
+    size = chunk_size(len(z_q), per_query, budget)
+    values, indices = [], []
+    for chunk in split(z_q, size):
+        found = torch.cdist(chunk, z_db).topk(k, largest=False)
+        values.append(found.values)
+        indices.append(found.indices)
+    return torch.cat(values), torch.cat(indices)
+
+
 def knn_and_top1(
     z_q: torch.Tensor,
     z_db: torch.Tensor,
@@ -174,17 +190,10 @@ def knn_and_top1(
     db_labels: torch.Tensor | None,
     budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Distance to the ``k``-th nearest database embedding and the top-1 database label,
-    over query chunks whose ``(chunk, len(z_db))`` distance matrix fits ``budget``."""
-    per_query = 3 * len(z_db) * z_db.element_size()
-    size = chunk_size(len(z_q), per_query, budget)
-    knn, top1 = [], []
-    for chunk in split(z_q, size):
-        dist = torch.cdist(chunk, z_db)
-        knn.append(dist.topk(k, largest=False).values[:, -1])
-        if db_labels is not None:
-            top1.append(db_labels[dist.argmin(1)])
-    return torch.cat(knn), (torch.cat(top1) if db_labels is not None else None)
+    """Distance to the ``k``-th nearest database embedding and the top-1 database label
+    (see :func:`nearest`)."""
+    values, indices = nearest(z_q, z_db, k, budget)
+    return values[:, -1], (db_labels[indices[:, 0]] if db_labels is not None else None)
 
 
 def iter_query_chunks(
@@ -201,5 +210,6 @@ __all__ = [
     "draw_weight_samples",
     "iter_query_chunks",
     "knn_and_top1",
+    "nearest",
     "nn_embedding_samples",
 ]

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from laplace_metric.memory import check_fits, chunk_size, split
+from laplace_metric.memory import check_fits, chunk_size
+from laplace_metric.predictive.samples import nearest
 
 
 class CandidateDatabase:
@@ -55,13 +56,12 @@ class CandidateDatabase:
 
     def candidates(self, query_mean: torch.Tensor) -> torch.Tensor:
         """Each query's ``n_candidates`` nearest database rows at the mean, nearest first."""
-        per_query = 3 * len(self.mean) * self.mean.element_size()
-        size = chunk_size(len(query_mean), per_query, self.budget)
-        chunks = [
-            torch.cdist(q, self.mean).topk(self.n_candidates, largest=False).indices
-            for q in split(query_mean, size)
-        ]
-        return torch.cat(chunks)
+        return nearest(query_mean, self.mean, self.n_candidates, self.budget)[1]
+
+    @property
+    def stored_items(self) -> int:
+        """Database items whose embeddings under the weight samples are cached."""
+        return len(self.rows)
 
     def _embed_missing(self, needed: torch.Tensor) -> None:
         """Embed the ``needed`` rows not embedded yet; a store over budget keeps only these."""

@@ -24,4 +24,4 @@ class PosteriorKNNScore(Score):
         self, scorer: UncertaintyScorer, x: torch.Tensor, sampled: torch.Tensor | None
     ) -> torch.Tensor:
         """Mean k-th neighbour distance over the weight samples, ``(n,)``."""
-        return scorer._knn_top1(sampled, scorer._db_samples)[0].mean(0)
+        return scorer._knn_top1(sampled)[0].mean(0)

@@ -232,15 +232,15 @@ class UncertaintyScorer:
             self._moved = (x, checked, x._version)
         return checked
 
-    def _knn_top1(
-        self, z_q: torch.Tensor, z_db: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``k``-th neighbour distance and top-1 label per sample, ``(S, n)`` each, with the
-        distance matrices in query chunks that fit ``la.memory_budget``."""
+    def _knn_top1(self, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``k``-th neighbour distance and top-1 label per sample, ``(S, n)`` each, of the
+        sampled queries ``z_q`` among the database under the same samples (the candidates
+        or the whole sampled database), with the distance matrices in query chunks that fit
+        ``la.memory_budget``."""
         if self._candidates is not None:
             return self._candidates.knn_top1(z_q, self._query_mean, self.k, self.database_labels)
         knn, top1 = [], []
-        for q, db in zip(z_q, z_db):
+        for q, db in zip(z_q, self._db_samples):
             d, t = knn_and_top1(q, db, self.k, self.database_labels, self.la.memory_budget)
             knn.append(d)
             top1.append(t)
@@ -287,6 +287,15 @@ class UncertaintyScorer:
             raise ValueError("No database: UncertaintyScorer(la, database=x_train).")
         self._refresh_database()
         return self._db_mean
+
+    @property
+    def sampled_database_items(self) -> int:
+        """Database items whose embeddings under the weight samples are held now: all of them
+        (``database_embedding='per_sample'``, once a score needed them), or the cached
+        candidates (``'candidates'``); 0 before the first score."""
+        if self._candidates is not None:
+            return self._candidates.stored_items
+        return 0 if self._db_samples is None else self._db_samples.shape[1]
 
     @in_eval_mode
     def scores(
@@ -350,7 +359,7 @@ class UncertaintyScorer:
         if self.database is None:
             raise ValueError("retrieval needs a database: UncertaintyScorer(la, database=...).")
         sampled = self._sampled(self._check(x))
-        knn_all, top1 = self._knn_top1(sampled, self._db_samples)
+        knn_all, top1 = self._knn_top1(sampled)
         knn = knn_all.mean(0)
         empty = torch.empty(0, device=self.la._device)
         if self.database_labels is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,6 +15,7 @@ from laplace_metric.curvature.budget import budget_elements
 from laplace_metric.curvature.folds import fold_gram
 from laplace_metric.curvature.hooks.columns import ColumnPasses
 from laplace_metric.curvature.hooks.diag import GramPolicy, graph_diag, plan_location_grams
+from laplace_metric.curvature.hooks.graph_memory import check_graph_fits, saved_bytes
 from laplace_metric.curvature.hooks.kron import KFACApproximation, kron_factors
 from laplace_metric.curvature.hooks.passes import ColumnPass
 from laplace_metric.curvature.hooks.predictive import covariance_chunk, normalised
@@ -72,9 +75,13 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
     under the same bound (a block of output rows, a chunk of samples for ``torch.func``); the
     location-Gram accumulators of all shared weights, which live across column chunks, hold
     at most ``4 * max_elements`` numbers together, and the output gradients of those weights
-    are gathered over passes up to ``max_elements`` numbers before each update. Peak memory is about the forward pass's
-    activations (of the batch; the predictive: of the batch repeated once per column) plus a
-    few times ``max_elements``.
+    are gathered over passes up to ``max_elements`` numbers before each update. The forward
+    graph a pass keeps (autograd's saved tensors and the recorded layer inputs and outputs,
+    measured per row on a one-sample probe: :mod:`~laplace_metric.curvature.hooks.graph_memory`)
+    is counted first: :attr:`max_elements` fits the budget less that graph, and a batch whose
+    graph alone exceeds the budget is a :class:`~laplace_metric.memory.MemoryBudgetError`
+    naming the batch size that fits. Peak live memory is about that graph plus a few times
+    ``max_elements``.
 
     The folds are those of every backend (:mod:`laplace_metric.curvature.folds`), with a
     closed form for components whose block is ``a I + b 1 1^T`` (all pairs of a class: every
@@ -121,21 +128,74 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
         )
         self._copy: tuple[nn.Module, nn.Module] | None = None
         self._max_elements = self.DEFAULT_MAX_ELEMENTS
+        self._graph_bytes = 0  # the forward graph kept during the current passes
+        self._graph_per_row: dict[tuple, int] = {}
 
     @property
     def max_elements(self) -> int:
         """Bound on the elements of one intermediate tensor (back-propagated columns at all
         sites, a block of per-sample gradients): the value set (default ``2**25``, 128 MiB of
         float32), lowered so that :attr:`MEMORY_PER_ELEMENT_BOUND` times it fits
-        :attr:`memory_budget` (at least ``2**16``)."""
-        itemsize = next(self.model.parameters()).element_size()
+        :attr:`memory_budget` less the forward graph that the current passes keep (at least
+        ``2**16``)."""
+        budget = self.memory_budget
+        if budget is not None:
+            budget = max(budget - self._graph_bytes, 0)
         return budget_elements(
-            self._max_elements, self.memory_budget, itemsize, self.MEMORY_PER_ELEMENT_BOUND
+            self._max_elements, budget, self._itemsize(), self.MEMORY_PER_ELEMENT_BOUND
         )
 
     @max_elements.setter
     def max_elements(self, value: int) -> None:
         self._max_elements = int(value)
+
+    def _itemsize(self) -> int:
+        return next(self.model.parameters()).element_size()
+
+    # ------------------------------------------------------------------ the kept graph
+    def _graph_row_bytes(self, module: nn.Module, inputs: torch.Tensor) -> int:
+        """Bytes the recorded forward pass keeps per input row: saved for backward, and the
+        recorded site inputs and outputs (a one-sample probe, cached per module and input
+        shape)."""
+        key = (id(module), tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
+        if key not in self._graph_per_row:
+            twin = self._private(module)
+
+            def record() -> list[torch.Tensor]:
+                *_, sites = self._record(module, inputs[:1])
+                return [t for site in sites for t in (site.inputs, site.output)]
+
+            self._graph_per_row[key] = saved_bytes(twin, record)
+        return self._graph_per_row[key]
+
+    @contextmanager
+    def _keeping_graph(self, module: nn.Module, inputs: torch.Tensor) -> Iterator[None]:
+        """The forward graph of ``inputs`` is counted against the budget while the passes
+        run (:attr:`max_elements` is lowered by it); a
+        :class:`~laplace_metric.memory.MemoryBudgetError` names the batch size that fits if
+        the graph alone exceeds the budget."""
+        per_row, n_rows = self._graph_row_bytes(module, inputs), inputs.shape[0]
+        check_graph_fits(
+            per_row,
+            n_rows,
+            self.memory_budget,
+            f"HookPairGGN: the forward graph of a batch of {n_rows} samples",
+            "batches of at most {k} samples",
+        )
+        self._graph_bytes = per_row * n_rows
+        try:
+            yield
+        finally:
+            self._graph_bytes = 0
+
+    def _copies_that_fit(self, graph_bytes: int, elements: int) -> int:
+        """How many copies of a pass fit the budget, for passes that repeat their rows (one
+        copy: a forward graph of ``graph_bytes`` and columns of ``elements`` numbers, which
+        take :attr:`MEMORY_PER_ELEMENT_BOUND` bytes-per-item each); at least 1."""
+        if self.memory_budget is None:
+            return 2**62
+        per_copy = graph_bytes + elements * self._itemsize() * self.MEMORY_PER_ELEMENT_BOUND
+        return max(1, int(self.memory_budget // max(per_copy, 1)))
 
     # ------------------------------------------------------------------ the hooked pass
     def _private(self, module: nn.Module) -> nn.Module:
@@ -193,9 +253,10 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
         order = graph.component_order()
         if order is not None:  # components contiguous: blocks of samples are views
             inputs, factor, graph = inputs[order], factor[order], graph.induced(order)
-        passes = self._passes(module, inputs, factor.permute(2, 0, 1))
-        n_columns, policy = factor.shape[2], self._gram_policy()
-        return graph_diag(passes, graph, n_columns, policy, self._plan_location_grams)
+        with self._keeping_graph(module, inputs):
+            passes = self._passes(module, inputs, factor.permute(2, 0, 1))
+            n_columns, policy = factor.shape[2], self._gram_policy()
+            return graph_diag(passes, graph, n_columns, policy, self._plan_location_grams)
 
     def _plan_location_grams(
         self, column_pass: ColumnPass, graph: PairGraph, n_columns: int, policy: GramPolicy
@@ -205,15 +266,17 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
 
     def _graph_full(self, module, inputs, g, terms):
         total = None
-        for column_pass in self._passes(module, inputs, terms.factor.permute(2, 0, 1)):
-            part = fold_gram(column_pass.all_grads(), terms.graph)
-            total = part if total is None else total + part
+        with self._keeping_graph(module, inputs):
+            for column_pass in self._passes(module, inputs, terms.factor.permute(2, 0, 1)):
+                part = fold_gram(column_pass.all_grads(), terms.graph)
+                total = part if total is None else total + part
         return total
 
     def _graph_kron(self, module, inputs, g, terms):
-        passes = self._passes(module, inputs, terms.factor.permute(2, 0, 1))
         reduce = self.kfac_approximation == KFACApproximation.REDUCE
-        return kron_factors(passes, terms.graph, reduce)
+        with self._keeping_graph(module, inputs):
+            passes = self._passes(module, inputs, terms.factor.permute(2, 0, 1))
+            return kron_factors(passes, terms.graph, reduce)
 
     # ------------------------------------------------------------------ per-pair path
     def _pair(self, structure: str, module, inputs, g, terms: PairTerms):
@@ -262,11 +325,17 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
         eye = torch.eye(dim, dtype=g.dtype, device=g.device)
         # all D columns of a sample chunk in one pass: both sides of C_i[d, e] are needed
         per_sample = self._per_sample_elements(module, inputs)
-        step = max(1, min(batch, self.max_elements // max(dim * per_sample, 1)))
+        per_row = self._graph_row_bytes(module, inputs)
+        step = min(batch, self.max_elements // max(dim * per_sample, 1))
+        step = max(1, min(step, self._copies_that_fit(dim * per_row, dim * per_sample)))
         chunks = []
-        for start in range(0, batch, step):
-            rows = inputs[start : start + step]
-            columns = eye[:, None, :].expand(dim, rows.shape[0], dim)
-            for column_pass in self._passes(module, rows, columns, all_columns=True):
-                chunks.append(covariance_chunk(column_pass, posterior, self._gram_policy()))
+        self._graph_bytes = step * dim * per_row  # the chunk's repeated graph
+        try:
+            for start in range(0, batch, step):
+                rows = inputs[start : start + step]
+                columns = eye[:, None, :].expand(dim, rows.shape[0], dim)
+                for column_pass in self._passes(module, rows, columns, all_columns=True):
+                    chunks.append(covariance_chunk(column_pass, posterior, self._gram_policy()))
+        finally:
+            self._graph_bytes = 0
         return normalised(self.likelihood, g, torch.cat(chunks))

@@ -26,7 +26,7 @@ Chunk = tuple[nn.Module, list[Site], dict[str, Entries], dict[str, torch.Tensor]
 
 class ColumnPasses:
     """The column passes of the hook backend (a mixin of ``HookPairGGN``: it uses the
-    backend's ``_record``, ``_private`` and ``max_elements``)."""
+    backend's ``_record``, ``_private``, ``max_elements``, ``_graph_row_bytes`` and ``_copies_that_fit``)."""
 
     #: Parameters of shape ``(1, *rest)`` that no site covers (class tokens, positional
     #: embeddings) get their per-sample gradients from the sites' own backward pass, expanded
@@ -75,6 +75,9 @@ class ColumnPasses:
         step = max(1, min(n_cols, self.max_elements // max(batch * per_sample, 1)))
         if all_columns:
             step = n_cols
+        elif not self.retain_forward:  # the batch is repeated once per column of a pass
+            graph = self._graph_row_bytes(module, inputs) * batch
+            step = min(step, self._copies_that_fit(graph, batch * per_sample))
         by_row = self._row_params(module, inputs, columns, others)
         rest = [n for n in others if n not in by_row]
         if self.retain_forward and not all_columns:
