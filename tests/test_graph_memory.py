@@ -140,3 +140,15 @@ def test_repeated_passes_bound_their_graph_copies(device, monkeypatch):
     backend.memory_budget = SMALLEST + 2 * len(x) * per_row
     assert_close(backend.diag(x, y).hessian, want, TOL)
     assert steps[-1] == 2
+
+
+def test_jacobians_count_the_kept_graph(device):
+    model, x, y, lik = setup("vit", "positives", device)
+    backend = HookPairGGN(model, lik)
+    want, _ = ReferencePairGGN(model, lik).jacobians(x)
+    per_row = backend._graph_row_bytes(model, x)
+    backend.memory_budget = len(x) * per_row
+    assert_close(backend.jacobians(x)[0], want, TOL)
+    backend.memory_budget = 4 * per_row
+    with pytest.raises(MemoryBudgetError, match="batches of at most 4 samples"):
+        backend.jacobians(x)

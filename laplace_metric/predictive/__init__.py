@@ -49,6 +49,7 @@ from laplace_metric.predictive.samples import (
     PosteriorEmbedder,
     draw_weight_samples,
     knn_and_top1,
+    nearest,
     nn_embedding_samples,
 )
 from laplace_metric.predictive.samples import iter_query_chunks as iter_query_chunks
@@ -68,6 +69,7 @@ __all__ = [
     "glm_chunks",
     "glm_joint",
     "knn_and_top1",
+    "nearest",
     "jacobian_glm",
     "jacobian_glm_diagonal",
     "linear_head",

@@ -301,7 +301,8 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
         batch, dim = g.shape
         eye = torch.eye(dim, dtype=g.dtype, device=g.device)
         columns = eye[:, None, :].expand(dim, batch, dim)
-        parts = [p.all_grads() for p in self._passes(module, inputs, columns)]
+        with self._keeping_graph(module, inputs):
+            parts = [p.all_grads() for p in self._passes(module, inputs, columns)]
         return torch.cat(parts, dim=0).transpose(0, 1), g
 
     # ------------------------------------------------------------------ predictive
