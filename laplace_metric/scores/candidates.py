@@ -105,8 +105,8 @@ class CandidateDatabase:
             dist = (sampled[:, start : start + size, None] - db).norm(dim=-1)  # (S, chunk, C)
             knn.append(dist.topk(k, largest=False).values[..., -1])
             if labels is not None:
-                nearest = dist.argmin(-1)  # (S, chunk)
-                rows = candidates[start : start + size].gather(1, nearest.T).T
+                closest = dist.argmin(-1)  # (S, chunk)
+                rows = candidates[start : start + size].gather(1, closest.T).T
                 top1.append(labels[rows])
         return torch.cat(knn, 1), (torch.cat(top1, 1) if labels is not None else None)
 

@@ -77,9 +77,6 @@ def check_tensor(x: Any, name: str, la) -> torch.Tensor:
     return x.to(la._device)
 
 
-__all__ = ["PosteriorRetrieval", "QueryCache", "check_tensor", "in_eval_mode"]
-
-
 def check_database_fits(db_mean: torch.Tensor, n_samples: int, budget: int) -> None:
     """A :class:`~laplace_metric.memory.MemoryBudgetError` before embedding the database
     ``(m, D)`` under ``n_samples`` weight samples would exceed ``budget``."""
@@ -96,3 +93,12 @@ def check_database_fits(db_mean: torch.Tensor, n_samples: int, budget: int) -> N
             f"n_samples={fits}" if fits >= 2 else "a smaller database",
         ],
     )
+
+
+__all__ = [
+    "PosteriorRetrieval",
+    "QueryCache",
+    "check_database_fits",
+    "check_tensor",
+    "in_eval_mode",
+]

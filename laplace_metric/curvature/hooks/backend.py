@@ -182,7 +182,14 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
             f"HookPairGGN: the forward graph of a batch of {n_rows} samples",
             "batches of at most {k} samples",
         )
-        self._graph_bytes = per_row * n_rows
+        with self._reserving(per_row * n_rows):
+            yield
+
+    @contextmanager
+    def _reserving(self, graph_bytes: int) -> Iterator[None]:
+        """:attr:`max_elements` leaves ``graph_bytes`` of the budget to a kept graph while
+        the block runs."""
+        self._graph_bytes = graph_bytes
         try:
             yield
         finally:
@@ -330,13 +337,10 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
         step = min(batch, self.max_elements // max(dim * per_sample, 1))
         step = max(1, min(step, self._copies_that_fit(dim * per_row, dim * per_sample)))
         chunks = []
-        self._graph_bytes = step * dim * per_row  # the chunk's repeated graph
-        try:
+        with self._reserving(step * dim * per_row):  # the chunk's repeated graph
             for start in range(0, batch, step):
                 rows = inputs[start : start + step]
                 columns = eye[:, None, :].expand(dim, rows.shape[0], dim)
                 for column_pass in self._passes(module, rows, columns, all_columns=True):
                     chunks.append(covariance_chunk(column_pass, posterior, self._gram_policy()))
-        finally:
-            self._graph_bytes = 0
         return normalised(self.likelihood, g, torch.cat(chunks))
