@@ -32,43 +32,14 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from posterior_controls_configs import (  # noqa: E402
+    CONFIGS,
+    FASHION_ALL_LAYER,
+    FASHION_CONFIGS,
+    PRIOR_CONFIGS,
+)
 from posterior_controls_merge import add_selected_rows, load_merged  # noqa: E402
 
-#: LAM configurations: row name -> (subset, structure, likelihood_scale, prior precision).
-CONFIGS = {
-    "LAM all-layer diag, dataset scale, prior 1": ("all", "diag", "dataset", 1.0),
-    "LAM all-layer diag, dataset scale, marglik (default)": ("all", "diag", "dataset", "marglik"),
-    "LAM all-layer diag, batch scale, marglik": ("all", "diag", "batch", "marglik"),
-    "LAM last-layer kron, dataset scale, prior 1": ("last_layer", "kron", "dataset", 1.0),
-    "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
-    "LAM last-layer kron, batch scale, marglik": ("last_layer", "kron", "batch", "marglik"),
-    "LAM all-layer diag, composite scale, prior 1": ("all", "diag", "composite", 1.0),
-    "LAM all-layer diag, composite scale, marglik": ("all", "diag", "composite", "marglik"),
-    "LAM last-layer kron, composite scale, prior 1": ("last_layer", "kron", "composite", 1.0),
-    "LAM last-layer kron, composite scale, marglik": (
-        "last_layer",
-        "kron",
-        "composite",
-        "marglik",
-    ),
-}
-#: FashionMNIST -> MNIST (LAM's CNN): last-layer posteriors, and all-layer diag with --all-layer.
-FASHION_CONFIGS = {
-    "LAM last-layer diag, dataset scale, prior 1": ("last_layer", "diag", "dataset", 1.0),
-    "LAM last-layer diag, dataset scale, marglik": ("last_layer", "diag", "dataset", "marglik"),
-    "LAM last-layer kron, dataset scale, prior 1": ("last_layer", "kron", "dataset", 1.0),
-    "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
-    "LAM last-layer kron, composite scale, marglik": (
-        "last_layer",
-        "kron",
-        "composite",
-        "marglik",
-    ),
-}
-FASHION_ALL_LAYER = {
-    "LAM all-layer diag, dataset scale, prior 1": ("all", "diag", "dataset", 1.0),
-    "LAM all-layer diag, dataset scale, marglik (default)": ("all", "diag", "dataset", "marglik"),
-}
 COLUMNS = ("AUROC held-out", "AUROC noise", "AUSE", "ECE", "val AUROC noise", "val ECE")
 #: With ``--candidates``: the default score with only each query's nearest database items at the
 #: mean re-embedded under the samples, its rank agreement with the whole database re-embedded,
@@ -104,8 +75,14 @@ def _lam_rows(rows, name, config, det, loader, data, seed, n_samples, margin) ->
         det, "contrastive", subset, structure, likelihood_scale=scale, margin=margin
     )
     la.fit(loader)
-    if prior == "marglik":
-        la.optimize_prior_precision(method="marglik")
+    if isinstance(prior, str) and prior.startswith("marglik"):
+        structure = prior.partition("-")[2] or "scalar"
+        la.optimize_prior_precision(method="marglik", prior_structure=structure)
+    elif prior == "val-nll":  # the default objective: PositivePairGaussianNLL of val pairs
+        val = torch.utils.data.TensorDataset(data["inputs"]["val"], data["y_val"])
+        la.optimize_prior_precision(
+            method="gridsearch", val_loader=DataLoader(val, 256), grid_size=data["grid_size"]
+        )
     else:
         la.prior_precision = prior
     x_tr, y_tr = data["train"]
@@ -242,6 +219,7 @@ def run_seed(
     configs: dict,
     dim: int | None = None,
     candidates: tuple[int, ...] = (),
+    grid_size: int = 100,
 ):
     """All rows of one seed; ``dim`` set: FashionMNIST -> MNIST with LAM's CNN of that size;
     ``candidates``: LAM rows also with ``database_embedding='candidates'`` of these sizes."""
@@ -274,6 +252,7 @@ def run_seed(
     )
     det.eval()
     data = _seed_data(split, det, candidates)
+    data["grid_size"] = grid_size  # of the validation grid searches (laplace-torch's default)
     rows: dict[str, dict[str, float]] = {}
     for name, config in configs.items():
         _lam_rows(rows, name, config, det, loader, data, seed, n_samples, likelihood.margin)
@@ -301,7 +280,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=30, help="weight samples per score")
     parser.add_argument("--epochs", type=int, default=30, help="encoder training epochs")
     parser.add_argument(
-        "--quick", action="store_true", help="one seed, 2 epochs, 4 samples, 2 configurations"
+        "--quick",
+        action="store_true",
+        help="one seed, 2 epochs, 4 samples, 2 configurations, 7 grid points",
     )
     parser.add_argument(
         "--fashion-dim",
@@ -311,6 +292,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--all-layer", action="store_true", help="FashionMNIST: add all-layer diag rows (slow)"
+    )
+    parser.add_argument(
+        "--priors",
+        action="store_true",
+        help="digits: compare how the prior precision is chosen (per layer, per weight, "
+        "validation pair NLL) instead of the likelihood scales",
     )
     parser.add_argument(
         "--only", default=None, help="run only the LAM configurations whose name contains this"
@@ -359,7 +346,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.merge:
         return _print_merged(args.merge, args.select)
     torch.set_num_threads(1)
-    configs = CONFIGS
+    configs = PRIOR_CONFIGS if args.priors else CONFIGS
+    grid_size = 100
     if args.fashion_dim is not None:
         configs = {**FASHION_CONFIGS, **(FASHION_ALL_LAYER if args.all_layer else {})}
         if args.epochs == parser.get_default("epochs"):
@@ -368,10 +356,19 @@ def main(argv: list[str] | None = None) -> str:
         configs = {name: c for name, c in configs.items() if args.only in name}
     if args.quick:
         args.seeds, args.epochs, args.samples = args.seeds[:1], 2, 4
+        grid_size = 7
         configs = dict(list(configs.items())[:1] + list(configs.items())[-1:])
     start = time.perf_counter()
     results = [
-        run_seed(s, args.samples, args.epochs, configs, args.fashion_dim, tuple(args.candidates))
+        run_seed(
+            s,
+            args.samples,
+            args.epochs,
+            configs,
+            args.fashion_dim,
+            tuple(args.candidates),
+            grid_size,
+        )
         for s in args.seeds
     ]
     if args.save:

@@ -194,3 +194,38 @@ def test_full_logdet_from_cached_eigenvalues(subset):
         (la.n_params,), 0.5, dtype=torch.float64
     )  # diagonal prior: stock path
     assert torch.allclose(la.log_det_posterior_precision, torch.logdet(la.posterior_precision))
+
+
+@pytest.mark.parametrize(
+    "subset,structure,prior_structure,size",
+    [
+        ("all", "diag", "layerwise", 6),
+        ("all", "diag", "diag", None),
+        ("all", "kron", "layerwise", 6),
+        ("last_layer", "diag", "diag", None),
+        ("last_layer", "kron", "layerwise", "last-layer"),
+        ("last_layer", "full", "layerwise", "last-layer"),
+        ("last_layer", "kron", "diag", "Kronecker"),
+        ("all", "kron", "diag", "Kronecker"),
+    ],
+)
+def test_prior_structures_allowed_or_named(subset, structure, prior_structure, size):
+    _, la = build(subset, structure, "cpu")
+    x, y = labelled_data(24, (5,))
+    la.fit(loader(x, y, 8))
+    if isinstance(size, str):  # refused before any optimisation step, naming why
+        with pytest.raises(ValueError, match=f"prior_structure='{prior_structure}'.*{size}"):
+            la.optimize_prior_precision(method="marglik", prior_structure=prior_structure)
+        return
+    la.optimize_prior_precision(method="marglik", prior_structure=prior_structure, n_steps=5)
+    expected = la.n_params if size is None else size
+    assert la.prior_precision.numel() == expected
+    assert torch.isfinite(la.log_marginal_likelihood())
+
+
+def test_prior_structure_typo_is_named():
+    _, la = build("all", "diag", "cpu")
+    x, y = labelled_data(24, (5,))
+    la.fit(loader(x, y, 8))
+    with pytest.raises(ValueError, match="prior_structure"):
+        la.optimize_prior_precision(prior_structure="per-layer")

@@ -74,3 +74,17 @@ def test_merge_joins_runs_of_a_seed_and_selects_on_validation_ece(tmp_path):
     assert selected == [0.91, 0.82]
     with pytest.raises(ValueError, match="no rows for"):
         bench.add_selected_rows(results, ["A", "C"])
+
+
+def test_quick_prior_choices_each_beside_its_control():
+    bench = _load(ROOT / "benchmarks" / "posterior_controls.py", "posterior_controls")
+    # --quick keeps the first and the last configuration: a per-layer marglik and a
+    # validation grid search
+    wanted = ("marglik per layer", "diag, dataset scale, validation pair NLL")
+    chosen = [n for n in bench.PRIOR_CONFIGS if n.endswith(wanted)]
+    assert len(chosen) == 2
+    bench.PRIOR_CONFIGS = {n: bench.PRIOR_CONFIGS[n] for n in chosen}
+    table = bench.main(["--priors", "--quick"])
+    names = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
+    for name in chosen:
+        assert f"{name}: fitted" in names and f"{name}: curvature off" in names

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from laplace.utils.enums import PredType, TuningMethod
+from laplace import KronLaplace, LLLaplace
+from laplace.utils.enums import PredType, PriorStructure, TuningMethod
 from torch.utils.data import DataLoader
 
 from laplace_metric.enums import parse_enum
@@ -27,7 +28,7 @@ class PriorPrecisionMixin:
         n_steps: int = 100,
         lr: float = 1e-1,
         init_prior_prec: float | torch.Tensor = 1.0,
-        prior_structure: Any = "scalar",
+        prior_structure: PriorStructure | str = PriorStructure.SCALAR,
         val_loader: DataLoader | None = None,
         loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         log_prior_prec_min: float = -4,
@@ -49,10 +50,15 @@ class PriorPrecisionMixin:
 
         ``progress_bar``: a bar over the optimisation steps or grid points; ``None`` (default)
         shows it when standard error is a terminal, ``False`` never (see
-        :mod:`laplace_metric.progress`). The other parameters are laplace-torch's.
+        :mod:`laplace_metric.progress`). ``prior_structure``: ``'scalar'`` (default), ``'layerwise'``
+        (one precision per parameter tensor; not for last-layer estimators) or ``'diag'`` (one per
+        weight; not for Kronecker posteriors), as laplace-torch allows them. The other
+        parameters are laplace-torch's.
         """
         self._check_fitted()
         method = parse_enum(TuningMethod, method, "method")
+        prior_structure = parse_enum(PriorStructure, prior_structure, "prior_structure")
+        self._check_prior_structure(prior_structure)
         if method == TuningMethod.GRIDSEARCH and loss is None:
             loss = PositivePairGaussianNLL()
         super().optimize_prior_precision(
@@ -73,6 +79,22 @@ class PriorPrecisionMixin:
             progress_bar=progress_enabled(progress_bar),
             log_prior_prec_base=log_prior_prec_base,
         )
+
+    def _check_prior_structure(self, prior_structure: PriorStructure) -> None:
+        """Refuse, before any work, the prior structures laplace-torch cannot hold here."""
+        name = type(self).__name__
+        if prior_structure == PriorStructure.LAYERWISE and isinstance(self, LLLaplace):
+            raise ValueError(
+                f"prior_structure='layerwise' is not available for the last-layer estimator {name} "
+                "(laplace-torch's last-layer posteriors take a 'scalar' or 'diag' prior); use "
+                "subset_of_weights='all' for one prior precision per layer."
+            )
+        if prior_structure == PriorStructure.DIAG and isinstance(self, KronLaplace):
+            raise ValueError(
+                f"prior_structure='diag' is not available for the Kronecker posterior {name} (its "
+                "prior must keep the Kronecker structure: 'scalar' or, for all-layer estimators, "
+                "'layerwise'); use hessian_structure='diag' or 'full' for one precision per weight."
+            )
 
     def _gridsearch(
         self,
