@@ -87,7 +87,10 @@ def test_a_graph_over_the_budget_names_the_batch_that_fits(device):
 
 def _pretend_graph(backend: HookPairGGN, monkeypatch, per_row: int) -> None:
     """Let the (tiny) test model's forward graph weigh ``per_row`` bytes per row."""
-    monkeypatch.setattr(backend, "_graph_row_bytes", lambda module, inputs: per_row)
+    probe = backend._probe
+    monkeypatch.setattr(
+        backend, "_probe", lambda module, inputs: probe(module, inputs)._replace(kept_bytes=per_row)
+    )
 
 
 def test_predictive_chunks_by_its_repeated_graph(device, monkeypatch):
@@ -152,3 +155,33 @@ def test_jacobians_count_the_kept_graph(device):
     backend.memory_budget = 4 * per_row
     with pytest.raises(MemoryBudgetError, match="batches of at most 4 samples"):
         backend.jacobians(x)
+
+
+def test_one_probe_pass_serves_the_fit_and_the_predictive(device, monkeypatch):
+    """The column sizes, the covered parameters and the kept bytes come from one recorded pass
+    of one sample per module and input shape (a fit and a predictive call reuse it); a
+    parameter frozen after the probe is still left out (the cache keeps names, not flags)."""
+    model, x, y, lik = setup("rescnn", "positives", device)
+    backend = HookPairGGN(model, lik)
+    record, probes = backend._record, []
+
+    def spy(module, inputs, *args, **kwargs):
+        if inputs.shape[0] == 1 and not args and not kwargs:
+            probes.append(inputs.shape)
+        return record(module, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "_record", spy)
+    want = ReferencePairGGN(model, lik).diag(x, y).hessian
+    assert_close(backend.diag(x, y).hessian, want, TOL)
+    backend.diag(x[:6], y[:6])
+    backend.predictive_covariance(x[:3], torch.ones_like(want))
+    assert len(probes) == 1
+    first = next(model.parameters())
+    first.requires_grad_(False)
+    try:
+        frozen = HookPairGGN(model, lik)
+        frozen._probes = backend._probes  # the cached probe of the unfrozen model
+        reference = ReferencePairGGN(model, lik).diag(x, y).hessian
+        assert_close(frozen.diag(x, y).hessian, reference, TOL)
+    finally:
+        first.requires_grad_(True)

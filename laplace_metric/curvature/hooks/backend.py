@@ -15,7 +15,7 @@ from laplace_metric.curvature.budget import budget_elements
 from laplace_metric.curvature.folds import fold_gram
 from laplace_metric.curvature.hooks.columns import ColumnPasses
 from laplace_metric.curvature.hooks.diag import GramPolicy, graph_diag, plan_location_grams
-from laplace_metric.curvature.hooks.graph_memory import check_graph_fits, saved_bytes
+from laplace_metric.curvature.hooks.graph_memory import SampleProbe, check_graph_fits, saved_bytes
 from laplace_metric.curvature.hooks.kron import KFACApproximation, kron_factors
 from laplace_metric.curvature.hooks.passes import ColumnPass
 from laplace_metric.curvature.hooks.predictive import covariance_chunk, normalised
@@ -129,7 +129,7 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
         self._copy: tuple[nn.Module, nn.Module] | None = None
         self._max_elements = self.DEFAULT_MAX_ELEMENTS
         self._graph_bytes = 0  # the forward graph kept during the current passes
-        self._graph_per_row: dict[tuple, int] = {}
+        self._probes: dict[tuple, tuple[nn.Module, SampleProbe]] = {}  # keyed by id(module)
 
     @property
     def max_elements(self) -> int:
@@ -152,21 +152,34 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
     def _itemsize(self) -> int:
         return next(self.model.parameters()).element_size()
 
-    # ------------------------------------------------------------------ the kept graph
-    def _graph_row_bytes(self, module: nn.Module, inputs: torch.Tensor) -> int:
-        """Bytes the recorded forward pass keeps per input row: saved for backward, and the
-        recorded site inputs and outputs (a one-sample probe, cached per module and input
-        shape)."""
+    # ------------------------------------------------------------------ the one-sample probe
+    def _probe(self, module: nn.Module, inputs: torch.Tensor) -> SampleProbe:
+        """What one recorded forward pass of one sample shows (see :class:`SampleProbe`):
+        measured on ``inputs[:1]`` once per module and input shape, then cached."""
         key = (id(module), tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
-        if key not in self._graph_per_row:
+        if key not in self._probes or self._probes[key][0] is not module:
             twin = self._private(module)
+            seen: dict[str, Any] = {}
 
             def record() -> list[torch.Tensor]:
-                *_, sites = self._record(module, inputs[:1])
+                _, probe, sites = self._record(module, inputs[:1])
+                seen["elements"] = sum(s.output.numel() for s in sites) + probe.numel()
+                seen["covered"] = frozenset(
+                    n for s in sites for n in (s.weight, s.bias) if n is not None
+                )
                 return [t for site in sites for t in (site.inputs, site.output)]
 
-            self._graph_per_row[key] = saved_bytes(twin, record)
-        return self._graph_per_row[key]
+            kept = saved_bytes(twin, record)
+            self._probes[key] = (module, SampleProbe(seen["elements"], seen["covered"], kept))
+        return self._probes[key][1]
+
+    def _graph_row_bytes(self, module: nn.Module, inputs: torch.Tensor) -> int:
+        """Bytes the recorded forward pass keeps per input row (:meth:`_probe`)."""
+        return self._probe(module, inputs).kept_bytes
+
+    def _per_sample_elements(self, module: nn.Module, inputs: torch.Tensor) -> int:
+        """Elements of one sample's site outputs and embedding (:meth:`_probe`)."""
+        return self._probe(module, inputs).elements
 
     @contextmanager
     def _keeping_graph(self, module: nn.Module, inputs: torch.Tensor) -> Iterator[None]:
@@ -245,11 +258,6 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
             else:
                 g = twin(inputs)
         return twin, g, recorder.sites
-
-    def _per_sample_elements(self, module: nn.Module, inputs: torch.Tensor) -> int:
-        """Elements of one sample's site outputs and embedding (a probe pass on one sample)."""
-        _, probe, sites = self._record(module, inputs[:1])
-        return sum(s.output.numel() for s in sites) + probe.numel()
 
     # ------------------------------------------------------------------ pair graph
     def _gram_policy(self) -> GramPolicy:

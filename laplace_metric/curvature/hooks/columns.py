@@ -26,7 +26,8 @@ Chunk = tuple[nn.Module, list[Site], dict[str, Entries], dict[str, torch.Tensor]
 
 class ColumnPasses:
     """The column passes of the hook backend (a mixin of ``HookPairGGN``: it uses the
-    backend's ``_record``, ``_private``, ``max_elements``, ``_graph_row_bytes`` and ``_copies_that_fit``)."""
+    backend's ``_record``, ``_private``, ``_probe``, ``max_elements`` and
+    ``_copies_that_fit``)."""
 
     #: Parameters of shape ``(1, *rest)`` that no site covers (class tokens, positional
     #: embeddings) get their per-sample gradients from the sites' own backward pass, expanded
@@ -38,9 +39,9 @@ class ColumnPasses:
     #: times per chunk of ``c`` columns: the forward pass is then run once per column).
     retain_forward: bool = True
 
-    def _others(self, twin: nn.Module, sites: list[Site]) -> list[str]:
+    @staticmethod
+    def _others(twin: nn.Module, covered: frozenset[str]) -> list[str]:
         """Inferred parameters that no site covers (they get ``torch.func`` gradients)."""
-        covered = {n for s in sites for n in (s.weight, s.bias) if n is not None}
         return [n for n, p in twin.named_parameters() if p.requires_grad and n not in covered]
 
     def _passes(
@@ -67,16 +68,15 @@ class ColumnPasses:
             The site gradients (and ``torch.func`` gradients) of one chunk of columns.
         """
         batch = inputs.shape[0]
-        twin, probe, probe_sites = self._record(module, inputs[:1])
-        per_sample = sum(s.output.numel() for s in probe_sites) + probe.numel()
-        others = self._others(twin, probe_sites)
-        del probe, probe_sites
+        probe = self._probe(module, inputs)
+        per_sample = probe.elements
+        others = self._others(self._private(module), probe.covered)
         n_cols = columns.shape[0]
         step = max(1, min(n_cols, self.max_elements // max(batch * per_sample, 1)))
         if all_columns:
             step = n_cols
         elif not self.retain_forward:  # the batch is repeated once per column of a pass
-            graph = self._graph_row_bytes(module, inputs) * batch
+            graph = probe.kept_bytes * batch
             step = min(step, self._copies_that_fit(graph, batch * per_sample))
         by_row = self._row_params(module, inputs, columns, others)
         rest = [n for n in others if n not in by_row]

@@ -14,11 +14,23 @@ budget before it was counted.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from laplace_metric.memory import check_fits, format_bytes
+
+
+class SampleProbe(NamedTuple):
+    """What the backend learns from one recorded forward pass of one sample."""
+
+    #: Elements of the sample's site outputs and embedding (sizes the column chunks).
+    elements: int
+    #: Parameters some site covers (the others need ``torch.func`` or row expansion).
+    covered: frozenset[str]
+    #: Bytes the pass keeps per row: saved for backward, and the recorded site tensors.
+    kept_bytes: int
 
 
 def saved_bytes(module: nn.Module, run: Callable[[], Iterable[torch.Tensor] | None]) -> int:
