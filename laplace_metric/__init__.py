@@ -17,6 +17,7 @@ with _warnings.catch_warnings():
     _warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     import laplace as _laplace  # noqa: F401
 
+from laplace_metric import host_version as _host_version  # noqa: E402, F401  (checks laplace-torch)
 from laplace_metric import registry as _registry  # noqa: E402
 from laplace_metric.curvature import (
     AsdlPairGGN,
