@@ -6,6 +6,12 @@ from __future__ import annotations
 MIN_ELEMENTS = 2**16
 
 
+def working_bytes(elements: int, itemsize: int, per_element: int) -> int:
+    """Peak working memory, in bytes, of passes bounded to ``elements`` numbers of
+    ``itemsize`` bytes whose peak is ``per_element`` times that bound."""
+    return elements * itemsize * per_element
+
+
 def budget_elements(value: int, budget: int | None, itemsize: int, per_element: int) -> int:
     """``value``, lowered so that ``per_element`` times it (in elements of ``itemsize`` bytes)
     fits ``budget`` bytes; never below :data:`MIN_ELEMENTS` and never raised.
@@ -23,4 +29,4 @@ def budget_elements(value: int, budget: int | None, itemsize: int, per_element: 
     """
     if budget is None:
         return value
-    return min(value, max(MIN_ELEMENTS, int(budget) // (itemsize * per_element)))
+    return min(value, max(MIN_ELEMENTS, int(budget) // working_bytes(1, itemsize, per_element)))

@@ -11,7 +11,7 @@ from laplace.utils import KronDecomposed
 from torch import nn
 
 from laplace_metric.curvature.base import PairCurvatureInterface
-from laplace_metric.curvature.budget import budget_elements
+from laplace_metric.curvature.budget import budget_elements, working_bytes
 from laplace_metric.curvature.folds import fold_gram
 from laplace_metric.curvature.hooks.columns import ColumnPasses
 from laplace_metric.curvature.hooks.diag import GramPolicy, graph_diag, plan_location_grams
@@ -214,7 +214,9 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
         take :attr:`MEMORY_PER_ELEMENT_BOUND` bytes-per-item each); at least 1."""
         if self.memory_budget is None:
             return 2**62
-        per_copy = graph_bytes + elements * self._itemsize() * self.MEMORY_PER_ELEMENT_BOUND
+        per_copy = graph_bytes + working_bytes(
+            elements, self._itemsize(), self.MEMORY_PER_ELEMENT_BOUND
+        )
         return max(1, int(self.memory_budget // max(per_copy, 1)))
 
     # ------------------------------------------------------------------ the hooked pass
