@@ -49,7 +49,7 @@ def test_fit_bound_leaves_room_for_the_kept_graph(name, device, monkeypatch):
     curvature is unchanged (exact against the reference)."""
     model, x, y, lik = setup(name, "positives", device)
     backend = HookPairGGN(model, lik)
-    per_row = backend._graph_row_bytes(model, x)
+    per_row = backend._probe(model, x).kept_bytes
     assert per_row > 0
     budget = SMALLEST + len(x) * per_row + 4 * 2**16 * 8 * HookPairGGN.MEMORY_PER_ELEMENT_BOUND
     backend.memory_budget = budget
@@ -72,7 +72,7 @@ def test_fit_bound_leaves_room_for_the_kept_graph(name, device, monkeypatch):
 def test_a_graph_over_the_budget_names_the_batch_that_fits(device):
     model, x, y, lik = setup("vit", "positives", device)
     backend = HookPairGGN(model, lik)
-    per_row = backend._graph_row_bytes(model, x)
+    per_row = backend._probe(model, x).kept_bytes
     fits = 3
     backend.memory_budget = fits * per_row + per_row // 2
     for structure in ("diag", "kron", "full"):
@@ -149,7 +149,7 @@ def test_jacobians_count_the_kept_graph(device):
     model, x, y, lik = setup("vit", "positives", device)
     backend = HookPairGGN(model, lik)
     want, _ = ReferencePairGGN(model, lik).jacobians(x)
-    per_row = backend._graph_row_bytes(model, x)
+    per_row = backend._probe(model, x).kept_bytes
     backend.memory_budget = len(x) * per_row
     assert_close(backend.jacobians(x)[0], want, TOL)
     backend.memory_budget = 4 * per_row

@@ -173,21 +173,13 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
             self._probes[key] = (module, SampleProbe(seen["elements"], seen["covered"], kept))
         return self._probes[key][1]
 
-    def _graph_row_bytes(self, module: nn.Module, inputs: torch.Tensor) -> int:
-        """Bytes the recorded forward pass keeps per input row (:meth:`_probe`)."""
-        return self._probe(module, inputs).kept_bytes
-
-    def _per_sample_elements(self, module: nn.Module, inputs: torch.Tensor) -> int:
-        """Elements of one sample's site outputs and embedding (:meth:`_probe`)."""
-        return self._probe(module, inputs).elements
-
     @contextmanager
     def _keeping_graph(self, module: nn.Module, inputs: torch.Tensor) -> Iterator[None]:
         """The forward graph of ``inputs`` is counted against the budget while the passes
         run (:attr:`max_elements` is lowered by it); a
         :class:`~laplace_metric.memory.MemoryBudgetError` names the batch size that fits if
         the graph alone exceeds the budget."""
-        per_row, n_rows = self._graph_row_bytes(module, inputs), inputs.shape[0]
+        per_row, n_rows = self._probe(module, inputs).kept_bytes, inputs.shape[0]
         check_graph_fits(
             per_row,
             n_rows,
@@ -342,8 +334,8 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
         batch, dim = g.shape
         eye = torch.eye(dim, dtype=g.dtype, device=g.device)
         # all D columns of a sample chunk in one pass: both sides of C_i[d, e] are needed
-        per_sample = self._per_sample_elements(module, inputs)
-        per_row = self._graph_row_bytes(module, inputs)
+        probe = self._probe(module, inputs)
+        per_sample, per_row = probe.elements, probe.kept_bytes
         step = min(batch, self.max_elements // max(dim * per_sample, 1))
         step = max(1, min(step, self._copies_that_fit(dim * per_row, dim * per_sample)))
         chunks = []
