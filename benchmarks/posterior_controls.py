@@ -13,7 +13,9 @@ seeds. Rows:
   (:func:`laplace_metric.controls.curvature_off`: same prior precision, same weight samples);
 - isotropic weight noise with its scale tuned on validation data (no curvature, no marglik);
 - the deterministic kNN distance on the embedding and on the penultimate features, and
-  Mahalanobis on the penultimate features.
+  Mahalanobis on the penultimate features;
+- with ``--scores``, every other score of two posteriors beside its control
+  (``posterior_controls_scores.py``).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from posterior_controls_configs import (  # noqa: E402
     FASHION_ALL_LAYER,
     FASHION_CONFIGS,
     PRIOR_CONFIGS,
+    SCORE_CONFIGS,
 )
 from posterior_controls_merge import add_selected_rows, load_merged  # noqa: E402
+from posterior_controls_scores import score_rows  # noqa: E402
 
 COLUMNS = ("AUROC held-out", "AUROC noise", "AUSE", "ECE", "val AUROC noise", "val ECE")
 #: With ``--candidates``: the default score with only each query's nearest database items at the
@@ -105,6 +109,8 @@ def _lam_rows(rows, name, config, det, loader, data, seed, n_samples, margin) ->
                 row = _retrieval_metrics(scorer, scorer.retrieval, data)
                 row["score s"] = time.perf_counter() - start
             rows[f"{name}: {suffix}{tag}"] = row
+        if data.get("other_scores") and mode == "per_sample":
+            score_rows(rows, name, la, scorer, data, _metrics)
     for _, n_candidates in modes[1:]:
         for suffix in ("fitted", "curvature off"):
             row = rows[f"{name}: {suffix}, {n_candidates} candidates"]
@@ -220,6 +226,7 @@ def run_seed(
     dim: int | None = None,
     candidates: tuple[int, ...] = (),
     grid_size: int = 100,
+    scores: bool = False,
 ):
     """All rows of one seed; ``dim`` set: FashionMNIST -> MNIST with LAM's CNN of that size;
     ``candidates``: LAM rows also with ``database_embedding='candidates'`` of these sizes."""
@@ -253,6 +260,7 @@ def run_seed(
     det.eval()
     data = _seed_data(split, det, candidates)
     data["grid_size"] = grid_size  # of the validation grid searches (laplace-torch's default)
+    data["other_scores"] = scores  # the rows of posterior_controls_scores
     rows: dict[str, dict[str, float]] = {}
     for name, config in configs.items():
         _lam_rows(rows, name, config, det, loader, data, seed, n_samples, likelihood.margin)
@@ -298,6 +306,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="digits: compare how the prior precision is chosen (per layer, per weight, "
         "validation pair NLL) instead of the likelihood scales",
+    )
+    parser.add_argument(
+        "--scores",
+        action="store_true",
+        help="digits: the two posteriors of the outside check scored by every other score "
+        "(sampled_std, trace, variance_ratio, the closed-form expected kNN distance), each "
+        "beside its curvature-off control",
     )
     parser.add_argument(
         "--only", default=None, help="run only the LAM configurations whose name contains this"
@@ -346,7 +361,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.merge:
         return _print_merged(args.merge, args.select)
     torch.set_num_threads(1)
-    configs = PRIOR_CONFIGS if args.priors else CONFIGS
+    configs = PRIOR_CONFIGS if args.priors else SCORE_CONFIGS if args.scores else CONFIGS
     grid_size = 100
     if args.fashion_dim is not None:
         configs = {**FASHION_CONFIGS, **(FASHION_ALL_LAYER if args.all_layer else {})}
@@ -368,6 +383,7 @@ def main(argv: list[str] | None = None) -> str:
             args.fashion_dim,
             tuple(args.candidates),
             grid_size,
+            args.scores,
         )
         for s in args.seeds
     ]

@@ -64,3 +64,9 @@ FASHION_ALL_LAYER = {
     "LAM all-layer diag, dataset scale, prior 1": ("all", "diag", "dataset", 1.0),
     "LAM all-layer diag, dataset scale, marglik (default)": ("all", "diag", "dataset", "marglik"),
 }
+#: ``--scores``: the two posteriors of the outside check of issue #21, each scored by every
+#: other score (and the closed-form expected nearest-neighbour distance) beside its control.
+SCORE_CONFIGS = {
+    "LAM all-layer diag, dataset scale, marglik (default)": ("all", "diag", "dataset", "marglik"),
+    "LAM last-layer kron, dataset scale, marglik": ("last_layer", "kron", "dataset", "marglik"),
+}

@@ -1,4 +1,5 @@
-"""The cost benchmarks run at toy size: the Kronecker factor census and gallery scoring."""
+"""The cost benchmarks run at toy size: the Kronecker factor census, gallery scoring and the
+interleaved pairs table."""
 
 from __future__ import annotations
 
@@ -42,3 +43,15 @@ def test_gallery_scoring_runs_both_database_embeddings():
     # candidates covering the whole gallery: the same score, so a perfect rank agreement
     assert row["spearman"] == pytest.approx(1.0)
     assert row["per_sample s"] > 0 and row["candidates s"] > 0
+
+
+def test_interleaved_pairs_table_times_both_fits_in_one_process():
+    import argparse
+
+    bench = _load("curvature")
+    args = argparse.Namespace(models=["mlp"], rounds=2, device="cpu", threads=1)
+    rows = bench.interleaved_table(args)
+    assert [r["structure"] for r in rows] == ["diag", "kron"]
+    for row in rows:
+        assert row["default ms"] > 0 and row["floor ms"] > 0
+        assert row["low"] <= row["ratio"] <= row["high"]

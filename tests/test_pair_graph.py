@@ -280,3 +280,54 @@ def test_pair_batch_graph_reproduces_per_pair_sums(one_sided):
     a_exp = torch.einsum("mti,mtj->ij", e, e) / locations
     assert rel_error(fold_output_factor(q, graph), b_exp) < TOL
     assert rel_error(fold_input_factor(x, graph), a_exp) < TOL
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_fold_linear_of_pairs_matches_pair_sums_as_views_or_gathers(shuffled):
+    """Disjoint pairs fold edge by edge; in batch order their samples are strided views."""
+    from laplace_metric.curvature.fold_plan import fold_plan
+
+    n, rank, out, fan_in = 12, 3, 4, 5
+    gen = torch.Generator().manual_seed(3)
+    order = torch.randperm(n, generator=gen) if shuffled else torch.arange(n)
+    first, second = order[0::2], order[1::2]  # pairs (0, 1), (2, 3), ... before shuffling
+    weights = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
+    graph = PairGraph.from_pairs(first, second, weights, n)
+    q = torch.randn(rank, n, out, generator=gen, dtype=torch.float64)
+    x = torch.randn(n, fan_in, generator=gen, dtype=torch.float64)
+    weight, bias = fold_linear(q, x, graph)
+    expected_w = torch.zeros(out, fan_in, dtype=torch.float64)
+    expected_b = torch.zeros(out, dtype=torch.float64)
+    for a, b, s in zip(first.tolist(), second.tolist(), weights.tolist()):
+        v = q[:, a, :, None] * x[a] - q[:, b, :, None] * x[b]  # [R, out, in]
+        expected_w += s * v.square().sum(0)
+        expected_b += s * (q[:, a] - q[:, b]).square().sum(0)
+    assert rel_error(weight, expected_w) < TOL
+    assert rel_error(bias, expected_b) < TOL
+    (bucket,) = fold_plan(graph).buckets
+    slices = bucket.edge_slices()
+    if shuffled:
+        assert slices == (None, None) or None in slices
+    else:
+        assert slices == (slice(0, 12, 2), slice(1, 13, 2))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.05, 0.2, 1.0])
+def test_component_labels_match_scipy(density):
+    """Labels numbered by smallest member, as scipy's breadth-first search numbers them."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from laplace_metric.pairs.graph import component_labels
+
+    gen = torch.Generator().manual_seed(int(100 * density))
+    n = 60
+    upper = torch.rand(n, n, generator=gen).triu(1) < density
+    graphs = [upper | upper.T]
+    chain = torch.zeros(n, n, dtype=torch.bool)  # a path through a shuffled order: diameter n-1
+    perm = torch.randperm(n, generator=gen)
+    chain[perm[:-1], perm[1:]] = True
+    graphs.append(chain | chain.T)
+    for adjacency in graphs:
+        _, expected = connected_components(csr_matrix(adjacency.numpy()), directed=False)
+        assert torch.equal(component_labels(adjacency), torch.as_tensor(expected).long())

@@ -88,3 +88,15 @@ def test_quick_prior_choices_each_beside_its_control():
     names = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
     for name in chosen:
         assert f"{name}: fitted" in names and f"{name}: curvature off" in names
+
+
+def test_quick_scores_table_reports_every_score_beside_its_control():
+    bench = _load(ROOT / "benchmarks" / "posterior_controls.py", "posterior_controls")
+    table = bench.main(["--quick", "--scores", "--only", "last-layer kron"])
+    names = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
+    for score in ("sampled_std", "trace", "variance_ratio", "expected kNN distance (closed form)"):
+        for suffix in ("fitted", "curvature off"):
+            assert f"LAM last-layer kron, dataset scale, marglik, {score}: {suffix}" in names
+    # the variance ratio's control is 1 for every input: no ranking (AUROC 0.5)
+    off = next(line for line in table.splitlines() if "variance_ratio: curvature off" in line)
+    assert off.count(" 0.500 ± 0.000 ") == 3  # held-out, noise, validation noise

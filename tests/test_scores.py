@@ -143,3 +143,47 @@ def test_weight_noise_that_overflows_the_network_is_named(subset):
     scorer = UncertaintyScorer(la, database=x.float(), n_samples=2)
     with pytest.raises(ValueError, match=r"under a posterior weight sample.*prior precision"):
         scorer(x.float())
+
+
+@pytest.mark.parametrize(("subset", "structure"), [("all", "diag"), ("last_layer", "kron")])
+def test_variance_ratio_is_fitted_over_prior_predictive_trace(subset, structure, device):
+    """Against float64 torch.func Jacobians of the normalised embedding: the fitted posterior's
+    GLM trace over the prior's ``tr(J J^T) / prior_precision``; 1 with the curvature off."""
+    from torch.func import functional_call, jacrev
+
+    from laplace_metric.controls import curvature_off
+
+    x, y = labelled_data(30, (5,), n_classes=3)
+    model = make_mlp().double().to(device)
+    x, y = x.double().to(device), y.to(device)
+    la = Laplace(model, "contrastive", subset, structure)
+    la.fit(loader(x, y, 15))
+    la.prior_precision = 2.0
+    queries = torch.cat([x[:4], 5 * torch.randn(3, 5, dtype=x.dtype, device=device)])
+    scorer = UncertaintyScorer(la, n_samples=3, generator=torch.Generator(device).manual_seed(0))
+    ratio = scorer(queries, "variance_ratio")
+
+    names = [n for n, _ in model.named_parameters()]
+    if subset == "last_layer":
+        names = names[-2:]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def embed(theta, q):
+        return torch.nn.functional.normalize(functional_call(model, {**params, **theta}, (q,)))
+
+    jac = jacrev(embed)({n: params[n] for n in names}, queries)
+    J = torch.cat([jac[n].flatten(start_dim=2) for n in names], dim=2)  # (n, D, P)
+    prior_trace = J.square().sum((1, 2)) / 2.0
+    cov = torch.linalg.inv(
+        la.posterior_precision.to_matrix()
+        if structure == "kron"
+        else torch.diag(la.posterior_precision)
+    )
+    fitted_trace = torch.einsum("ndp,pq,ndq->n", J, cov, J)
+    torch.testing.assert_close(ratio, fitted_trace / prior_trace, rtol=1e-8, atol=1e-12)
+    assert ((ratio > 0) & (ratio <= 1 + 1e-12)).all()  # the curvature only removes variance
+    with curvature_off(la):
+        torch.testing.assert_close(scorer(queries, "variance_ratio"), torch.ones_like(ratio))
+    # the estimator is left as it was
+    assert la.temperature == 1.0
+    torch.testing.assert_close(scorer(queries, "variance_ratio"), ratio)

@@ -51,6 +51,7 @@ class Bucket:
     mask: torch.Tensor
     centred: bool
     _edges: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    _edge_slices: tuple[slice | None, slice | None] | None = field(default=None, repr=False)
     _whole: dict[int, bool] = field(default_factory=dict, repr=False)
 
     @property
@@ -86,6 +87,28 @@ class Bucket:
             flat = comp * k * k + a * k + b
             self._edges = (flat, self.index[comp, a], self.index[comp, b], 2 * values[comp, pos])
         return self._edges
+
+    def edge_slices(self) -> tuple[slice | None, slice | None]:
+        """The sample indices of :meth:`edges` as slices where they are arithmetic progressions
+        (e.g. the pairs ``(0, 1), (2, 3), ...`` of a batch sampled two per class), else
+        ``None``: a strided view costs no gather (cached)."""
+        if self._edge_slices is None:
+            _, first, second, _ = self.edges()
+            self._edge_slices = (progression(first), progression(second))
+        return self._edge_slices
+
+
+def progression(index: torch.Tensor) -> slice | None:
+    """``index`` as a slice if it is an increasing arithmetic progression, else ``None``."""
+    if len(index) == 0:
+        return None
+    start = int(index[0])
+    step = int(index[1] - index[0]) if len(index) > 1 else 1
+    if step <= 0:
+        return None
+    stop = start + step * len(index)
+    expected = torch.arange(start, stop, step, device=index.device, dtype=index.dtype)
+    return slice(start, stop, step) if torch.equal(index, expected) else None
 
 
 @dataclass
@@ -153,17 +176,23 @@ def _matrix(graph: PairGraph, matrix: str | torch.Tensor | None) -> tuple[str | 
 
 
 def _bucket_all(graph: PairGraph, matrix: torch.Tensor, scale: float) -> list[Bucket]:
-    """Every component of two or more samples, grouped by size (next power of two)."""
-    _, _, components = graph.blocks()
-    groups: dict[int, list[torch.Tensor]] = {}
-    for index in components:
-        groups.setdefault(1 << (index.shape[0] - 1).bit_length(), []).append(index)
+    """Every component of two or more samples, grouped by size (next power of two), each
+    group's index matrix gathered at once from the graph's :meth:`~PairGraph.layout`."""
+    _, order, sizes = graph.layout()
+    starts = torch.cumsum(sizes, 0) - sizes
+    multi = torch.nonzero(sizes > 1).flatten()  # components in label order
+    if not len(multi):
+        return []
+    # next power of two (exact: log2 of a power of two is exact in float64)
+    padded = torch.exp2(torch.ceil(torch.log2(sizes[multi].double()))).long()
     buckets = []
-    for size, members in sorted(groups.items()):
-        lengths = torch.tensor([len(m) for m in members], device=matrix.device)
-        index = torch.nn.utils.rnn.pad_sequence(members, batch_first=True)  # pads with 0
-        index = torch.nn.functional.pad(index, (0, size - index.shape[1]))
-        mask = (torch.arange(size, device=matrix.device) < lengths[:, None]).to(matrix.dtype)
+    for size in torch.unique(padded).tolist():
+        comps = multi[padded == size]
+        slots = torch.arange(size, device=matrix.device)
+        real = slots < sizes[comps, None]
+        positions = torch.where(real, starts[comps, None] + slots, 0)
+        index = torch.where(real, order[positions], 0)  # pads with sample 0
+        mask = real.to(matrix.dtype)
         block = matrix[index[:, :, None], index[:, None, :]] * (mask[:, :, None] * mask[:, None, :])
         centred = bool(_zero(block.sum(-1), block.shape[1], scale).all())
         buckets.append(Bucket(index, block, mask, centred))
@@ -183,7 +212,7 @@ def fold_plan(graph: PairGraph, matrix: str | torch.Tensor | None = None) -> Fol
     key, matrix = _matrix(graph, matrix)
     if ("plan", key) in graph.cache:
         return graph.cache["plan", key]
-    singletons, _, _ = graph.blocks()
+    singletons = graph.singletons()
     scale = float(matrix.abs().amax().clamp_min(torch.finfo(matrix.dtype).tiny))
     buckets = _bucket_all(graph, matrix, scale)
     weights = matrix.new_zeros(matrix.shape[0])

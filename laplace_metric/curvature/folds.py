@@ -153,26 +153,44 @@ def fold_linear(
         flat_edges, first, second, weights = bucket.edges()
         if len(weights) == 0:
             continue
+        slices = bucket.edge_slices()
         if bucket.index.shape[1] <= SMALL_COMPONENT:
-            kernel = _edge_kernel(q, first, second, weights)
+            kernel = _edge_kernel(q, (first, second), slices, weights)
         else:
             if q_t is None:  # [out, B, R]: bmm is slow on strided operands
                 q_t = q.permute(2, 1, 0).contiguous()
             kernel = _bucket_kernel(q_t, bucket, flat_edges, weights)
         bias += kernel.sum(1)
         for part in _row_chunks(len(weights), x.shape[1]):
-            products = x.index_select(0, first[part]) * x.index_select(0, second[part])
+            products = _rows(x, 0, first, slices[0], part) * _rows(x, 0, second, slices[1], part)
             weight += kernel[:, part] @ products  # one (out x E) @ (E x in) product
     return weight, bias
 
 
-def _edge_kernel(
-    q: torch.Tensor, first: torch.Tensor, second: torch.Tensor, weights: torch.Tensor
+def _rows(
+    t: torch.Tensor, dim: int, index: torch.Tensor, progression: slice | None, part: slice
 ) -> torch.Tensor:
-    """``2 A_ij K_ij[o]`` per edge, ``(out, E)``, from ``q [R, B, out]`` edge by edge."""
+    """``t.index_select(dim, index[part])``, as a strided view where ``index`` is the
+    ``progression``."""
+    if progression is None:
+        return t.index_select(dim, index[part])
+    step = progression.step
+    start, stop = progression.start + step * part.start, progression.start + step * part.stop
+    return t[(slice(None),) * dim + (slice(start, stop, step),)]
+
+
+def _edge_kernel(
+    q: torch.Tensor,
+    edges: tuple[torch.Tensor, torch.Tensor],
+    slices: tuple[slice | None, slice | None],
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """``2 A_ij K_ij[o]`` per edge, ``(out, E)``, from ``q [R, B, out]`` edge by edge
+    (``slices``: the edges' samples as strided views where they are progressions)."""
+    first, second = edges
     kernel = q.new_empty(len(weights), q.shape[2])
     for part in _row_chunks(len(weights), q.shape[0] * q.shape[2]):
-        pairs = q.index_select(1, first[part]) * q.index_select(1, second[part])
+        pairs = _rows(q, 1, first, slices[0], part) * _rows(q, 1, second, slices[1], part)
         kernel[part] = pairs.sum(0) * weights[part].to(q.dtype)[:, None]
     return kernel.T
 

@@ -19,10 +19,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import connected_components
+
+
+def component_labels(adjacency: torch.Tensor) -> torch.LongTensor:
+    """Connected components of the undirected graph ``adjacency`` ``(B, B)`` (bool, symmetric;
+    the diagonal is ignored): each node's component, numbered by its smallest member.
+
+    Minimum-label propagation with pointer jumping, in torch on the graph's device: every node
+    takes the smallest label among itself and its neighbours, then its label's label. Labels only
+    decrease and always name a node of the same component, so the fixed point is each
+    component's smallest node; batch graphs (classes, pairs) reach it in two or three rounds.
+    """
+    n = adjacency.shape[0]
+    rows, cols = torch.nonzero(adjacency, as_tuple=True)
+    labels = torch.arange(n, device=adjacency.device)
+    for _ in range(n):
+        reached = labels.scatter_reduce(0, rows, labels[cols], reduce="amin")
+        reached = reached[reached]
+        if torch.equal(reached, labels):
+            break
+        labels = reached
+    return torch.unique(labels, return_inverse=True)[1]
 
 
 @dataclass
@@ -129,6 +147,30 @@ class PairGraph:
         """Number of samples ``B``."""
         return self.matrix.shape[0]
 
+    def layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The connected components as arrays (cached).
+
+        Returns
+        -------
+        labels : torch.LongTensor
+            ``(B,)``: each sample's component.
+        order : torch.LongTensor
+            ``(B,)``: the samples sorted by component (stable: in batch order within one).
+        sizes : torch.LongTensor
+            ``(n_components,)``: samples per component.
+        """
+        if "layout" not in self.cache:
+            labels = component_labels(self.matrix.detach() != 0)
+            sizes = torch.bincount(labels)
+            order = torch.argsort(labels, stable=True)
+            self.cache["layout"] = (labels, order, sizes)
+        return self.cache["layout"]
+
+    def singletons(self) -> torch.Tensor:
+        """Samples coupled to no other sample (only a diagonal entry, possibly zero)."""
+        labels, _, sizes = self.layout()
+        return torch.nonzero(sizes[labels] == 1).flatten()
+
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """The graph split into independent parts (cached).
 
@@ -142,14 +184,8 @@ class PairGraph:
             Index sets of the connected components with two or more samples.
         """
         if "blocks" not in self.cache:
-            off = self.matrix.detach().cpu().numpy().copy()
-            np.fill_diagonal(off, 0.0)
-            n_comp, labels = connected_components(csr_matrix(off != 0), directed=False)
-            labels_t = torch.as_tensor(labels, device=self.matrix.device)
-            sizes = torch.bincount(labels_t, minlength=n_comp)
-            single = sizes[labels_t] == 1
-            singletons = torch.nonzero(single).flatten()
-            order = torch.argsort(labels_t, stable=True)
+            _, order, sizes = self.layout()
+            singletons = self.singletons()
             counts = sizes.tolist()
             groups = torch.split(order, counts)
             components = [members for members, n in zip(groups, counts) if n > 1]

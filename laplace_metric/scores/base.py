@@ -27,6 +27,11 @@ class PosteriorScore(str, Enum):
     """Trace of the linearised (GLM) predictive covariance, ``tr(J Sigma J^T)``; the classic
     Laplace score, measured to fail on uniform noise (see :mod:`laplace_metric.scores`)."""
 
+    VARIANCE_RATIO = "variance_ratio"
+    """``tr(J Sigma J^T) / tr(J Sigma_0 J^T)``: the share of the prior's predictive variance
+    that the fitted curvature leaves (its curvature-off control is 1 for every input); a
+    diagnostic of what the curvature alone knows, not a replacement for the default."""
+
 
 class Score(ABC):
     """An uncertainty score of :class:`~laplace_metric.scores.UncertaintyScorer` (higher = less
