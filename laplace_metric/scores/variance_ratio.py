@@ -18,6 +18,7 @@ import torch
 
 from laplace_metric.controls import curvature_off
 from laplace_metric.scores.base import Score, register_score
+from laplace_metric.scores.trace import TraceScore
 
 if TYPE_CHECKING:
     from laplace_metric.scores.scorer import UncertaintyScorer
@@ -25,15 +26,14 @@ if TYPE_CHECKING:
 
 @register_score("variance_ratio")
 class VarianceRatioScore(Score):
-    """The GLM trace of the fitted posterior over that of the prior, in batches."""
+    """The ``'trace'`` score of the fitted posterior over that of the prior."""
 
     def __call__(
         self, scorer: UncertaintyScorer, x: torch.Tensor, sampled: torch.Tensor | None
     ) -> torch.Tensor:
         """``tr(J Sigma J^T) / tr(J Sigma_0 J^T)``, ``(n,)``, in ``(0, 1]`` up to rounding."""
-        la = scorer.la
-        chunks = x.split(scorer.batch_size)
-        fitted = torch.cat([la.predictive_uncertainty(c, score="trace") for c in chunks])
-        with curvature_off(la):
-            prior = torch.cat([la.predictive_uncertainty(c, score="trace") for c in chunks])
+        trace = TraceScore()
+        fitted = trace(scorer, x, sampled)
+        with curvature_off(scorer.la):
+            prior = trace(scorer, x, sampled)
         return fitted / prior.clamp_min(torch.finfo(prior.dtype).tiny)
