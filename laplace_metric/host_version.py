@@ -15,6 +15,12 @@ from importlib.metadata import PackageNotFoundError, version
 SUPPORTED_SERIES = "0.3"
 
 
+def requirement() -> str:
+    """The pip requirement of :data:`SUPPORTED_SERIES`, e.g. ``laplace-torch>=0.3,<0.4``."""
+    major, minor = (int(part) for part in SUPPORTED_SERIES.split("."))
+    return f"laplace-torch>={major}.{minor},<{major}.{minor + 1}"
+
+
 def check_laplace_version(found: str | None = None) -> None:
     """Raise an ``ImportError`` if laplace-torch is not of :data:`SUPPORTED_SERIES`.
 
@@ -32,10 +38,10 @@ def check_laplace_version(found: str | None = None) -> None:
         raise ImportError(
             f"laplace-metric supports laplace-torch {SUPPORTED_SERIES}.x, but laplace-torch "
             f"{found} is installed (its likelihood and estimator API differ); install the "
-            f"supported series: pip install 'laplace-torch>={SUPPORTED_SERIES},<0.4'."
+            f"supported series: pip install '{requirement()}'."
         )
 
 
-__all__ = ["SUPPORTED_SERIES", "check_laplace_version"]
+__all__ = ["SUPPORTED_SERIES", "check_laplace_version", "requirement"]
 
 check_laplace_version()  # on import: ``import laplace_metric`` runs it first

@@ -1,5 +1,5 @@
-"""The cost benchmarks run at toy size: the Kronecker factor census, gallery scoring and the
-interleaved pairs table."""
+"""The cost benchmarks run at toy size: the Kronecker factor census, gallery scoring, the
+interleaved pairs table and the GLM variances against the full covariance."""
 
 from __future__ import annotations
 
@@ -55,3 +55,18 @@ def test_interleaved_pairs_table_times_both_fits_in_one_process():
     for row in rows:
         assert row["default ms"] > 0 and row["floor ms"] > 0
         assert row["low"] <= row["ratio"] <= row["high"]
+
+
+def test_glm_variances_equal_the_full_covariance_diagonal():
+    bench = _load("glm_variances")
+    args = ["--models", "vit_small", "cnn", "--structures", "diag", "kron", "--dim", "8"]
+    rows = bench.main([*args, "--fit-images", "20", "--queries", "2", "--rounds", "1"])
+    assert [(r["model"], r["structure"]) for r in rows] == [
+        ("vit_small", "diag"),
+        ("vit_small", "kron"),
+        ("cnn", "diag"),
+        ("cnn", "kron"),
+    ]
+    for row in rows:
+        assert row["max rel. gap"] < 1e-4  # float32
+        assert row["full s/query"] > 0 and row["variances s/query"] > 0

@@ -262,15 +262,36 @@ def test_jacobians_and_predictive_covariance(name, location_gram, device):
     variances = torch.rand(jac.shape[-1], generator=gen, dtype=x.dtype).to(device)
     mean, cov = predictive_covariance(hooks, x[:4], variances)
     assert rel_error(mean, z) < TOL
-    assert rel_error(cov, torch.einsum("bdp,p,bep->bde", jac, variances, jac)) < TOL
+    expected = torch.einsum("bdp,p,bep->bde", jac, variances, jac)
+    assert rel_error(cov, expected) < TOL
+    mean, var = predictive_covariance(hooks, x[:4], variances, diagonal=True)
+    assert var.shape == (4, jac.shape[1]) and rel_error(mean, z) < TOL
+    assert rel_error(var, torch.diagonal(expected, dim1=1, dim2=2)) < TOL
     kron = hooks.kron(x, y).hessian
     for damping in (False, True):
         precision = kron.decompose(damping=damping) * 3.0 + torch.tensor(0.7, dtype=x.dtype)
         precision.damping = damping
         _, cov = hooks.predictive_covariance(x[:4], precision)
-        assert rel_error(cov, precision.inv_square_form(jac)) < TOL
+        expected = precision.inv_square_form(jac)
+        assert rel_error(cov, expected) < TOL
+        _, var = hooks.predictive_covariance(x[:4], precision, diagonal=True)
+        assert rel_error(var, torch.diagonal(expected, dim1=1, dim2=2)) < TOL
     with pytest.raises(TypeError, match="KronDecomposed"):
         predictive_covariance(hooks, x[:4], kron)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vit"])
+def test_predictive_variances_without_normalisation(name, device):
+    model, x, _, _ = setup(name, "positives", device)
+    lik = ContrastiveLikelihood(normalize=False)
+    hooks, ref = HookPairGGN(model, lik), ReferencePairGGN(model, lik)
+    jac, g = ref.jacobians(x[:4])
+    variances = torch.rand(jac.shape[-1], dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    expected = torch.einsum("bdp,p,bep->bde", jac, variances.to(device), jac)
+    mean, cov = hooks.predictive_covariance(x[:4], variances.to(device))
+    assert rel_error(mean, g) < TOL and rel_error(cov, expected) < TOL
+    _, var = hooks.predictive_covariance(x[:4], variances.to(device), diagonal=True)
+    assert rel_error(var, torch.diagonal(expected, dim1=1, dim2=2)) < TOL
 
 
 def test_user_model_untouched_and_tracked():

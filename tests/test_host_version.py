@@ -23,3 +23,16 @@ def test_supported_series_passes(found):
 def test_other_versions_are_named_with_the_fix(found):
     with pytest.raises(ImportError, match=rf"laplace-torch {found} is installed.*<0\.4"):
         check_laplace_version(found)
+
+
+def test_requirement_is_the_one_pyproject_declares():
+    from pathlib import Path
+
+    import tomllib
+
+    from laplace_metric.host_version import requirement
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert requirement() == "laplace-torch>=0.3,<0.4"
+    assert requirement() in dependencies

@@ -11,7 +11,7 @@ from torch import nn
 import laplace_metric  # noqa: F401
 from laplace_metric.curvature import HookPairGGN
 from laplace_metric.predictive import jacobian_glm
-from laplace_metric.predictive.glm import _uses_layer_path, layer_predictor
+from laplace_metric.predictive.layer_path import layer_predictor, uses_layer_path
 
 
 def cnn() -> nn.Module:
@@ -36,7 +36,7 @@ def fitted(structure: str, backend: type, device: torch.device):
 @pytest.mark.parametrize("structure", ["diag", "kron"])
 def test_layer_path_equals_jacobian_path(structure, device):
     la, x = fitted(structure, HookPairGGN, device)
-    assert _uses_layer_path(la, joint=False)
+    assert uses_layer_path(la)
     mean, cov = la(x[:5])
     ref_mean, ref_cov = jacobian_glm(la, x[:5])
     assert torch.allclose(mean, ref_mean, atol=1e-12)
@@ -77,4 +77,4 @@ def test_unsupported_models_keep_the_jacobian_path():
         nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)
     ).double()
     la = laplace.Laplace(model, "contrastive", subset_of_weights="all", hessian_structure="diag")
-    assert layer_predictor(la) is None and not _uses_layer_path(la, joint=False)
+    assert layer_predictor(la) is None and not uses_layer_path(la)

@@ -145,13 +145,17 @@ def test_weight_noise_that_overflows_the_network_is_named(subset):
         scorer(x.float())
 
 
-@pytest.mark.parametrize(("subset", "structure"), [("all", "diag"), ("last_layer", "kron")])
+@pytest.mark.parametrize(
+    ("subset", "structure"), [("all", "diag"), ("all", "kron"), ("last_layer", "kron")]
+)
 def test_variance_ratio_is_fitted_over_prior_predictive_trace(subset, structure, device):
     """Against float64 torch.func Jacobians of the normalised embedding: the fitted posterior's
-    GLM trace over the prior's ``tr(J J^T) / prior_precision``; 1 with the curvature off."""
+    GLM trace over the prior's ``tr(J J^T) / prior_precision``; 1 with the curvature off.
+    All-layer posteriors take both traces from one set of backward passes."""
     from torch.func import functional_call, jacrev
 
     from laplace_metric.controls import curvature_off
+    from laplace_metric.predictive.layer_path import uses_layer_path
 
     x, y = labelled_data(30, (5,), n_classes=3)
     model = make_mlp().double().to(device)
@@ -182,6 +186,9 @@ def test_variance_ratio_is_fitted_over_prior_predictive_trace(subset, structure,
     fitted_trace = torch.einsum("ndp,pq,ndq->n", J, cov, J)
     torch.testing.assert_close(ratio, fitted_trace / prior_trace, rtol=1e-8, atol=1e-12)
     assert ((ratio > 0) & (ratio <= 1 + 1e-12)).all()  # the curvature only removes variance
+    assert uses_layer_path(la.predictive_view(), queries) == (subset == "all")
+    small = UncertaintyScorer(la, n_samples=3, batch_size=2)  # queries in chunks of two
+    torch.testing.assert_close(small(queries, "variance_ratio"), ratio, rtol=1e-10, atol=0)
     with curvature_off(la):
         torch.testing.assert_close(scorer(queries, "variance_ratio"), torch.ones_like(ratio))
     # the estimator is left as it was

@@ -15,7 +15,9 @@ Three jobs, one module each, all used by :class:`laplace_metric.estimators.Metri
   :func:`glm_chunks`): queries are processed in chunks whose working memory fits the budget.
   For a last-layer posterior over an ``nn.Linear`` head, ``J Sigma J^T`` is computed from the
   head's input features without forming the ``D x P`` Jacobian (the formulas are in the
-  module).
+  module); all-layer diag and kron posteriors go layer by layer
+  (:mod:`~laplace_metric.predictive.layer_path`), the variances alone without ``D x D``
+  products.
 * **Posterior embeddings with a frozen backbone** (:mod:`~laplace_metric.predictive.samples`,
   :class:`PosteriorEmbedder`): for a last-layer posterior the backbone runs once per input;
   each weight sample only re-runs the head on the cached features.

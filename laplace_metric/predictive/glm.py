@@ -29,6 +29,12 @@ from laplace.utils.enums import HessianStructure, SubsetOfWeights
 from torch import nn
 
 from laplace_metric.memory import check_fits, chunk_size, dtype_bytes, split
+from laplace_metric.predictive.layer_path import (
+    layer_path_bytes,
+    layer_posterior,
+    layer_predictor,
+    uses_layer_path,
+)
 from laplace_metric.predictive.view import PredictiveView, as_view
 
 #: Working copies of a ``D x P`` Jacobian per query on the Jacobian path (raw, normalised,
@@ -191,59 +197,6 @@ def _uses_structured_path(la: PredictiveView, x: torch.Tensor) -> bool:
     return linear_head(la) is not None and isinstance(x, torch.Tensor)
 
 
-def layer_predictor(la: PredictiveView) -> object | None:
-    """What computes ``J Sigma J^T`` layer by layer for ``la``, or ``None``.
-
-    The estimator's backend if it has ``predictive_covariance``
-    (:class:`~laplace_metric.curvature.HookPairGGN`); otherwise a ``HookPairGGN`` over the
-    same model and likelihood, made once and kept on the estimator, if it supports the model
-    (the posterior's parameter order is the model's either way).
-    """
-    la = as_view(la)
-    if hasattr(la.backend, "predictive_covariance"):
-        predictor = la.backend
-    else:
-        if "layer_predictor" not in la.cache:
-            from laplace_metric.curvature import HookPairGGN
-            from laplace_metric.curvature.hooks.support import hooks_support_error
-
-            supported = hooks_support_error(la.model, la.structure.value) is None
-            helper = HookPairGGN(la.model, la.backend.likelihood) if supported else None
-            la.cache["layer_predictor"] = helper
-        predictor = la.cache["layer_predictor"]
-    if predictor is not None and hasattr(type(predictor), "memory_budget"):
-        predictor.memory_budget = la.memory_budget
-    return predictor
-
-
-def _uses_layer_path(la: PredictiveView, joint: bool, x: object = None) -> bool:
-    """All-layer diag/kron posteriors over tensor inputs: ``J Sigma J^T`` layer by layer
-    (:func:`layer_predictor`), never forming ``D x P`` Jacobians."""
-    la = as_view(la)
-    return (
-        not joint
-        and la.subset == SubsetOfWeights.ALL
-        and la.structure in (HessianStructure.DIAG, HessianStructure.KRON)
-        and la.backend.subnetwork_indices is None
-        and (x is None or isinstance(x, torch.Tensor))
-        and layer_predictor(la) is not None
-    )
-
-
-def _layer_path_bytes(la: PredictiveView) -> int:
-    """Working memory per query of the layer-by-layer predictive: the largest layer's
-    per-query Jacobian block, twice, but at most the backend's own bound on its intermediate
-    tensors (``4 max_elements``: it forms blocks of output rows or location Gram matrices),
-    plus the ``D x D`` result."""
-    D = int(la.n_outputs)
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in la.model.modules())
-    working = 2 * D * int(largest)
-    bound = getattr(layer_predictor(la), "max_elements", None)
-    if bound is not None:
-        working = min(working, 4 * int(bound))
-    return (working + 4 * D * D) * dtype_bytes(la.dtype)
-
-
 def jacobian_glm(
     la: PredictiveView, x: torch.Tensor, joint: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,10 +241,12 @@ def _glm_one(
     if _uses_structured_path(la, x):
         with torch.set_grad_enabled(la.enable_backprop):
             mean, cov = structured_glm(la, x, joint)
-    elif _uses_layer_path(la, joint, x):
-        diag = la.structure == HessianStructure.DIAG
-        posterior = la.posterior_variance if diag else la.posterior_precision
-        mean, cov = layer_predictor(la).predictive_covariance(x, posterior)
+    elif uses_layer_path(la, x, joint):
+        posterior = layer_posterior(la)
+        predictor = layer_predictor(la)
+        if diagonal_output:  # the variances alone, without the D x D products
+            return predictor.predictive_covariance(x, posterior, diagonal=True)
+        mean, cov = predictor.predictive_covariance(x, posterior)
     else:
         with torch.enable_grad():
             if diagonal_output and not joint:
@@ -321,8 +276,8 @@ def glm_chunks(
     la = as_view(la)
     structured = _uses_structured_path(la, x)
     per_query = glm_bytes_per_query(la, structured)
-    if not structured and _uses_layer_path(la, joint=False, x=x):
-        per_query, structured = _layer_path_bytes(la), True
+    if not structured and uses_layer_path(la, x):
+        per_query, structured = layer_path_bytes(la), True
     budget = la.memory_budget
     if batch_size is None:
         check_fits(

@@ -18,7 +18,10 @@ from laplace_metric.curvature.hooks.diag import GramPolicy, graph_diag, plan_loc
 from laplace_metric.curvature.hooks.graph_memory import SampleProbe, check_graph_fits, saved_bytes
 from laplace_metric.curvature.hooks.kron import KFACApproximation, kron_factors
 from laplace_metric.curvature.hooks.passes import ColumnPass
-from laplace_metric.curvature.hooks.predictive import covariance_chunk, normalised
+from laplace_metric.curvature.hooks.predictive import (
+    covariance_chunk,
+    embedding_rows,
+)
 from laplace_metric.curvature.hooks.sites import (
     Recorder,
     Site,
@@ -315,34 +318,67 @@ class HookPairGGN(ColumnPasses, PairCurvatureInterface):
         return torch.cat(parts, dim=0).transpose(0, 1), g
 
     # ------------------------------------------------------------------ predictive
-    def predictive_covariance(self, x: torch.Tensor, posterior: Any) -> tuple[torch.Tensor, ...]:
+    def predictive_covariance(
+        self, x: torch.Tensor, posterior: Any, diagonal: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """Linearised predictive ``(z, J Sigma J^T)`` without a ``B x D x P`` Jacobian.
 
-        See :func:`laplace_metric.curvature.hooks.predictive_covariance`.
+        See :func:`laplace_metric.curvature.hooks.predictive_covariance`. ``diagonal``: the
+        variances ``(B, D)`` only, never a ``D x D`` product.
         """
+        z, (cov,) = self._predictive(x, [posterior], diagonal)
+        return z, cov
+
+    def predictive_variances(
+        self, x: torch.Tensor, posteriors: list[Any]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The GLM variances ``(B, D)`` of ``x`` under each of several posteriors of the same
+        model (e.g. fitted and prior), from one set of backward passes.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Query inputs ``(B, ...)``.
+        posteriors : list
+            Each as ``posterior`` of :meth:`predictive_covariance`.
+
+        Returns
+        -------
+        z : torch.Tensor
+            Embeddings ``(B, D)``.
+        variances : list of torch.Tensor
+            ``(B, D)`` per posterior, in order.
+        """
+        return self._predictive(x, list(posteriors), diagonal=True)
+
+    def _predictive(
+        self, x: torch.Tensor, posteriors: list[Any], diagonal: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.subnetwork_indices is not None:
             raise ValueError("predictive_covariance does not support subnetwork Laplace.")
-        kron = isinstance(posterior, KronDecomposed)
-        if not kron and not isinstance(posterior, torch.Tensor):
-            raise TypeError(
-                "posterior must be the diagonal posterior variances (a tensor) or a "
-                f"KronDecomposed posterior precision, got {type(posterior).__name__}."
-            )
+        for posterior in posteriors:
+            if not isinstance(posterior, (KronDecomposed, torch.Tensor)):
+                raise TypeError(
+                    "posterior must be the diagonal posterior variances (a tensor) or a "
+                    f"KronDecomposed posterior precision, got {type(posterior).__name__}."
+                )
         module, inputs = self._target(x)
         with torch.no_grad():
             g = self._private(module)(inputs)
         batch, dim = g.shape
-        eye = torch.eye(dim, dtype=g.dtype, device=g.device)
+        rows_of = embedding_rows(self.likelihood, g)  # the embedding Jacobian's rows
         # all D columns of a sample chunk in one pass: both sides of C_i[d, e] are needed
         probe = self._probe(module, inputs)
         per_sample, per_row = probe.elements, probe.kept_bytes
         step = min(batch, self.max_elements // max(dim * per_sample, 1))
         step = max(1, min(step, self._copies_that_fit(dim * per_row, dim * per_sample)))
-        chunks = []
+        chunks: list[list[torch.Tensor]] = [[] for _ in posteriors]
+        policy = self._gram_policy()
         with self._reserving(step * dim * per_row):  # the chunk's repeated graph
             for start in range(0, batch, step):
                 rows = inputs[start : start + step]
-                columns = eye[:, None, :].expand(dim, rows.shape[0], dim)
+                columns = rows_of[:, start : start + step]
                 for column_pass in self._passes(module, rows, columns, all_columns=True):
-                    chunks.append(covariance_chunk(column_pass, posterior, self._gram_policy()))
-        return normalised(self.likelihood, g, torch.cat(chunks))
+                    for posterior, parts in zip(posteriors, chunks):
+                        parts.append(covariance_chunk(column_pass, posterior, policy, diagonal))
+        return self.likelihood.embed(g), [torch.cat(parts) for parts in chunks]

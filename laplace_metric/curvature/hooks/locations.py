@@ -224,16 +224,20 @@ class SplitGram:
         return self.own.diag(x).add_(self.result)
 
 
-def covariance_costs(n_columns: int, n_locations: int, n_out: int, n_in: int) -> tuple[int, int]:
-    """Multiply-adds per query of the per-column and the Gram form of ``J Sigma J^T``."""
+def covariance_costs(
+    n_columns: int, n_locations: int, n_out: int, n_in: int, diagonal: bool = False
+) -> tuple[int, int]:
+    """Multiply-adds per query of the per-column and the Gram form of ``J Sigma J^T`` (of
+    its diagonal only, if ``diagonal``)."""
     d, t = n_columns, n_locations
-    per_column = d * n_out * n_in * (t + d + ELEMENTWISE_COST)
-    gram = n_out * t * t * (n_in + d) + d * d * n_out * t
+    products = 1 if diagonal else d  # the columns each column is multiplied with
+    per_column = d * n_out * n_in * (t + products + ELEMENTWISE_COST)
+    gram = n_out * t * t * (n_in + d) + d * products * n_out * t
     return per_column, gram
 
 
 def gram_covariance(
-    q: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, max_elements: int
+    q: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, max_elements: int, diagonal: bool = False
 ) -> torch.Tensor:
     """``C_b[d, e] = sum_{o,k} sigma[o, k] G_bd[o, k] G_be[o, k]`` for ``G_bd = sum_t q x^T``.
 
@@ -247,17 +251,20 @@ def gram_covariance(
         Elementwise weights ``(out, in)``.
     max_elements : int
         Bound on the elements of one intermediate tensor (output rows are chunked).
+    diagonal : bool, default=False
+        Only ``C_b[d, d]``: the last product costs ``D T`` per output row instead of
+        ``D^2 T``.
 
     Returns
     -------
     covariance : torch.Tensor
-        ``(b, D, D)``.
+        ``(b, D, D)``, or ``(b, D)`` if ``diagonal``.
     """
     n_cols, batch, n_locations, n_out = q.shape
     t2 = n_locations * n_locations
     products = (x[:, :, None, :] * x[:, None, :, :]).reshape(batch, t2, -1)  # [b, T T, in]
     columns = q.permute(1, 3, 0, 2)  # [b, out, D, T]
-    result = q.new_zeros(batch, n_cols, n_cols)
+    result = q.new_zeros(batch, n_cols) if diagonal else q.new_zeros(batch, n_cols, n_cols)
     step = max(1, max_elements // max(batch * (t2 + n_cols * n_locations), 1))
     for start in range(0, n_out, step):
         outs = slice(start, start + step)
@@ -265,5 +272,8 @@ def gram_covariance(
         kernel = kernel.reshape(batch, -1, n_locations, n_locations)
         side = columns[:, outs]  # [b, o, D, T]
         mixed = side @ kernel  # [b, o, D, T]
-        result += torch.einsum("bodt,boet->bde", mixed, side)
+        if diagonal:
+            result += torch.einsum("bodt,bodt->bd", mixed, side)
+        else:
+            result += torch.einsum("bodt,boet->bde", mixed, side)
     return result

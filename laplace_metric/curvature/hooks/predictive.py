@@ -7,8 +7,13 @@ output, input ``x``), a Linear weight on ``(B, in)`` with diagonal variances ``s
 ``(Q_1 (x) Q_2) diag(1 / (l_1 l_2^T + delta)) (Q_1 (x) Q_2)^T`` (laplace-torch's
 ``KronDecomposed``) the same holds for the rotated ``q Q_1``, ``x Q_2`` with weights
 ``1 / (l_1 l_2^T + delta)``. Shared weights form rotated per-sample gradients a block of output
-rows at a time; other parameters use their per-sample gradients. The normalisation Jacobian
-``(I - z z^T) / ||g||`` is applied at the end.
+rows at a time; other parameters use their per-sample gradients. The back-propagated columns
+are the rows of the embedding's Jacobian (the normalisation's ``(I - z z^T) / ||g||`` per
+sample), so no projection follows.
+
+When only the variances (the diagonal) are wanted, every block contributes only
+``sum_p w_p G[d, b, p]^2`` and no ``D x D`` product is formed: on weights shared over ``T``
+locations this drops the ``D^2 T`` term per output row of the location-Gram form.
 """
 
 from __future__ import annotations
@@ -25,9 +30,13 @@ from laplace_metric.curvature.hooks.passes import ColumnPass, row_slices
 from laplace_metric.curvature.hooks.sites import SiteKind, weight_grads
 
 
-def _weighted_gram(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_p w_p G[d, b, p] G[e, b, p]``, shape ``(b, D, D)``."""
+def _weighted_gram(
+    grads: torch.Tensor, weights: torch.Tensor, diagonal: bool = False
+) -> torch.Tensor:
+    """``sum_p w_p G[d, b, p] G[e, b, p]``, shape ``(b, D, D)`` (``diagonal``: ``(b, D)``)."""
     flat = grads.flatten(start_dim=2)
+    if diagonal:
+        return (flat.square() @ weights.flatten()).T
     return torch.einsum("dbp,ebp->bde", flat * weights.flatten(), flat)
 
 
@@ -44,11 +53,14 @@ def _block_inverse(posterior: KronDecomposed, k: int) -> tuple[list[torch.Tensor
 
 
 def predictive_covariance(
-    backend: Any, x: torch.Tensor, posterior: torch.Tensor | KronDecomposed
+    backend: Any,
+    x: torch.Tensor,
+    posterior: torch.Tensor | KronDecomposed,
+    diagonal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and covariance ``J Sigma J^T`` of the linearised predictive of the embedding.
 
-    The same as ``backend.predictive_covariance(x, posterior)``.
+    The same as ``backend.predictive_covariance(x, posterior, diagonal)``.
 
     Parameters
     ----------
@@ -60,33 +72,39 @@ def predictive_covariance(
         Diagonal posterior variances ``(P,)`` (``DiagLaplace.posterior_variance``), or the
         Kronecker posterior *precision* (``KronLaplace.posterior_precision``), in the order of
         the backend's parameters.
+    diagonal : bool, default=False
+        Only the variances: about half the work on weights shared over many locations.
 
     Returns
     -------
     z : torch.Tensor
         Embeddings ``(B, D)`` (normalised if the likelihood normalises).
     covariance : torch.Tensor
-        ``(B, D, D)``.
+        ``(B, D, D)``, or the variances ``(B, D)`` if ``diagonal``.
     """
-    return backend.predictive_covariance(x, posterior)
+    return backend.predictive_covariance(x, posterior, diagonal)
 
 
-def normalised(likelihood: Any, g: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The embedding ``z`` of the raw outputs ``g`` and ``cov`` of ``g`` pulled through the
-    likelihood's normalisation ``(I - z z^T) / ||g||`` (if it normalises)."""
+def embedding_rows(likelihood: Any, g: torch.Tensor) -> torch.Tensor:
+    """The columns ``[D, B, D]`` whose back-propagation gives the rows of the embedding's
+    Jacobian: ``(I - z z^T) / ||g||`` per sample if the likelihood normalises, else ``I``."""
+    batch, dim = g.shape
+    eye = torch.eye(dim, dtype=g.dtype, device=g.device)
+    if not likelihood.normalize:
+        return eye[:, None, :].expand(dim, batch, dim)
     z = likelihood.embed(g)
-    if likelihood.normalize:
-        eye = torch.eye(g.shape[1], dtype=g.dtype, device=g.device)
-        proj = (eye - z[:, :, None] * z[:, None, :]) / g.norm(dim=-1)[:, None, None]
-        cov = proj @ cov @ proj
-    return z, cov
+    proj = (eye - z[:, :, None] * z[:, None, :]) / g.norm(dim=-1)[:, None, None]
+    return proj.transpose(0, 1)  # symmetric per sample: [d, b, :] = row d of sample b
 
 
 def covariance_chunk(
-    column_pass: ColumnPass, posterior: torch.Tensor | KronDecomposed, policy: GramPolicy
+    column_pass: ColumnPass,
+    posterior: torch.Tensor | KronDecomposed,
+    policy: GramPolicy,
+    diagonal: bool = False,
 ) -> torch.Tensor:
-    """``J Sigma J^T`` of the raw outputs, ``(b, D, D)``, for one chunk of samples whose pass
-    back-propagated all ``D`` columns."""
+    """``J Sigma J^T``, ``(b, D, D)``, for one chunk of samples whose pass back-propagated all
+    ``D`` rows of the Jacobian; ``diagonal``: ``(b, D)``, never forming a ``D x D`` product."""
     kron = isinstance(posterior, KronDecomposed)
     cov = None
     offset = 0
@@ -97,7 +115,7 @@ def covariance_chunk(
         else:
             vecs, weights = [], posterior[offset : offset + size].view(param.shape)
         offset += size
-        part = _block(column_pass, name, param, vecs, weights, policy)
+        part = _block(column_pass, name, param, vecs, weights, policy, diagonal)
         if part is not None:
             cov = part if cov is None else cov + part
     return cov
@@ -110,6 +128,7 @@ def _block(
     vecs: list[torch.Tensor],
     weights: torch.Tensor,
     policy: GramPolicy,
+    diagonal: bool = False,
 ) -> torch.Tensor | None:
     calls = column_pass.entries.get(name)
     site = calls[0][0] if calls else None
@@ -123,14 +142,19 @@ def _block(
         elif len(vecs) == 2:
             grads = grads.reshape(*grads.shape[:2], vecs[0].shape[0], vecs[1].shape[0])
             grads = torch.einsum("cboi,ou,ij->cbuj", grads, vecs[0], vecs[1])
-        return _weighted_gram(grads, weights)
-    return _weight_block(calls, vecs, weights.reshape(weights.shape[0], -1), policy)
+        return _weighted_gram(grads, weights, diagonal)
+    return _weight_block(calls, vecs, weights.reshape(weights.shape[0], -1), policy, diagonal)
 
 
 def _weight_block(
-    calls: list, vecs: list[torch.Tensor], weights: torch.Tensor, policy: GramPolicy
+    calls: list,
+    vecs: list[torch.Tensor],
+    weights: torch.Tensor,
+    policy: GramPolicy,
+    diagonal: bool = False,
 ) -> torch.Tensor:
-    """A Linear/Conv weight's ``(b, D, D)`` (in the eigenbases of a Kronecker block)."""
+    """A Linear/Conv weight's ``(b, D, D)`` (``diagonal``: ``(b, D)``), in the eigenbases of
+    a Kronecker block if ``vecs``."""
     if vecs:  # rotate into the eigenbases of the two factors
         q1, q2 = vecs
         calls = [
@@ -140,17 +164,19 @@ def _weight_block(
     site, q = calls[0]
     if len(calls) == 1 and site.kind == SiteKind.LINEAR and site.n_locations == 1:
         scale = site.x[:, 0].square() @ weights.T  # (b, out)
+        if diagonal:
+            return torch.einsum("dbo,dbo->bd", q[:, :, 0] * scale, q[:, :, 0])
         return torch.einsum("dbo,ebo->bde", q[:, :, 0] * scale, q[:, :, 0])
     n_cols, n_samples, _, n_out = q.shape
     q = torch.cat([q for _, q in calls], dim=2)
-    per_column, gram = covariance_costs(n_cols, q.shape[2], n_out, weights.shape[1])
+    per_column, gram = covariance_costs(n_cols, q.shape[2], n_out, weights.shape[1], diagonal)
     use_gram = policy.location_gram
     if use_gram in (True, *GRAM_FORMS) or (use_gram is None and gram < per_column):
         x = torch.cat([s.x for s, _ in calls], dim=1)
-        return gram_covariance(q, x, weights, policy.max_elements)
+        return gram_covariance(q, x, weights, policy.max_elements, diagonal)
     total = None
     per_row = n_cols * n_samples * weights.shape[1]
     for rows in row_slices(n_out, per_row, policy.max_elements):
-        part = _weighted_gram(weight_grads(calls, rows), weights[rows])
+        part = _weighted_gram(weight_grads(calls, rows), weights[rows], diagonal)
         total = part if total is None else total + part
     return total
