@@ -74,7 +74,7 @@ def layer_variances(
 
     Raises
     ------
-    MemoryBudgetError
+    laplace_metric.memory.MemoryBudgetError
         If a single query does not fit the budget.
     """
     la = as_view(la)
