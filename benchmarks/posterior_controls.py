@@ -41,6 +41,7 @@ from posterior_controls_configs import (  # noqa: E402
     PRIOR_CONFIGS,
     SCORE_CONFIGS,
 )
+from posterior_controls_data import fashion_split, seed_data  # noqa: E402
 from posterior_controls_merge import add_selected_rows, load_merged  # noqa: E402
 from posterior_controls_scores import score_rows  # noqa: E402
 
@@ -52,9 +53,14 @@ CANDIDATE_COLUMNS = (*COLUMNS, "Spearman vs per-sample", "score s")
 
 
 def _metrics(score, data, confidence=None) -> dict[str, float]:
+    """AUROC / AUSE columns of a score: a function of the inputs, or a mapping input set ->
+    scores already computed."""
     from laplace_metric.metrics import ood_auroc, retrieval_ece, sparsification_curve
 
-    s = {k: score(x).detach().cpu() for k, x in data["inputs"].items()}
+    if callable(score):
+        s = {k: score(x).detach().cpu() for k, x in data["inputs"].items()}
+    else:
+        s = {k: v.detach().cpu() for k, v in score.items()}
     row = {
         "AUROC held-out": ood_auroc(s["test"], s["held"]),
         "AUROC noise": ood_auroc(s["test"], s["noise"]),
@@ -62,6 +68,7 @@ def _metrics(score, data, confidence=None) -> dict[str, float]:
         "AUSE": sparsification_curve(s["test"], data["wrong"], n_steps=50).error_area,
         # the raw scores of test, held-out and noise queries (for rank agreement; not saved)
         "scores": torch.cat([s["test"], s["held"], s["noise"]]),
+        "per_input": s,  # each input set's scores (for scores built on this one; not saved)
     }
     if confidence is not None:
         conf, correct = confidence
@@ -161,63 +168,6 @@ def _baseline_rows(rows, det, data, seed, n_samples, image: bool = False) -> Non
         rows["Mahalanobis, penultimate features"] = _metrics(maha.score, data)
 
 
-def fashion_split(seed: int, n_train: int = 4000, n_val: int = 1000, n_test: int = 2000):
-    """FashionMNIST train / val (from the training set) / test, MNIST test images as the OOD
-    set, uniform noise; the packaged offline copies (see ``docs/fashion_mnist.rst``)."""
-    from torch.utils.data import TensorDataset
-
-    from laplace_metric.data import OpenSetSplit, load_idx_dataset
-
-    fashion, mnist = load_idx_dataset("fashion_mnist"), load_idx_dataset("mnist")
-    gen = torch.Generator().manual_seed(seed)
-
-    def images(a, idx):
-        return torch.as_tensor(a[idx.numpy()], dtype=torch.float32).unsqueeze(1) / 255.0
-
-    def labels(a, idx):
-        return torch.as_tensor(a[idx.numpy()], dtype=torch.int64)
-
-    train = torch.randperm(len(fashion.y_train), generator=gen)[: n_train + n_val]
-    test = torch.randperm(len(fashion.y_test), generator=gen)[:n_test]
-    ood = torch.randperm(len(mnist.y_test), generator=gen)[:n_test]
-    tr, va = train[:n_train], train[n_train:]
-    noise = torch.rand(600, 1, 28, 28, generator=gen)
-    return OpenSetSplit(
-        train=TensorDataset(images(fashion.x_train, tr), labels(fashion.y_train, tr)),
-        val=TensorDataset(images(fashion.x_train, va), labels(fashion.y_train, va)),
-        test=TensorDataset(images(fashion.x_test, test), labels(fashion.y_test, test)),
-        ood_classes=TensorDataset(images(mnist.x_test, ood), labels(mnist.y_test, ood)),
-        ood_noise=TensorDataset(noise[:500], torch.full((500,), -1)),
-        ood_noise_val=TensorDataset(noise[500:], torch.full((100,), -1)),
-        id_classes=tuple(range(10)),
-    )
-
-
-def _seed_data(split, det, candidates: tuple[int, ...]) -> dict:
-    """The split's tensors, and which test queries the trained encoder retrieves wrongly."""
-    from laplace_metric.metrics import top1_labels
-
-    x_tr, y_tr = split.train.tensors
-    x_te, y_te = split.test.tensors
-    with torch.no_grad():
-        z = torch.nn.functional.normalize(det(torch.cat([x_te, x_tr])), dim=-1)
-    wrong = (top1_labels(z[: len(x_te)], z[len(x_te) :], y_tr) != y_te).double()
-    return {
-        "train": (x_tr, y_tr),
-        "y_test": y_te,
-        "y_val": split.val.tensors[1],
-        "wrong": wrong,
-        "inputs": {
-            "test": x_te,
-            "held": split.ood_classes.tensors[0],
-            "noise": split.ood_noise.tensors[0],
-            "val": split.val.tensors[0],
-            "noise_val": split.ood_noise_val.tensors[0],
-        },
-        "candidates": candidates,
-    }
-
-
 def run_seed(
     seed: int,
     n_samples: int,
@@ -227,6 +177,7 @@ def run_seed(
     candidates: tuple[int, ...] = (),
     grid_size: int = 100,
     scores: bool = False,
+    baselines: bool = True,
 ):
     """All rows of one seed; ``dim`` set: FashionMNIST -> MNIST with LAM's CNN of that size;
     ``candidates``: LAM rows also with ``database_embedding='candidates'`` of these sizes."""
@@ -258,15 +209,18 @@ def run_seed(
         progress_bar=False,
     )
     det.eval()
-    data = _seed_data(split, det, candidates)
+    data = seed_data(split, det, candidates)
     data["grid_size"] = grid_size  # of the validation grid searches (laplace-torch's default)
     data["other_scores"] = scores  # the rows of posterior_controls_scores
+    data["image"] = image
     rows: dict[str, dict[str, float]] = {}
     for name, config in configs.items():
         _lam_rows(rows, name, config, det, loader, data, seed, n_samples, likelihood.margin)
-    _baseline_rows(rows, det, data, seed, n_samples, image)
+    if baselines:
+        _baseline_rows(rows, det, data, seed, n_samples, image)
     for row in rows.values():
         row.pop("scores", None)
+        row.pop("per_input", None)
     return rows
 
 
@@ -280,6 +234,25 @@ def format_table(results: list[dict], columns: tuple[str, ...] = COLUMNS) -> str
         values = {c: [r[name].get(c, math.nan) for r in results] for c in columns}
         table.add_row(name, values)
     return table.to_markdown()
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``--save``, ``--merge`` and ``--select``: per-seed JSON files and their merged table."""
+    parser.add_argument("--save", default=None, help="also write the per-seed rows to this JSON")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="print the table of per-seed JSON files written by --save (runs nothing); "
+        "join files of the same seed with '+'",
+    )
+    parser.add_argument(
+        "--select",
+        nargs="+",
+        default=None,
+        help="with --merge: add the rows of the configuration (of these names) with the lowest "
+        "validation ECE in each seed",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -310,9 +283,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scores",
         action="store_true",
-        help="digits: the two posteriors of the outside check scored by every other score "
-        "(sampled_std, trace, variance_ratio, the closed-form expected kNN distance), each "
-        "beside its curvature-off control",
+        help="the two posteriors of the outside check (digits; with --fashion-dim the chosen "
+        "configurations) scored by every other score (sampled_std, trace, variance_ratio, "
+        "knn_variance_ratio, the closed-form expected kNN distance; on FashionMNIST the two "
+        "ratio scores only), each beside its curvature-off control",
     )
     parser.add_argument(
         "--only", default=None, help="run only the LAM configurations whose name contains this"
@@ -326,21 +300,13 @@ def _parser() -> argparse.ArgumentParser:
         "n_candidates=N) for each N, their Spearman rank agreement with the whole database "
         "re-embedded, and the scoring times",
     )
-    parser.add_argument("--save", default=None, help="also write the per-seed rows to this JSON")
     parser.add_argument(
-        "--merge",
-        nargs="+",
-        default=None,
-        help="print the table of per-seed JSON files written by --save (runs nothing); "
-        "join files of the same seed with '+'",
+        "--no-baselines",
+        action="store_true",
+        help="LAM rows only (skip isotropic noise, kNN and Mahalanobis; e.g. when adding rows "
+        "to a table whose baselines were measured on the same seeds)",
     )
-    parser.add_argument(
-        "--select",
-        nargs="+",
-        default=None,
-        help="with --merge: add the rows of the configuration (of these names) with the lowest "
-        "validation ECE in each seed",
-    )
+    _add_output_options(parser)
     return parser
 
 
@@ -384,6 +350,7 @@ def main(argv: list[str] | None = None) -> str:
             tuple(args.candidates),
             grid_size,
             args.scores,
+            not args.no_baselines,
         )
         for s in args.seeds
     ]

@@ -94,9 +94,20 @@ def test_quick_scores_table_reports_every_score_beside_its_control():
     bench = _load(ROOT / "benchmarks" / "posterior_controls.py", "posterior_controls")
     table = bench.main(["--quick", "--scores", "--only", "last-layer kron"])
     names = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
-    for score in ("sampled_std", "trace", "variance_ratio", "expected kNN distance (closed form)"):
+    scores = ("sampled_std", "trace", "variance_ratio", "knn_variance_ratio")
+    for score in (*scores, "expected kNN distance (closed form)"):
         for suffix in ("fitted", "curvature off"):
             assert f"LAM last-layer kron, dataset scale, marglik, {score}: {suffix}" in names
     # the variance ratio's control is 1 for every input: no ranking (AUROC 0.5)
     off = next(line for line in table.splitlines() if "variance_ratio: curvature off" in line)
     assert off.count(" 0.500 ± 0.000 ") == 3  # held-out, noise, validation noise
+
+    # knn_variance_ratio's control is the default score's: the same row of figures
+    def figures(label):
+        line = next(line for line in table.splitlines() if f"| {label} " in line)
+        return line.split(" | ")[1:4]
+
+    name = "LAM last-layer kron, dataset scale, marglik"
+    assert figures(f"{name}, knn_variance_ratio: curvature off") == figures(
+        f"{name}: curvature off"
+    )

@@ -194,3 +194,27 @@ def test_variance_ratio_is_fitted_over_prior_predictive_trace(subset, structure,
     # the estimator is left as it was
     assert la.temperature == 1.0
     torch.testing.assert_close(scorer(queries, "variance_ratio"), ratio)
+
+
+@pytest.mark.parametrize(("subset", "structure"), [("all", "diag"), ("last_layer", "kron")])
+def test_knn_variance_ratio_is_knn_times_ratio_and_its_control_is_knn(subset, structure, device):
+    """The product of the two registered scores from the same weight samples; with the curvature
+    off the ratio is exactly 1, so the control is the default score."""
+    from laplace_metric.controls import curvature_off
+
+    x, y = labelled_data(30, (5,), n_classes=3)
+    x, y = x.to(device), y.to(device)
+    la = Laplace(make_mlp().to(device), "contrastive", subset, structure)
+    la.fit(loader(x, y, 15))
+    la.prior_precision = 2.0
+    queries = torch.cat([x[:4], 5 * torch.randn(3, 5, device=device)])
+    scorer = UncertaintyScorer(la, database=x[10:], n_samples=4)
+    combined = scorer(queries, "knn_variance_ratio")
+    knn, ratio = scorer(queries), scorer(queries, "variance_ratio")
+    torch.testing.assert_close(combined, knn * ratio)
+    assert (ratio < 1).all() and combined.shape == (7,)
+    with curvature_off(la):
+        torch.testing.assert_close(scorer(queries, "variance_ratio"), torch.ones_like(ratio))
+        torch.testing.assert_close(scorer(queries, "knn_variance_ratio"), scorer(queries))
+    with pytest.raises(ValueError, match="needs a database"):
+        UncertaintyScorer(la, n_samples=2)(queries, "knn_variance_ratio")

@@ -8,6 +8,7 @@ posterior and scores queries by any of the :class:`PosteriorScore` options::
     s = scorer(x_test, "sampled_std")     # LAM's score
     s = scorer(x_test, "trace")           # trace of the linearised covariance
     s = scorer(x_test, "variance_ratio")  # that trace over the prior's: the curvature alone
+    s = scorer(x_test, "knn_variance_ratio")  # 'posterior_knn' times 'variance_ratio'
 
 The default, ``'posterior_knn'``, re-embeds both the queries *and* the database under each weight
 sample, so that what is measured is how far a query stays from its neighbours when the encoder
@@ -32,7 +33,13 @@ by ``@register_score("name")``; importing the module (one line below) registers 
 """
 
 # the scores: importing a module registers its score (one line per score)
-from laplace_metric.scores import posterior_knn, sampled_std, trace, variance_ratio  # noqa: F401
+from laplace_metric.scores import (  # noqa: F401
+    knn_variance_ratio,
+    posterior_knn,
+    sampled_std,
+    trace,
+    variance_ratio,
+)
 from laplace_metric.scores.base import SCORES, PosteriorScore, Score, register_score
 from laplace_metric.scores.oneshot import posterior_retrieval
 from laplace_metric.scores.scorer import PosteriorRetrieval, UncertaintyScorer

@@ -32,6 +32,11 @@ class PosteriorScore(str, Enum):
     that the fitted curvature leaves (its curvature-off control is 1 for every input); a
     diagnostic of what the curvature alone knows, not a replacement for the default."""
 
+    KNN_VARIANCE_RATIO = "knn_variance_ratio"
+    """``'posterior_knn'`` times ``'variance_ratio'``: the distance to the nearest database
+    embedding, shrunk where the curvature constrains the query's embedding (needs a database;
+    its curvature-off control is ``'posterior_knn'``)."""
+
 
 class Score(ABC):
     """An uncertainty score of :class:`~laplace_metric.scores.UncertaintyScorer` (higher = less

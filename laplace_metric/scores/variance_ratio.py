@@ -14,6 +14,7 @@ chunk of queries (:func:`~laplace_metric.predictive.layer_path.layer_variances`)
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +37,8 @@ class VarianceRatioScore(Score):
     ) -> torch.Tensor:
         """``tr(J Sigma J^T) / tr(J Sigma_0 J^T)``, ``(n,)``, in ``(0, 1]`` up to rounding."""
         la = scorer.la
+        if math.isinf(la.temperature):  # curvature off: the posterior is the prior, exactly
+            return torch.ones(len(x), dtype=la.mean.dtype, device=la.mean.device)
         view = la.predictive_view()
         if uses_layer_path(view, x):  # both posteriors from one set of backward passes
             posterior = layer_posterior(view)
