@@ -43,7 +43,7 @@ from posterior_controls_configs import (  # noqa: E402
 )
 from posterior_controls_data import fashion_split, seed_data  # noqa: E402
 from posterior_controls_merge import add_selected_rows, load_merged  # noqa: E402
-from posterior_controls_scores import score_rows  # noqa: E402
+from posterior_controls_scores import ALL_OTHER, chosen_scores, score_rows  # noqa: E402
 
 COLUMNS = ("AUROC held-out", "AUROC noise", "AUSE", "ECE", "val AUROC noise", "val ECE")
 #: With ``--candidates``: the default score with only each query's nearest database items at the
@@ -176,7 +176,7 @@ def run_seed(
     dim: int | None = None,
     candidates: tuple[int, ...] = (),
     grid_size: int = 100,
-    scores: bool = False,
+    scores: tuple[str, ...] = (),
     baselines: bool = True,
 ):
     """All rows of one seed; ``dim`` set: FashionMNIST -> MNIST with LAM's CNN of that size;
@@ -212,7 +212,6 @@ def run_seed(
     data = seed_data(split, det, candidates)
     data["grid_size"] = grid_size  # of the validation grid searches (laplace-torch's default)
     data["other_scores"] = scores  # the rows of posterior_controls_scores
-    data["image"] = image
     rows: dict[str, dict[str, float]] = {}
     for name, config in configs.items():
         _lam_rows(rows, name, config, det, loader, data, seed, n_samples, likelihood.margin)
@@ -282,11 +281,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--scores",
-        action="store_true",
+        nargs="*",
+        default=None,
+        metavar="SCORE",
         help="the two posteriors of the outside check (digits; with --fashion-dim the chosen "
-        "configurations) scored by every other score (sampled_std, trace, variance_ratio, "
-        "knn_variance_ratio, the closed-form expected kNN distance; on FashionMNIST the two "
-        "ratio scores only), each beside its curvature-off control",
+        "configurations) scored by other scores, each beside its curvature-off control: the "
+        f"named ones of {', '.join(ALL_OTHER)}, or with no names all of them (on FashionMNIST "
+        "the two ratio scores)",
     )
     parser.add_argument(
         "--only", default=None, help="run only the LAM configurations whose name contains this"
@@ -327,7 +328,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.merge:
         return _print_merged(args.merge, args.select)
     torch.set_num_threads(1)
-    configs = PRIOR_CONFIGS if args.priors else SCORE_CONFIGS if args.scores else CONFIGS
+    scores = chosen_scores(args.scores, image=args.fashion_dim is not None)
+    configs = PRIOR_CONFIGS if args.priors else SCORE_CONFIGS if scores else CONFIGS
     grid_size = 100
     if args.fashion_dim is not None:
         configs = {**FASHION_CONFIGS, **(FASHION_ALL_LAYER if args.all_layer else {})}
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> str:
             args.fashion_dim,
             tuple(args.candidates),
             grid_size,
-            args.scores,
+            scores,
             not args.no_baselines,
         )
         for s in args.seeds

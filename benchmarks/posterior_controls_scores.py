@@ -11,9 +11,9 @@ with ``metric='sqeuclidean'``; query-database cross-covariance included). The la
 covariance's shape, not only its scale; ``'variance_ratio'`` is the curvature alone (its control
 is 1 for every input), and ``'knn_variance_ratio'``'s control is the default score.
 
-On images (FashionMNIST, LAM's CNN) only the two ratio scores are computed: the others were
-measured before, and the closed form's cross-covariances with thousands of database images are
-out of reach on a CPU.
+``--scores`` with no names computes all of them on digits and only the two ratio scores on
+images (FashionMNIST, LAM's CNN): the others were measured before, and the closed form's
+cross-covariances with thousands of database images are out of reach on a CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +28,23 @@ OTHER_SCORES = ("sampled_std", "trace", "variance_ratio", "knn_variance_ratio")
 #: The subset computed on images.
 IMAGE_SCORES = ("variance_ratio", "knn_variance_ratio")
 EXPECTED_KNN = "expected kNN distance (closed form)"
+#: The names ``--scores`` accepts (``expected_knn``: the closed form, digits only).
+ALL_OTHER = (*OTHER_SCORES, "expected_knn")
+
+
+def chosen_scores(names: list[str] | None, image: bool) -> tuple[str, ...]:
+    """The scores of ``--scores [SCORE ...]``: none without the flag, all (of the data set's)
+    with no names; an unknown name, or the closed form on images, is an error."""
+    if names is None:
+        return ()
+    if not names:
+        return IMAGE_SCORES if image else ALL_OTHER
+    unknown = sorted(set(names) - set(ALL_OTHER))
+    if unknown:
+        raise SystemExit(f"--scores: unknown {unknown}; choose from {list(ALL_OTHER)}")
+    if image and "expected_knn" in names:
+        raise SystemExit("--scores: the closed-form expected kNN distance is digits only")
+    return tuple(names)
 
 
 def expected_knn_distance(la, x: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
@@ -55,14 +72,14 @@ def _scores_of_inputs(scorer, data: dict, names: tuple[str, ...], knn: dict) -> 
 
 def score_rows(rows: dict, name: str, la, scorer, data: dict, metrics: Callable) -> None:
     """Add the rows ``'{name}, {score}: fitted'`` and ``': curvature off'`` for every score of
-    :data:`OTHER_SCORES` (:data:`IMAGE_SCORES` when ``data['image']``) and, on digits, the
-    closed-form expected kNN distance. ``metrics(scores, data)`` computes a row's AUROC
-    columns from a mapping input set -> scores; ``rows[f'{name}: {suffix}']['per_input']``
-    holds the default score's values of each input set."""
+    ``data['other_scores']`` (names of :data:`ALL_OTHER`; ``'expected_knn'`` is the closed-form
+    expected kNN distance). ``metrics(scores, data)`` computes a row's AUROC columns from a
+    mapping input set -> scores; ``rows[f'{name}: {suffix}']['per_input']`` holds the default
+    score's values of each input set."""
     from laplace_metric.controls import curvature_off
 
-    image = data.get("image", False)
-    names = IMAGE_SCORES if image else OTHER_SCORES
+    names = tuple(n for n in data["other_scores"] if n in OTHER_SCORES)
+    closed_form = "expected_knn" in data["other_scores"]
     x_tr = data["train"][0]
     for suffix, off in (("fitted", False), ("curvature off", True)):
         knn = rows[f"{name}: {suffix}"]["per_input"]
@@ -71,7 +88,7 @@ def score_rows(rows: dict, name: str, la, scorer, data: dict, metrics: Callable)
             for score in names:
                 per_input = {key: v[score] for key, v in values.items()}
                 rows[f"{name}, {score}: {suffix}"] = metrics(per_input, data)
-            if not image:
+            if closed_form:
                 rows[f"{name}, {EXPECTED_KNN}: {suffix}"] = metrics(
                     lambda x: expected_knn_distance(la, x, x_tr), data
                 )

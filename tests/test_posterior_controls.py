@@ -111,3 +111,17 @@ def test_quick_scores_table_reports_every_score_beside_its_control():
     assert figures(f"{name}, knn_variance_ratio: curvature off") == figures(
         f"{name}: curvature off"
     )
+
+
+def test_scores_flag_chooses_names_and_refuses_unknown_ones():
+    _load(ROOT / "benchmarks" / "posterior_controls.py", "posterior_controls")  # sets sys.path
+    from posterior_controls_scores import ALL_OTHER, IMAGE_SCORES, chosen_scores
+
+    assert chosen_scores(None, image=False) == ()
+    assert chosen_scores([], image=False) == ALL_OTHER
+    assert chosen_scores([], image=True) == IMAGE_SCORES
+    assert chosen_scores(["knn_variance_ratio"], image=True) == ("knn_variance_ratio",)
+    with pytest.raises(SystemExit, match="unknown"):
+        chosen_scores(["knn"], image=False)
+    with pytest.raises(SystemExit, match="digits only"):
+        chosen_scores(["expected_knn"], image=True)
