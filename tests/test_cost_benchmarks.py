@@ -1,5 +1,5 @@
 """The cost benchmarks run at toy size: the Kronecker factor census, gallery scoring, the
-interleaved pairs table and the GLM variances against the full covariance."""
+interleaved pairs table, the GLM variances against the full covariance and the scores' costs."""
 
 from __future__ import annotations
 
@@ -70,3 +70,11 @@ def test_glm_variances_equal_the_full_covariance_diagonal():
     for row in rows:
         assert row["max rel. gap"] < 1e-4  # float32
         assert row["full s/query"] > 0 and row["variances s/query"] > 0
+
+
+def test_score_costs_times_both_scores():
+    bench = _load("score_costs")
+    args = ["--model", "mlp", "--gallery", "96", "--queries", "3", "--samples", "3"]
+    result = bench.main([*args, "--rounds", "2", "--threads", "1"])
+    assert result["posterior_knn"] > 0 and result["knn_variance_ratio"] > 0
+    assert result["ratio"] == pytest.approx(result["knn_variance_ratio"] / result["posterior_knn"])
