@@ -45,6 +45,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     for name, *_ in demo.POSTHOC_CONFIGS:
         assert f"{name}, posterior kNN" in rows
         assert f"{name}, sampled std" in rows
+        assert f"{name}, kNN x variance ratio" in rows
         control = rows[f"{name} (curvature off), posterior kNN"]  # the control of each posterior
         assert 0.0 <= control["AUROC held-out"] <= 1.0 and 0.0 <= control["ECE"] <= 1.0
     for name in (

@@ -59,7 +59,8 @@ def lam_rows(
     control: bool = False,
 ) -> None:
     """Rows of a Laplace estimator, one per :data:`SCORE_ROWS` score (the trace optional),
-    and with ``control`` the default score's curvature-off control.
+    and with ``control`` the default score's curvature-off control (which is also that of
+    ``'knn_variance_ratio'``: with the curvature off the ratio is 1).
 
     One :class:`UncertaintyScorer` (fixed weight samples, the training set as database,
     embedded once per sample) scores the test set, the held-out classes and the noise.
@@ -69,7 +70,11 @@ def lam_rows(
     scorer = UncertaintyScorer(la, ev.x_tr, ev.y_tr, n_samples=config.n_samples, generator=gen)
     test = scorer.retrieval(ev.x_te)
     confidence = (test.confidence, test.predicted == ev.y_te)
-    sampled = [PosteriorScore.POSTERIOR_KNN, PosteriorScore.SAMPLED_STD]
+    sampled = [
+        PosteriorScore.POSTERIOR_KNN,
+        PosteriorScore.KNN_VARIANCE_RATIO,
+        PosteriorScore.SAMPLED_STD,
+    ]
     cache = {id(x): scorer.scores(x, sampled) for x in (ev.x_te, ev.x_held, ev.x_noise)}
     for score, suffix in SCORE_ROWS.items():
         if score == PosteriorScore.TRACE and not trace_row:

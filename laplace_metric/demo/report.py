@@ -20,6 +20,7 @@ TABLE_COLUMNS = tuple(Column(c, digits=4 if c in ("AUSE", "ECE") else 3) for c i
 #: Row suffix of each LAM uncertainty score, in table order (the default score first).
 SCORE_ROWS = {
     PosteriorScore.POSTERIOR_KNN: "posterior kNN",
+    PosteriorScore.KNN_VARIANCE_RATIO: "kNN x variance ratio",
     PosteriorScore.SAMPLED_STD: "sampled std",
     PosteriorScore.TRACE: "trace",
 }
@@ -42,7 +43,9 @@ def footer(config: DemoConfig, results: Sequence[SeedResult], elapsed: float) ->
         f"\n{config.dataset}: in-distribution classes {list(config.id_classes)}, held-out "
         f"classes and uniform noise as OOD; seeds {seeds}{partial}, {config.epochs} epochs, "
         f"{elapsed:.0f} s. LAM scores: posterior kNN (the default of UncertaintyScorer), "
-        "sampled std (LAM's), trace (linearised). OOD = positive class; AUSE: sparsification "
+        "kNN x variance ratio (posterior kNN times the share of the prior's linearised variance "
+        "the curvature leaves; its curvature-off control is the posterior kNN one), sampled std "
+        "(LAM's), trace (linearised). OOD = positive class; AUSE: sparsification "
         "of the in-distribution test set by the score, error = wrong top-1 retrieval; ECE: "
         "top-1 retrieval confidence from weight / dropout samples, 10 bins."
     )
