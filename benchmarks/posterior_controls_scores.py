@@ -56,8 +56,10 @@ def expected_knn_distance(la, x: torch.Tensor, database: torch.Tensor) -> torch.
 def _scores_of_inputs(scorer, data: dict, names: tuple[str, ...], knn: dict) -> dict:
     """Input set -> score name -> ``(n,)``. ``'knn_variance_ratio'`` is assembled from the
     default score's values ``knn`` (already computed for the row beside it, same samples) and
-    ``'variance_ratio'``, which is what the registered score computes (``tests/test_scores.py``
-    checks the identity), without computing either twice."""
+    ``'variance_ratio'``, as the registered product score does, without sampling the queries
+    again."""
+    from laplace_metric.scores.base import multiply
+
     own = [n for n in names if n != "knn_variance_ratio"]
     if "knn_variance_ratio" in names and "variance_ratio" not in own:
         own.append("variance_ratio")
@@ -65,7 +67,7 @@ def _scores_of_inputs(scorer, data: dict, names: tuple[str, ...], knn: dict) -> 
     for key, x in data["inputs"].items():
         values = scorer.scores(x, own)
         if "knn_variance_ratio" in names:
-            values["knn_variance_ratio"] = knn[key] * values["variance_ratio"].to(knn[key])
+            values["knn_variance_ratio"] = multiply([knn[key], values["variance_ratio"]])
         out[key] = values
     return out
 

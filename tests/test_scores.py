@@ -218,3 +218,25 @@ def test_knn_variance_ratio_is_knn_times_ratio_and_its_control_is_knn(subset, st
         torch.testing.assert_close(scorer(queries, "knn_variance_ratio"), scorer(queries))
     with pytest.raises(ValueError, match="needs a database"):
         UncertaintyScorer(la, n_samples=2)(queries, "knn_variance_ratio")
+
+
+def test_scores_computes_each_factor_of_a_product_once(fitted, monkeypatch):
+    """Asked beside its factors, ``'knn_variance_ratio'`` reuses them: one variance ratio."""
+    from laplace_metric.scores.variance_ratio import VarianceRatioScore
+
+    la, x, y = fitted
+    scorer = UncertaintyScorer(la, database=x[7:], n_samples=3)
+    calls = []
+    original = VarianceRatioScore.__call__
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(VarianceRatioScore, "__call__", counted)
+    both = scorer.scores(x[:5], ["variance_ratio", "knn_variance_ratio", "posterior_knn"])
+    assert len(calls) == 1
+    torch.testing.assert_close(
+        both["knn_variance_ratio"], both["posterior_knn"] * both["variance_ratio"]
+    )
+    assert set(both) == {"variance_ratio", "knn_variance_ratio", "posterior_knn"}

@@ -40,7 +40,7 @@ from laplace_metric.scores import (  # noqa: F401
     trace,
     variance_ratio,
 )
-from laplace_metric.scores.base import SCORES, PosteriorScore, Score, register_score
+from laplace_metric.scores.base import SCORES, PosteriorScore, ProductScore, Score, register_score
 from laplace_metric.scores.oneshot import posterior_retrieval
 from laplace_metric.scores.scorer import PosteriorRetrieval, UncertaintyScorer
 
@@ -48,6 +48,7 @@ __all__ = [
     "SCORES",
     "PosteriorRetrieval",
     "PosteriorScore",
+    "ProductScore",
     "Score",
     "UncertaintyScorer",
     "posterior_retrieval",

@@ -9,7 +9,15 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-__all__ = ["SCORES", "PosteriorScore", "Score", "parse_score", "register_score"]
+__all__ = [
+    "SCORES",
+    "PosteriorScore",
+    "ProductScore",
+    "Score",
+    "multiply",
+    "parse_score",
+    "register_score",
+]
 
 
 class PosteriorScore(str, Enum):
@@ -59,6 +67,29 @@ class Score(ABC):
         ``scorer`` is the calling :class:`~laplace_metric.scores.UncertaintyScorer` (typed
         ``Any`` here so that this module does not import the scorer's).
         """
+
+
+class ProductScore(Score):
+    """A score that is the product of other registered scores (:attr:`factors`).
+
+    :meth:`UncertaintyScorer.scores <laplace_metric.scores.UncertaintyScorer.scores>` computes
+    each factor once per call, so requesting a product beside its factors costs nothing more.
+    """
+
+    factors: ClassVar[tuple[str, ...]] = ()
+    """Names of the registered scores multiplied."""
+
+    def __call__(self, scorer: Any, x: torch.Tensor, sampled: torch.Tensor | None) -> torch.Tensor:
+        """The product of the factors' scores, ``(n,)``."""
+        return multiply([SCORES[name]()(scorer, x, sampled) for name in self.factors])
+
+
+def multiply(values: list[torch.Tensor]) -> torch.Tensor:
+    """Elementwise product of score tensors, in the first one's dtype and device."""
+    product = values[0]
+    for value in values[1:]:
+        product = product * value.to(product)
+    return product
 
 
 SCORES: dict[str, type[Score]] = {}

@@ -20,28 +20,13 @@ so it is not the default: choose it on validation data.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import torch
-
-from laplace_metric.scores.base import Score, register_score
-from laplace_metric.scores.posterior_knn import PosteriorKNNScore
-from laplace_metric.scores.variance_ratio import VarianceRatioScore
-
-if TYPE_CHECKING:
-    from laplace_metric.scores.scorer import UncertaintyScorer
+from laplace_metric.scores.base import ProductScore, register_score
 
 
 @register_score("knn_variance_ratio")
-class KNNVarianceRatioScore(Score):
+class KNNVarianceRatioScore(ProductScore):
     """``'posterior_knn'`` times ``'variance_ratio'``, from the scorer's shared samples."""
 
     needs_samples = True
     needs_database = True
-
-    def __call__(
-        self, scorer: UncertaintyScorer, x: torch.Tensor, sampled: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Mean nearest-neighbour distance times the fitted-over-prior trace, ``(n,)``."""
-        knn = PosteriorKNNScore()(scorer, x, sampled)
-        return knn * VarianceRatioScore()(scorer, x, sampled).to(knn)
+    factors = ("posterior_knn", "variance_ratio")

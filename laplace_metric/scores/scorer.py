@@ -9,7 +9,7 @@ import torch
 from laplace_metric.enums import DatabaseEmbedding, parse_enum
 from laplace_metric.predictive import PosteriorEmbedder, knn_and_top1
 from laplace_metric.progress import progress as show_progress
-from laplace_metric.scores.base import SCORES, PosteriorScore, parse_score
+from laplace_metric.scores.base import SCORES, PosteriorScore, ProductScore, multiply, parse_score
 from laplace_metric.scores.candidates import CandidateDatabase
 from laplace_metric.scores.support import (
     PosteriorRetrieval,
@@ -328,7 +328,19 @@ class UncertaintyScorer:
                     )
         needs_samples = any(score.needs_samples for score in chosen.values())
         sampled = self._sampled(x) if needs_samples else None
-        return {name: score(self, x, sampled) for name, score in chosen.items()}
+        values: dict[str, torch.Tensor] = {}
+
+        def value(name: str) -> torch.Tensor:  # each score once, products from their factors
+            if name not in values:
+                score = chosen.get(name) or SCORES[name]()
+                values[name] = (
+                    multiply([value(f) for f in score.factors])
+                    if isinstance(score, ProductScore)
+                    else score(self, x, sampled)
+                )
+            return values[name]
+
+        return {name: value(name) for name in chosen}
 
     def __call__(
         self, x: torch.Tensor, score: PosteriorScore | str = PosteriorScore.POSTERIOR_KNN
