@@ -6,7 +6,8 @@ classes, random weights, 128-d head; ``--model`` from ``benchmarks/encoder_model
 ``database_embedding='candidates'`` as for large galleries under all-layer posteriors), and
 ``--queries`` random queries. The gallery is embedded once before the clock starts; then each
 round times, in one process and alternating, the default ``'posterior_knn'`` and
-``'knn_variance_ratio'`` of the same queries (the extra is the variance ratio's linearised
+``'knn_variance_ratio'``, each of fresh random queries so that no cached sample embeddings are
+reused (the extra is the variance ratio's linearised
 passes: one backward pass per embedding dimension and query chunk, fitted and prior variances
 together). Printed: the median seconds per query of each and their ratio.
 
